@@ -1,0 +1,8 @@
+"""kd_ext's anomalib models.
+
+Importing this package registers the models with anomalib (``--model BiDirMSKD``, ``get_model``).
+"""
+
+from .bidirmskd import BiDirMSKD
+
+__all__ = ["BiDirMSKD"]

@@ -1,0 +1,143 @@
+"""BiDirMSKD as an anomalib model.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from kd_ext.models import BiDirMSKD
+    >>> engine = Engine(max_epochs=30)
+    >>> engine.train(BiDirMSKD(), datamodule=MVTecAD(root="datasets/MVTecAD", category="bottle"))  # doctest: +SKIP
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+from kd_ext.models.checkpoint import KDExtCheckpointMixin, teacher_pre_processor
+
+from .loss import BiDirMSKDLoss
+from .torch_model import BiDirMSKDModel
+
+
+class BiDirMSKD(KDExtCheckpointMixin, AnomalibModule):
+    """Bidirectional multi-scale knowledge distillation (forward + reverse students, fused maps).
+
+    Every component can be switched off, so the ablations are the same class:
+    ``reverse_student=False, fusion=False`` is forward-only (STFPM-like with attention),
+    ``forward_student=False, attention=False, fusion=False`` is reverse-only (RD-like),
+    ``attention=False`` and ``fusion=False`` remove one module each.
+
+    Args:
+        backbone: Teacher backbone: ``"efficientnet_lite0"`` (offline ImageNet weights, default),
+            ``"resnet18"`` (the paper's), ``"resnet34"`` or ``"wide_resnet50_2"`` (downloaded by timm).
+        layers: Teacher feature levels, shallow to deep; ``None`` for the backbone's defaults.
+        pre_trained: Load the teacher's ImageNet weights. ``False`` only for tests.
+        forward_student: Use the forward student.
+        reverse_student: Use the reverse-distillation student.
+        attention: CBAM attention in the forward student.
+        fusion: Feature-fusion residual module between the students.
+        map_fusion: Fusion of per-level, per-direction anomaly maps: ``"mean"``, ``"sum"``, ``"product"``.
+        sigma: Gaussian smoothing of the anomaly map (0 disables).
+        score_mode: Image score: ``"max"`` or ``"topk_mean"``.
+        learning_rate: Adam learning rate.
+        pre_processor: Pre-processor; ``True`` resizes to 256x256 and normalises as the teacher expects.
+        post_processor: Post-processor, or ``True`` for anomalib's default.
+        evaluator: Evaluator, or ``True`` for anomalib's default.
+        visualizer: Visualizer, or ``True`` for anomalib's default.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        pre_trained: bool = True,
+        forward_student: bool = True,
+        reverse_student: bool = True,
+        attention: bool = True,
+        fusion: bool = True,
+        map_fusion: str = "mean",
+        sigma: float = 4.0,
+        score_mode: str = "max",
+        learning_rate: float = 0.005,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = teacher_pre_processor(backbone)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.learning_rate = learning_rate
+        self.model = BiDirMSKDModel(
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            forward_student=forward_student,
+            reverse_student=reverse_student,
+            attention=attention,
+            fusion=fusion,
+            map_fusion=map_fusion,
+            sigma=sigma,
+            score_mode=score_mode,
+        )
+        self.loss = BiDirMSKDLoss()
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "efficientnet_lite0",
+    ) -> PreProcessor:
+        """Resize to ``image_size`` (256x256 by default) and normalise as the teacher was trained.
+
+        Args:
+            image_size: Target size.
+            backbone: Teacher backbone, which decides the normalisation.
+
+        Returns:
+            PreProcessor: The pre-processor.
+        """
+        return teacher_pre_processor(backbone, image_size)
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Distil the teacher into the students on a batch of normal images."""
+        del args, kwargs
+        teacher, forward, reverse = self.model(batch.image)
+        terms = self.loss(teacher, forward, reverse)
+        for name, value in terms.items():
+            self.log(f"train_{name}", value.item(), on_epoch=True, prog_bar=name == "loss", logger=True)
+        return {"loss": terms["loss"]}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict anomaly maps and scores for validation images."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over the trainable parts (students, bottleneck, decoder, fusion)."""
+        parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        return torch.optim.Adam(parameters, lr=self.learning_rate, betas=(0.5, 0.999))
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping, no sanity validation."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """One-class: trained on normal images only."""
+        return LearningType.ONE_CLASS

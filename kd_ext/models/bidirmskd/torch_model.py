@@ -1,0 +1,164 @@
+"""PyTorch model of BiDirMSKD: bidirectional multi-scale knowledge distillation.
+
+An asymmetric teacher-student network (seed paper 001): a frozen pretrained teacher; a forward
+student that regresses the teacher's multi-scale features from the image (STFPM-like, with CBAM
+attention in each stage); a reverse student that reconstructs them from a one-class bottleneck
+embedding (RD4AD-like); and a feature-fusion residual module that feeds the forward student's
+multi-scale features into the reverse student's bottleneck.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from kd_ext.backbones import get_backbone_spec
+from kd_ext.backbones.registry import resolve_layers
+from kd_ext.models.components import (
+    FeatureFusionResidual,
+    OneClassBottleneck,
+    ReverseDecoder,
+    build_forward_student,
+    build_teacher,
+)
+
+from .anomaly_map import AnomalyMapGenerator
+
+SCORE_MODES = ("max", "topk_mean")
+
+
+class BiDirMSKDModel(nn.Module):
+    """Teacher, forward student, reverse student and fusion module.
+
+    Args:
+        backbone: Teacher backbone (see :data:`kd_ext.backbones.BACKBONES`).
+        layers: Teacher feature levels, shallow to deep; ``None`` for the backbone's defaults.
+        pre_trained: Load the teacher's ImageNet weights.
+        forward_student: Use the forward (feature-regression) student.
+        reverse_student: Use the reverse-distillation student.
+        attention: CBAM attention in the forward student's stages.
+        fusion: Feature-fusion residual module between the students (needs both students).
+        map_fusion: How per-level, per-direction maps are combined: ``"mean"``, ``"sum"`` or ``"product"``.
+        sigma: Gaussian smoothing of the anomaly map (0 disables).
+        score_mode: Image score from the map: ``"max"`` or ``"topk_mean"``.
+        top_k_ratio: Fraction of pixels averaged by ``"topk_mean"``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        pre_trained: bool = True,
+        forward_student: bool = True,
+        reverse_student: bool = True,
+        attention: bool = True,
+        fusion: bool = True,
+        map_fusion: str = "mean",
+        sigma: float = 4.0,
+        score_mode: str = "max",
+        top_k_ratio: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if not (forward_student or reverse_student):
+            msg = "At least one of forward_student and reverse_student must be enabled."
+            raise ValueError(msg)
+        if fusion and not (forward_student and reverse_student):
+            msg = "fusion=True needs both students; pass fusion=False for a forward-only or reverse-only model."
+            raise ValueError(msg)
+        if attention and not forward_student:
+            msg = "attention=True applies to the forward student; pass attention=False for a reverse-only model."
+            raise ValueError(msg)
+        if score_mode not in SCORE_MODES:
+            msg = f"Unknown score_mode '{score_mode}'; choose one of {SCORE_MODES}."
+            raise ValueError(msg)
+        if not 0 < top_k_ratio <= 1:
+            msg = f"top_k_ratio must be in (0, 1], got {top_k_ratio}."
+            raise ValueError(msg)
+        spec = get_backbone_spec(backbone)
+        self.layers = resolve_layers(spec, layers)
+        self.score_mode = score_mode
+        self.top_k_ratio = top_k_ratio
+
+        self.teacher = build_teacher(backbone, self.layers, pre_trained)
+        channels, strides = self._probe_levels()
+        self.forward_student = (
+            build_forward_student(backbone, self.layers, channels, attention) if forward_student else None
+        )
+        self.bottleneck: OneClassBottleneck | None = None
+        self.decoder: ReverseDecoder | None = None
+        self.fusion: FeatureFusionResidual | None = None
+        if reverse_student:
+            embedding_channels = 2 * channels[-1]
+            self.bottleneck = OneClassBottleneck(channels, strides, embedding_channels)
+            self.decoder = ReverseDecoder(embedding_channels, channels)
+            if fusion:
+                self.fusion = FeatureFusionResidual(channels, strides, embedding_channels)
+        self.anomaly_map_generator = AnomalyMapGenerator(fusion=map_fusion, sigma=sigma)
+
+    @torch.no_grad()
+    def _probe_levels(self, size: int = 256) -> tuple[list[int], list[int]]:
+        features = self.teacher(torch.zeros(1, 3, size, size))
+        channels = [feature.shape[1] for feature in features]
+        strides = [size // feature.shape[-1] for feature in features]
+        if any(later != 2 * earlier for earlier, later in zip(strides, strides[1:], strict=False)):
+            msg = f"Feature levels {list(self.layers)} have strides {strides}; consecutive levels must halve resolution."
+            raise ValueError(msg)
+        return channels, strides
+
+    def train(self, mode: bool = True) -> "BiDirMSKDModel":
+        """Set train/eval mode; the frozen teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def distill(
+        self,
+        images: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """Teacher features and both students' outputs.
+
+        Args:
+            images: Normalised images ``[B, 3, H, W]``.
+
+        Returns:
+            tuple: Teacher features, forward-student features (or ``None``), reverse-student features (or ``None``).
+        """
+        with torch.no_grad():
+            teacher = self.teacher(images)
+        forward = self.forward_student(images) if self.forward_student is not None else None
+        reverse = None
+        if self.bottleneck is not None and self.decoder is not None:
+            fused = self.bottleneck.fuse(teacher)
+            if self.fusion is not None and forward is not None:
+                fused = self.fusion(fused, forward)
+            embedding = self.bottleneck.embed(fused)
+            reverse = self.decoder(embedding, [tuple(feature.shape[-2:]) for feature in teacher])
+        return teacher, forward, reverse
+
+    def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Reduce anomaly maps ``[B, 1, H, W]`` to image scores ``[B]``."""
+        flat = anomaly_map.flatten(1)
+        if self.score_mode == "max":
+            return flat.amax(dim=1)
+        k = max(1, int(flat.shape[1] * self.top_k_ratio))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None] | InferenceBatch:
+        """Distillation outputs in training mode; anomaly map and score in eval mode.
+
+        Args:
+            images: Normalised images ``[B, 3, H, W]``.
+
+        Returns:
+            Training: see :meth:`distill`. Eval: ``InferenceBatch(pred_score, anomaly_map)``.
+        """
+        teacher, forward, reverse = self.distill(images)
+        if self.training:
+            return teacher, forward, reverse
+        students = [student for student in (forward, reverse) if student is not None]
+        anomaly_map = self.anomaly_map_generator(teacher, students, tuple(images.shape[-2:]))
+        return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)

@@ -1,0 +1,73 @@
+"""Behaviour shared by kd_ext's anomalib modules: teacher-aware pre-processing, checkpoint checks."""
+
+from typing import Any
+
+from anomalib.pre_processing import PreProcessor
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from kd_ext.backbones import get_backbone_spec
+
+CHECKPOINT_MODEL_KEY = "kd_ext_model"
+ARCHITECTURE_KEYS = ("backbone", "layers", "forward_student", "reverse_student", "attention", "fusion")
+
+
+def teacher_pre_processor(backbone: str, image_size: tuple[int, int] | None = None) -> PreProcessor:
+    """Resize and normalise images the way the teacher's pretrained weights expect.
+
+    Args:
+        backbone: Teacher backbone name.
+        image_size: Target size, ``(256, 256)`` by default.
+
+    Returns:
+        PreProcessor: anomalib pre-processor (also traced into exported models).
+    """
+    spec = get_backbone_spec(backbone)
+    return PreProcessor(
+        transform=Compose([
+            Resize(image_size or (256, 256), antialias=True),
+            Normalize(mean=list(spec.mean), std=list(spec.std)),
+        ]),
+    )
+
+
+class KDExtCheckpointMixin:
+    """Tag checkpoints with the model class and refuse checkpoints of another model or architecture."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record which kd_ext model wrote the checkpoint."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        checkpoint[CHECKPOINT_MODEL_KEY] = type(self).__name__
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint was written by this model class with the same architecture.
+
+        Raises:
+            ValueError: If the checkpoint comes from another model or another configuration.
+        """
+        name = type(self).__name__
+        saved_by = checkpoint.get(CHECKPOINT_MODEL_KEY)
+        if saved_by != name:
+            origin = f"by kd_ext's {saved_by}" if saved_by else "by another model (not a kd_ext checkpoint)"
+            msg = (
+                f"This checkpoint was saved {origin}, not by {name}; load it with the model class that "
+                f"trained it, or train {name} first."
+            )
+            raise ValueError(msg)
+        saved = checkpoint.get("hyper_parameters", {})
+        current = getattr(self, "hparams", {})
+        differences = [
+            f"{key}={saved[key]!r} (model has {current[key]!r})"
+            for key in ARCHITECTURE_KEYS
+            if key in saved and key in current and _normalise(saved[key]) != _normalise(current[key])
+        ]
+        if differences:
+            msg = (
+                f"The checkpoint's {name} architecture differs: {', '.join(differences)}. Create the model with the "
+                f"same arguments, or use {name}.load_from_checkpoint(path), which restores them."
+            )
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+
+def _normalise(value: object) -> object:
+    return tuple(value) if isinstance(value, list | tuple) else value
