@@ -23,10 +23,12 @@ def teacher_pre_processor(backbone: str, image_size: tuple[int, int] | None = No
     """
     spec = get_backbone_spec(backbone)
     return PreProcessor(
-        transform=Compose([
-            Resize(image_size or (256, 256), antialias=True),
-            Normalize(mean=list(spec.mean), std=list(spec.std)),
-        ]),
+        transform=Compose(
+            [
+                Resize(image_size or (256, 256), antialias=True),
+                Normalize(mean=list(spec.mean), std=list(spec.std)),
+            ]
+        ),
     )
 
 

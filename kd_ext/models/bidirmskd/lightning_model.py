@@ -118,7 +118,14 @@ class BiDirMSKD(KDExtCheckpointMixin, AnomalibModule):
         teacher, forward, reverse = self.model(batch.image)
         terms = self.loss(teacher, forward, reverse)
         for name, value in terms.items():
-            self.log(f"train_{name}", value.item(), on_epoch=True, prog_bar=name == "loss", logger=True)
+            self.log(
+                f"train_{name}",
+                value.item(),
+                on_epoch=True,
+                prog_bar=name == "loss",
+                logger=True,
+                batch_size=batch.image.shape[0],
+            )
         return {"loss": terms["loss"]}
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -7,6 +7,7 @@ embedding (RD4AD-like); and a feature-fusion residual module that feeds the forw
 multi-scale features into the reverse student's bottleneck.
 """
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -101,8 +102,10 @@ class BiDirMSKDModel(nn.Module):
         features = self.teacher(torch.zeros(1, 3, size, size))
         channels = [feature.shape[1] for feature in features]
         strides = [size // feature.shape[-1] for feature in features]
-        if any(later != 2 * earlier for earlier, later in zip(strides, strides[1:], strict=False)):
-            msg = f"Feature levels {list(self.layers)} have strides {strides}; consecutive levels must halve resolution."
+        if any(later != 2 * earlier for earlier, later in itertools.pairwise(strides)):
+            msg = (
+                f"Feature levels {list(self.layers)} have strides {strides}; consecutive levels must halve resolution."
+            )
             raise ValueError(msg)
         return channels, strides
 

@@ -22,7 +22,7 @@ class MultiScaleFeatureFusion(nn.Module):
         super().__init__()
         deepest = strides[-1]
         self.branches = nn.ModuleList(
-            downsampler(channel, out_channels, int(round(math.log2(deepest // stride))))
+            downsampler(channel, out_channels, round(math.log2(deepest // stride)))
             for channel, stride in zip(channels, strides, strict=True)
         )
         self.merge = conv_bn_relu(out_channels * len(channels), out_channels, kernel_size=1)
