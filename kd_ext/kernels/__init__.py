@@ -1,0 +1,46 @@
+"""Fused teacher/student anomaly-map kernels.
+
+One call turns multi-scale teacher and student feature maps into anomaly maps ``[B, 1, H, W]``
+and image scores ``[B]``: per-scale distance (cosine or STFPM L2), bilinear upsampling (both
+``align_corners`` conventions), fusion (sum, mean, product, weighted), separable Gaussian
+smoothing (reflect) and the image score (max or mean of top-k).
+
+Backends: the torch-free native kernels in ``kd_ext._native`` (OpenMP CPU; CUDA when built with a
+CUDA toolkit) and a pure-torch reference (:mod:`kd_ext.kernels.reference`) used for export, for
+autograd and as the fallback. Numpy inputs give numpy outputs and need no torch on the native path.
+
+Example:
+    >>> from kd_ext import kernels
+    >>> maps, scores = kernels.anomaly_map_and_score(
+    ...     teacher_features, student_features, (256, 256),
+    ...     distance="cosine", fusion="sum", align_corners=True, sigma=4.0,
+    ... )  # doctest: +SKIP
+"""
+
+from kd_ext.kernels._api import (
+    BACKENDS,
+    DISTANCES,
+    FUSIONS,
+    SCORE_MODES,
+    Backend,
+    anomaly_map,
+    anomaly_map_and_score,
+    cuda_available,
+    image_score,
+    native_available,
+)
+from kd_ext.kernels.native import build_info
+
+__all__ = [
+    "BACKENDS",
+    "DISTANCES",
+    "FUSIONS",
+    "SCORE_MODES",
+    "Backend",
+    "anomaly_map",
+    "anomaly_map_and_score",
+    "build_info",
+    "cuda_available",
+    "image_score",
+    "native_available",
+]
