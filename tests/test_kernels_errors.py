@@ -1,0 +1,215 @@
+"""Bad input raises a clear Python exception (never a crash); fuzzing of the raw binding."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kd_ext import kernels
+
+native = pytest.importorskip("kd_ext._native")
+
+
+def _feats(batch: int = 2, shapes=((4, 8, 8), (8, 4, 4)), dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(batch, *s, generator=gen).to(dtype) for s in shapes]
+    student = [torch.randn(batch, *s, generator=gen).to(dtype) for s in shapes]
+    return teacher, student
+
+
+T, S = _feats()
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: kernels.anomaly_map(T, S[:1], 32), ValueError, "different lengths"),
+        (lambda: kernels.anomaly_map([], [], 32), ValueError, "empty"),
+        (lambda: kernels.anomaly_map(T[0], S[0], 32), TypeError, "list or tuple"),
+        (lambda: kernels.anomaly_map([T[0], T[1][:1]], [S[0], S[1][:1]], 32), ValueError, "batch size differs"),
+        (lambda: kernels.anomaly_map(T, [S[0], S[1][:, :3]], 32), ValueError, "differ in shape"),
+        (lambda: kernels.anomaly_map([t.double() for t in T], [s.double() for s in S], 32), TypeError, "float32"),
+        (lambda: kernels.anomaly_map([t.half() for t in T], [s.half() for s in S], 32), TypeError, "float32"),
+        (lambda: kernels.anomaly_map([t.int() for t in T], [s.int() for s in S], 32), TypeError, "float32"),
+        (lambda: kernels.anomaly_map([t[:0] for t in T], [s[:0] for s in S], 32), ValueError, "empty"),
+        (lambda: kernels.anomaly_map([T[0][0]], [S[0][0]], 32), ValueError, "4-D"),
+        (lambda: kernels.anomaly_map(T, [s.numpy() for s in S], 32), TypeError, "do not mix"),
+        (lambda: kernels.anomaly_map(T, S, 32, sigma=-1.0), ValueError, "sigma"),
+        (lambda: kernels.anomaly_map(T, S, 32, sigma=float("nan")), ValueError, "sigma"),
+        (lambda: kernels.anomaly_map(T, S, 16, sigma=4.0), ValueError, "blur radius"),
+        (lambda: kernels.anomaly_map(T, S, 0), ValueError, "positive"),
+        (lambda: kernels.anomaly_map(T, S, (-5, 32)), ValueError, "positive"),
+        (lambda: kernels.anomaly_map(T, S, (32, 32, 3)), TypeError, "output_size"),
+        (lambda: kernels.anomaly_map(T, S, 32.0), TypeError, "output_size"),
+        (lambda: kernels.anomaly_map(T, S, 32, distance="l1"), ValueError, "distance"),
+        (lambda: kernels.anomaly_map(T, S, 32, fusion="max"), ValueError, "fusion"),
+        (lambda: kernels.anomaly_map(T, S, 32, fusion="weighted"), ValueError, "weights"),
+        (lambda: kernels.anomaly_map(T, S, 32, weights=[1.0]), ValueError, "one entry per scale"),
+        (lambda: kernels.anomaly_map(T, S, 32, fusion="product", weights=[1.0, 2.0]), ValueError, "weights"),
+        (lambda: kernels.anomaly_map(T, S, 32, backend="gpu"), ValueError, "backend"),
+        (lambda: kernels.anomaly_map_and_score(T, S, 32, sigma=1.0, score="topk"), TypeError, "top_k"),
+        (lambda: kernels.anomaly_map_and_score(T, S, 32, sigma=1.0, score="topk", top_k=0), ValueError, "top_k"),
+        (lambda: kernels.anomaly_map_and_score(T, S, 8, sigma=1.0, score="topk", top_k=65), ValueError, "top_k"),
+        (lambda: kernels.anomaly_map_and_score(T, S, 8, sigma=1.0, score="max", top_k=3), ValueError, "top_k"),
+        (lambda: kernels.anomaly_map_and_score(T, S, 8, sigma=1.0, score="median"), ValueError, "score mode"),
+        (lambda: kernels.image_score(torch.zeros(2, 3, 4, 4)), ValueError, r"\[B, 1, H, W\]"),
+        (lambda: kernels.image_score(torch.zeros(0, 1, 4, 4)), ValueError, "empty"),
+        (lambda: kernels.image_score(torch.zeros(2, 1, 4, 4, dtype=torch.float64)), TypeError, "float32"),
+        (lambda: kernels.image_score(torch.zeros(2, 1, 4, 4), "topk", 17), ValueError, "top_k"),
+        (lambda: kernels.image_score([[1.0]]), TypeError, "torch.Tensor or numpy.ndarray"),
+    ],
+)
+def test_bad_calls_raise_clear_errors(call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device in this session")
+def test_cpu_cuda_mixing_is_rejected() -> None:
+    with pytest.raises(ValueError, match="one device"):
+        kernels.anomaly_map([T[0].cuda()], [S[0]], 32, sigma=1.0)
+
+
+def test_native_backend_without_cuda_device_is_clear() -> None:
+    if kernels.cuda_available():
+        pytest.skip("a CUDA device is present")
+    info = kernels.build_info()
+    assert info["cuda_devices"] == 0
+    if info["cuda"]:
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            native.anomaly_map_cuda([T[0]], [S[0]], T[0], None, 8, 8)
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+GOOD = {
+    "teacher_features": None,
+    "student_features": None,
+    "out_h": 20,
+    "out_w": 18,
+    "distance": "cosine",
+    "fusion": "sum",
+    "weights": None,
+    "align_corners": False,
+    "sigma": 1.0,
+    "score": "max",
+    "top_k": 1,
+}
+
+
+def _good_arrays(rng: np.random.Generator):
+    shapes = [(3, 5, 6), (4, 3, 2)]
+    teacher = [rng.standard_normal((2, *s), dtype=np.float32) for s in shapes]
+    student = [rng.standard_normal((2, *s), dtype=np.float32) for s in shapes]
+    return teacher, student
+
+
+def _bad_array(rng: np.random.Generator, good: np.ndarray):
+    if not isinstance(good, np.ndarray) or good.ndim != 4 or good.size == 0 or good.dtype != np.float32:
+        return good  # already bad (mutated twice)
+    choices = [
+        lambda: good.astype(np.float64),
+        lambda: good.astype(np.float16),
+        lambda: good.astype(np.int32),
+        lambda: good[..., ::2],
+        lambda: np.asfortranarray(good),
+        lambda: good.transpose(0, 2, 3, 1),
+        lambda: good[0],
+        lambda: good[None],
+        lambda: good[:0],
+        lambda: good[:, :0],
+        lambda: good[:1],
+        lambda: good[:, :1],
+        lambda: np.zeros((2, 3, 0, 4), np.float32),
+        lambda: None,
+        lambda: 3.0,
+        lambda: "array",
+        lambda: [[1.0, 2.0]],
+        lambda: bytearray(b"\x00" * 64),
+        lambda: torch.from_numpy(good),
+    ]
+    return choices[rng.integers(len(choices))]()
+
+
+def _mutate(rng: np.random.Generator, kwargs: dict) -> dict:  # noqa: PLR0912
+    kwargs = dict(kwargs)
+    key = str(rng.choice(list(kwargs)))
+    teacher, student = kwargs["teacher_features"], kwargs["student_features"]
+    if key in {"teacher_features", "student_features"}:
+        roll = rng.integers(6)
+        if not isinstance(kwargs[key], (list, tuple)):
+            return kwargs  # already bad (mutated twice)
+        feats = list(kwargs[key])
+        if roll == 0:  # length mismatch (or, mutated twice, mismatched scales)
+            kwargs[key] = feats[:1] if key == "teacher_features" else feats[1:]
+        elif roll == 1:
+            kwargs[key] = []
+        elif roll == 2:
+            kwargs[key] = rng.choice([None, 7, "x", {"a": 1}], 1)[0] if rng.random() < 0.5 or not feats else feats[0]
+        elif feats:
+            index = int(rng.integers(len(feats)))
+            feats[index] = _bad_array(rng, feats[index])
+            kwargs[key] = feats if roll != 5 else tuple(feats)
+        if roll == 1 and rng.random() < 0.5:
+            kwargs["teacher_features"], kwargs["student_features"] = [], []
+    elif key in {"out_h", "out_w"}:
+        kwargs[key] = rng.choice([0, -1, -(2**40), 2**40, 2**31, 1])
+        if kwargs[key] == 1:  # valid alone; blur radius 4 needs > 4 pixels
+            kwargs["sigma"] = 1.0
+    elif key == "sigma":
+        kwargs[key] = float(rng.choice([-1.0, float("nan"), float("inf"), -0.0001, 1e30, 100.0]))
+    elif key == "distance":
+        kwargs[key] = str(rng.choice(["", "COSINE", "l1", "cos"]))
+    elif key == "fusion":
+        kwargs[key] = str(rng.choice(["weighted", "max", "", "Sum"]))
+    elif key == "weights":
+        kwargs[key] = [1.0] * int(rng.choice([0, 1, 3, 5]))
+    elif key == "score":
+        kwargs[key] = str(rng.choice(["min", "", "TOPK"]))
+    elif key == "top_k":
+        kwargs["score"] = "topk"
+        kwargs[key] = int(rng.choice([0, -3, 20 * 18 + 1, 2**40]))
+    elif key == "align_corners":
+        kwargs[key] = ["yes", [1], {"a": 1}][int(rng.integers(3))]
+    del teacher, student
+    return kwargs
+
+
+def run_fuzz(iterations: int, seed: int) -> int:
+    """Make `iterations` bad calls to the raw binding; returns how many raised as expected."""
+    rng = np.random.default_rng(seed)
+    raised = 0
+    for _ in range(iterations):
+        teacher, student = _good_arrays(rng)
+        kwargs = _mutate(rng, {**GOOD, "teacher_features": teacher, "student_features": student})
+        kwargs = _mutate(rng, kwargs) if rng.random() < 0.3 else kwargs
+        try:
+            native.anomaly_map(**kwargs)
+        except (ValueError, TypeError, OverflowError):
+            raised += 1
+        else:
+            summary = {k: (type(v).__name__, getattr(v, "shape", v)) for k, v in kwargs.items()}
+            msg = f"bad call did not raise: {summary}"
+            raise AssertionError(msg)
+    for _ in range(iterations // 4):
+        bad = _bad_array(rng, rng.standard_normal((2, 1, 6, 5), dtype=np.float32))
+        try:
+            native.image_score(bad, str(rng.choice(["max", "topk", "x"])), int(rng.choice([0, 31, 2**40, 5])))
+        except (ValueError, TypeError, OverflowError):
+            raised += 1
+    return raised
+
+
+def test_fuzz_binding_in_process() -> None:
+    assert run_fuzz(400, seed=1) >= 400
+
+
+def test_fuzz_binding_in_subprocess() -> None:
+    """A crash (segfault/abort) in the binding would fail here instead of killing pytest."""
+    here = str(__file__.rsplit("/", 1)[0])
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_kernels_errors as t; print(t.run_fuzz(400, seed=2))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.strip().splitlines()[-1]) >= 400
