@@ -81,7 +81,7 @@ int parse_score(const std::string& name) {
 std::vector<py::object> as_list(const py::object& obj, const char* name) {
   if (!py::isinstance<py::list>(obj) && !py::isinstance<py::tuple>(obj)) {
     type_error(std::string(name) + " must be a list or tuple of [B, C, H, W] float32 arrays, got " +
-               std::string(py::str(obj.get_type().attr("__name__"))));
+               std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
   }
   std::vector<py::object> items;
   for (py::handle item : obj) items.push_back(py::reinterpret_borrow<py::object>(item));
@@ -104,7 +104,7 @@ void check_shape(const std::vector<int64_t>& shape, const std::string& what) {
 ArrayView view_buffer(const py::object& obj, const std::string& what, size_t ndim, std::vector<py::buffer_info>& keep) {
   if (!py::isinstance<py::buffer>(obj)) {
     type_error(what + " must be a float32 numpy array (or buffer), got " +
-               std::string(py::str(obj.get_type().attr("__name__"))));
+               std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
   }
   py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
   if (info.itemsize != static_cast<py::ssize_t>(sizeof(float)) || info.format != py::format_descriptor<float>::format()) {
@@ -135,7 +135,7 @@ ArrayView view_buffer(const py::object& obj, const std::string& what, size_t ndi
 ArrayView view_cuda(const py::object& obj, const std::string& what, size_t ndim, int* device) {
   if (!py::hasattr(obj, "__cuda_array_interface__")) {
     type_error(what + " must be a CUDA array (with __cuda_array_interface__), got " +
-               std::string(py::str(obj.get_type().attr("__name__"))) +
+               std::string(py::str(py::type::handle_of(obj).attr("__name__"))) +
                "; do not mix CPU and CUDA inputs");
   }
   py::dict cai = obj.attr("__cuda_array_interface__");
