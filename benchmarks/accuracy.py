@@ -31,7 +31,7 @@ from anomalib.models import AnomalibModule, Padim, Patchcore, Stfpm
 from lightning.pytorch import seed_everything
 
 from kd_ext.backbones import create_backbone
-from kd_ext.models import BiDirMSKD
+from kd_ext.models import MTHF, BiDirMSKD
 from kd_ext.models.checkpoint import teacher_pre_processor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +109,10 @@ ROWS: dict[str, Callable[[], AnomalibModule]] = {
     ),
     "BiDirMSKD no-attention": lambda: BiDirMSKD(backbone=TEACHER, attention=False, **common()),
     "BiDirMSKD no-fusion": lambda: BiDirMSKD(backbone=TEACHER, fusion=False, **common()),
+    "MTHF": lambda: MTHF(backbone=TEACHER, **common()),
+    "MTHF one-group": lambda: MTHF(backbone=TEACHER, groups=("A",), **common()),
+    "MTHF one-stage": lambda: MTHF(backbone=TEACHER, fusion_stages=1, **common()),
+    "MTHF no-fusion-modules": lambda: MTHF(backbone=TEACHER, fusion_modules=False, **common()),
     "anomalib Stfpm": stfpm,
     "anomalib Padim": padim,
     "anomalib Patchcore": patchcore,
@@ -146,7 +150,6 @@ def run_row(name: str, category: str, epochs: int, workdir: Path) -> dict:
         logger=False,
         accelerator="cpu",
         devices=1,
-        enable_checkpointing=False,
     )
     start = time.perf_counter()
     engine.fit(model, datamodule=datamodule)
@@ -207,13 +210,14 @@ def main() -> None:
             sys.exit(f"Data for '{category}' not found under {CATEGORIES[category]}; see ../shared/data/README.md.")
     args.results.mkdir(parents=True, exist_ok=True)
     json_path = args.results / "accuracy.json"
-    stored = json.loads(json_path.read_text()) if json_path.exists() else {"results": []}
     command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
     for category in args.categories:
         for name in args.rows:
             row = run_row(name, category, args.epochs, args.workdir)
             row["command"] = command
             print(json.dumps(row), flush=True)
+            # Re-read right before merging: other accuracy.py processes may have written rows meanwhile.
+            stored = json.loads(json_path.read_text()) if json_path.exists() else {"results": []}
             stored["results"] = [r for r in stored["results"] if (r["model"], r["category"]) != (name, category)] + [
                 row
             ]

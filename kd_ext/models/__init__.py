@@ -4,5 +4,6 @@ Importing this package registers the models with anomalib (``--model BiDirMSKD``
 """
 
 from .bidirmskd import BiDirMSKD
+from .mthf import MTHF
 
-__all__ = ["BiDirMSKD"]
+__all__ = ["MTHF", "BiDirMSKD"]

@@ -1,0 +1,190 @@
+"""MTHF as an anomalib model.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from kd_ext.models import MTHF
+    >>> engine = Engine(max_epochs=20)
+    >>> engine.train(MTHF(), datamodule=MVTecAD(root="datasets/MVTecAD", category="bottle"))  # doctest: +SKIP
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+from kd_ext.models.checkpoint import CHECKPOINT_MODEL_KEY, KDExtCheckpointMixin, teacher_pre_processor
+
+from .loss import MTHFLoss
+from .torch_model import GROUPS, MTHFModel
+
+MTHF_ARCHITECTURE_KEYS = ("deep_layers", "groups", "fusion_modules")
+
+
+class MTHF(KDExtCheckpointMixin, AnomalibModule):
+    """Multi-group teacher-student network with hierarchical feature fusion (seed paper 002).
+
+    Three teacher-student groups share one frozen teacher (one forward pass per batch):
+    **A** a forward student on the shallow levels (``blocks.1/2/4`` of EfficientNet-Lite0),
+    **B** a reverse-distillation student (one-class bottleneck + decoder) on the same levels,
+    **C** a forward student on the deeper levels (``blocks.2/4/6``). They differ in distillation
+    direction (A vs B) and in feature levels / receptive field (A vs C). A hierarchical attention
+    fusion module (cross-level concatenation + CBAM, gated residual) follows each student. Anomaly
+    maps are fused in two stages: across scales within each group (mean of upsampled ``1 - cos``
+    maps), then across groups after standardising each group's map with its statistics on normal
+    training images (mean by default), then Gaussian-smoothed once.
+
+    The ablations are the same class: ``groups=("A",)`` (one group), ``fusion_stages=1`` (all
+    per-level maps averaged at once), ``fusion_modules=False`` (no fusion modules).
+
+    Args:
+        backbone: Teacher backbone: ``"efficientnet_lite0"`` (offline ImageNet weights, default),
+            ``"resnet18"``, ``"resnet34"`` or ``"wide_resnet50_2"`` (downloaded by timm).
+        layers: Shallow levels of groups A and B; ``None`` for the backbone's defaults.
+        deep_layers: Levels of group C; ``None`` for the backbone's defaults.
+        groups: Groups to use, a non-empty subset of ``("A", "B", "C")``.
+        pre_trained: Load the teacher's ImageNet weights. ``False`` only for tests.
+        attention: CBAM after each stage of the forward students (A and C).
+        fusion_modules: Hierarchical attention fusion module after each student.
+        fusion_stages: ``2`` (within groups, then across groups) or ``1`` (all maps at once).
+        group_fusion: Stage-2 combination of standardised group maps: ``"mean"`` or ``"max"``.
+        sigma: Gaussian smoothing of the anomaly map (0 disables).
+        score_mode: Image score: ``"max"`` or ``"topk_mean"``.
+        learning_rate: Adam learning rate.
+        pre_processor: Pre-processor; ``True`` resizes to 256x256 and normalises as the teacher expects.
+        post_processor: Post-processor, or ``True`` for anomalib's default.
+        evaluator: Evaluator, or ``True`` for anomalib's default.
+        visualizer: Visualizer, or ``True`` for anomalib's default.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        deep_layers: Sequence[str] | None = None,
+        groups: Sequence[str] = GROUPS,
+        pre_trained: bool = True,
+        attention: bool = True,
+        fusion_modules: bool = True,
+        fusion_stages: int = 2,
+        group_fusion: str = "mean",
+        sigma: float = 4.0,
+        score_mode: str = "max",
+        learning_rate: float = 0.005,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = teacher_pre_processor(backbone)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if learning_rate <= 0:
+            msg = f"learning_rate must be > 0, got {learning_rate}."
+            raise ValueError(msg)
+        self.learning_rate = learning_rate
+        self.model = MTHFModel(
+            backbone=backbone,
+            layers=layers,
+            deep_layers=deep_layers,
+            groups=groups,
+            pre_trained=pre_trained,
+            attention=attention,
+            fusion_modules=fusion_modules,
+            fusion_stages=fusion_stages,
+            group_fusion=group_fusion,
+            sigma=sigma,
+            score_mode=score_mode,
+        )
+        self.loss = MTHFLoss()
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "efficientnet_lite0",
+    ) -> PreProcessor:
+        """Resize to ``image_size`` (256x256 by default) and normalise as the teacher was trained.
+
+        Args:
+            image_size: Target size.
+            backbone: Teacher backbone, which decides the normalisation.
+
+        Returns:
+            PreProcessor: The pre-processor.
+        """
+        return teacher_pre_processor(backbone, image_size)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also refuse MTHF checkpoints whose groups, deep levels or fusion modules differ.
+
+        Raises:
+            ValueError: If the checkpoint comes from another model or another configuration.
+        """
+        if checkpoint.get(CHECKPOINT_MODEL_KEY) == type(self).__name__:
+            saved = checkpoint.get("hyper_parameters", {})
+            differences = [
+                f"{key}={saved[key]!r} (model has {self.hparams[key]!r})"
+                for key in MTHF_ARCHITECTURE_KEYS
+                if key in saved and key in self.hparams and _as_tuple(saved[key]) != _as_tuple(self.hparams[key])
+            ]
+            if differences:
+                msg = (
+                    f"The checkpoint's MTHF architecture differs: {', '.join(differences)}. Create the model with "
+                    "the same arguments, or use MTHF.load_from_checkpoint(path), which restores them."
+                )
+                raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Distil the shared teacher into every group's student on a batch of normal images."""
+        del args, kwargs
+        terms = self.loss(self.model(batch.image))
+        for name, value in terms.items():
+            self.log(
+                f"train_{name}",
+                value.item(),
+                on_epoch=True,
+                prog_bar=name == "loss",
+                logger=True,
+                batch_size=batch.image.shape[0],
+            )
+        return {"loss": terms["loss"]}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict anomaly maps and scores for validation images."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over the trainable parts (students, bottleneck, decoder, fusion modules)."""
+        parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        return torch.optim.Adam(parameters, lr=self.learning_rate, betas=(0.5, 0.999))
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping, no sanity validation."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """One-class: trained on normal images only."""
+        return LearningType.ONE_CLASS
+
+
+def _as_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list | tuple) else value

@@ -1,0 +1,274 @@
+"""PyTorch model of MTHF: multi-group teacher-student network with hierarchical feature fusion.
+
+Seed paper 002 builds three *distinct* teacher-student detection groups, puts a feature-fusion
+(attention) module after each student's distillation layers and fuses the anomaly maps in two
+stages. Here all groups share one frozen teacher (the offline ImageNet EfficientNet-Lite0 by
+default, so everything works without internet), computed once per batch for every level any group
+needs. The groups differ in distillation direction and feature levels:
+
+* **A - forward, shallow**: a randomly initialised copy of the teacher's first stages (CBAM after each
+  stage) regresses the teacher's ``blocks.1/2/4`` features (strides 4/8/16) from the image, as in
+  STFPM. Fine texture and small defects, sharp boundaries.
+* **B - reverse, shallow**: a one-class bottleneck (OCBE) compresses the teacher's ``blocks.1/2/4``
+  features and a decoder reconstructs them, as in reverse distillation (RD4AD). The compact
+  embedding cannot carry anomalous detail, so large or structural anomalies, which a forward student
+  may imitate, are still reconstructed as normal and stand out.
+* **C - forward, deep**: a second forward student regresses the deeper ``blocks.2/4/6`` features
+  (strides 8/16/32). Semantic, large-area anomalies (missing parts, misplacement) with a larger
+  receptive field.
+
+After each student a :class:`HierarchicalAttentionFusion` module fuses that student's levels
+(cross-level context through CBAM). The per-level maps are fused within each group, then across
+groups after per-group standardisation (:class:`MTHFAnomalyMap`).
+"""
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from kd_ext.backbones import create_backbone, get_backbone_spec
+from kd_ext.backbones.registry import resolve_layers
+from kd_ext.models.components import OneClassBottleneck, ReverseDecoder, build_forward_student, build_teacher
+
+from .anomaly_map import MTHFAnomalyMap, downsampled_size
+from .fusion import HierarchicalAttentionFusion, level_strides
+
+SCORE_MODES = ("max", "topk_mean")
+GROUPS = ("A", "B", "C")
+GROUP_DESCRIPTIONS = {
+    "A": "forward student on the shallow levels",
+    "B": "reverse-distillation student (OCBE + decoder) on the shallow levels",
+    "C": "forward student on the deep levels",
+}
+DEEP_LAYERS = {
+    "efficientnet_lite0": ("blocks.2", "blocks.4", "blocks.6"),
+    "resnet18": ("layer2", "layer3", "layer4"),
+    "resnet34": ("layer2", "layer3", "layer4"),
+    "wide_resnet50_2": ("layer2", "layer3", "layer4"),
+}
+PROBE_SIZE = 256
+
+GroupPairs = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+class ReverseStudent(nn.Module):
+    """Reverse-distillation student: one-class bottleneck, then a decoder back to the teacher's levels.
+
+    Args:
+        channels: Teacher channels of each level, shallow to deep.
+        strides: Stride of each level.
+    """
+
+    def __init__(self, channels: Sequence[int], strides: Sequence[int]) -> None:
+        super().__init__()
+        embedding_channels = 2 * channels[-1]
+        self.bottleneck = OneClassBottleneck(channels, strides, embedding_channels)
+        self.decoder = ReverseDecoder(embedding_channels, channels)
+
+    def forward(self, teacher: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Reconstruct the teacher features from their one-class embedding."""
+        return self.decoder(self.bottleneck(teacher), [(feature.shape[-2], feature.shape[-1]) for feature in teacher])
+
+
+def validate_groups(groups: Sequence[str]) -> tuple[str, ...]:
+    """Check the requested groups and return them in canonical order.
+
+    Args:
+        groups: Group names, a non-empty subset of :data:`GROUPS`.
+
+    Returns:
+        tuple[str, ...]: The groups, ordered as in :data:`GROUPS`.
+
+    Raises:
+        ValueError: If ``groups`` is empty, a string, has unknown names or duplicates.
+    """
+    if isinstance(groups, str):
+        msg = f"groups must be a sequence of group names such as ('A', 'B', 'C'), not the string {groups!r}."
+        raise ValueError(msg)
+    names = tuple(groups)
+    if not names:
+        msg = f"At least one group is required; choose from {GROUPS}."
+        raise ValueError(msg)
+    unknown = [name for name in names if name not in GROUPS]
+    if unknown:
+        described = "; ".join(f"{name}: {text}" for name, text in GROUP_DESCRIPTIONS.items())
+        msg = f"Unknown group(s) {unknown}; choose from {GROUPS} ({described})."
+        raise ValueError(msg)
+    if len(set(names)) != len(names):
+        msg = f"Duplicate groups in {names}; each group can be used once."
+        raise ValueError(msg)
+    return tuple(name for name in GROUPS if name in names)
+
+
+class MTHFModel(nn.Module):
+    """One shared frozen teacher, up to three teacher-student groups, fusion modules and map fusion.
+
+    Args:
+        backbone: Teacher backbone (see :data:`kd_ext.backbones.BACKBONES`).
+        layers: Shallow levels of groups A and B, shallow to deep; ``None`` for the backbone's defaults.
+        deep_layers: Levels of group C, shallow to deep; ``None`` for :data:`DEEP_LAYERS`.
+        groups: Groups to use, a subset of ``("A", "B", "C")`` (see the module docstring).
+        pre_trained: Load the teacher's ImageNet weights.
+        attention: CBAM after each stage of the forward students (groups A and C).
+        fusion_modules: Hierarchical attention fusion after each student's distillation layers.
+        fusion_stages: ``2`` (within groups across scales, then across groups) or ``1`` (all at once).
+        group_fusion: Stage-2 combination of standardised group maps: ``"mean"`` or ``"max"``.
+        sigma: Gaussian smoothing of the fused anomaly map (0 disables).
+        score_mode: Image score from the map: ``"max"`` or ``"topk_mean"``.
+        top_k_ratio: Fraction of pixels averaged by ``"topk_mean"``.
+
+    Raises:
+        ValueError: If an argument is invalid.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        deep_layers: Sequence[str] | None = None,
+        groups: Sequence[str] = GROUPS,
+        pre_trained: bool = True,
+        attention: bool = True,
+        fusion_modules: bool = True,
+        fusion_stages: int = 2,
+        group_fusion: str = "mean",
+        sigma: float = 4.0,
+        score_mode: str = "max",
+        top_k_ratio: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.groups = validate_groups(groups)
+        if score_mode not in SCORE_MODES:
+            msg = f"Unknown score_mode '{score_mode}'; choose one of {SCORE_MODES}."
+            raise ValueError(msg)
+        if not 0 < top_k_ratio <= 1:
+            msg = f"top_k_ratio must be in (0, 1], got {top_k_ratio}."
+            raise ValueError(msg)
+        spec = get_backbone_spec(backbone)
+        shallow = resolve_layers(spec, layers)
+        if deep_layers is None and backbone not in DEEP_LAYERS:
+            msg = f"No default deep_layers for backbone '{backbone}'; pass deep_layers for group C."
+            raise ValueError(msg)
+        deep = tuple(deep_layers) if deep_layers is not None else DEEP_LAYERS[backbone]
+        if "C" in self.groups and ("A" in self.groups or "B" in self.groups) and deep == shallow:
+            msg = (
+                f"Group C must use other feature levels than groups A and B (both got {list(shallow)}); "
+                "pass different layers and deep_layers."
+            )
+            raise ValueError(msg)
+        self.group_layers = {name: deep if name == "C" else shallow for name in self.groups}
+        self.score_mode = score_mode
+        self.top_k_ratio = top_k_ratio
+
+        self.layers = self._union_in_forward_order(backbone, [self.group_layers[name] for name in self.groups])
+        self.group_indices = {
+            name: [self.layers.index(layer) for layer in self.group_layers[name]] for name in self.groups
+        }
+        self.teacher = build_teacher(backbone, self.layers, pre_trained)
+        channels, strides = self._probe_levels()
+
+        self.students = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()
+        for name in self.groups:
+            group_channels = [channels[index] for index in self.group_indices[name]]
+            group_strides = [strides[index] for index in self.group_indices[name]]
+            if name == "B":
+                self.students[name] = ReverseStudent(group_channels, group_strides)
+            else:
+                self.students[name] = build_forward_student(
+                    backbone, self.group_layers[name], group_channels, attention
+                )
+            if fusion_modules:
+                self.fusions[name] = HierarchicalAttentionFusion(group_channels, group_strides)
+        self.anomaly_map_generator = MTHFAnomalyMap(
+            num_groups=len(self.groups), fusion_stages=fusion_stages, group_fusion=group_fusion, sigma=sigma
+        )
+
+    @staticmethod
+    def _union_in_forward_order(backbone: str, level_sets: Sequence[Sequence[str]]) -> tuple[str, ...]:
+        names = [name for name, _ in create_backbone(backbone, pre_trained=False).named_modules()]
+        requested = {layer for levels in level_sets for layer in levels}
+        missing = sorted(requested.difference(names))
+        if missing:
+            msg = f"Feature layer(s) {missing} are not modules of backbone '{backbone}'."
+            raise ValueError(msg)
+        for levels in level_sets:
+            if list(levels) != sorted(levels, key=names.index):
+                msg = f"Feature layers {list(levels)} must be given shallow to deep."
+                raise ValueError(msg)
+        return tuple(sorted(requested, key=names.index))
+
+    @torch.no_grad()
+    def _probe_levels(self) -> tuple[list[int], list[int]]:
+        features = self.teacher(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE))
+        channels = [feature.shape[1] for feature in features]
+        strides = level_strides(features, PROBE_SIZE)
+        for name in self.groups:
+            group_strides = [strides[index] for index in self.group_indices[name]]
+            if any(later != 2 * earlier for earlier, later in itertools.pairwise(group_strides)):
+                msg = (
+                    f"Group {name}'s levels {list(self.group_layers[name])} have strides {group_strides}; "
+                    "consecutive levels must halve the resolution."
+                )
+                raise ValueError(msg)
+        return channels, strides
+
+    def train(self, mode: bool = True) -> "MTHFModel":
+        """Set train/eval mode; the frozen teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def distill(self, images: torch.Tensor) -> GroupPairs:
+        """Run the shared teacher once and every group's student (and fusion module).
+
+        Args:
+            images: Normalised images ``[B, 3, H, W]``.
+
+        Returns:
+            dict: ``group name -> (teacher features, student features)`` on the group's levels.
+        """
+        with torch.no_grad():
+            teacher = self.teacher(images)
+        pairs: GroupPairs = {}
+        for name in self.groups:
+            targets = [teacher[index] for index in self.group_indices[name]]
+            student = self.students[name](targets if name == "B" else images)
+            if name in self.fusions:
+                student = self.fusions[name](student)
+            pairs[name] = (targets, student)
+        return pairs
+
+    def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Reduce anomaly maps ``[B, 1, H, W]`` to image scores ``[B]``."""
+        flat = anomaly_map.flatten(1)
+        if self.score_mode == "max":
+            return flat.amax(dim=1)
+        k = max(1, int(flat.shape[1] * self.top_k_ratio))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+
+    def forward(self, images: torch.Tensor) -> GroupPairs | InferenceBatch:
+        """Distillation outputs in training mode; anomaly map and score in eval mode.
+
+        In training mode the moving statistics of each group's map (used by stage-2 fusion) are
+        updated from the batch as a side effect, like batch-norm running statistics.
+
+        Args:
+            images: Normalised images ``[B, 3, H, W]``.
+
+        Returns:
+            Training: see :meth:`distill`. Eval: ``InferenceBatch(pred_score, anomaly_map)``.
+        """
+        pairs = self.distill(images)
+        size = (images.shape[-2], images.shape[-1])
+        if self.training:
+            detached = [
+                ([t.detach() for t in teacher], [s.detach() for s in student]) for teacher, student in pairs.values()
+            ]
+            self.anomaly_map_generator.update_statistics(detached, downsampled_size(size))
+            return pairs
+        anomaly_map = self.anomaly_map_generator(list(pairs.values()), size)
+        return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)
