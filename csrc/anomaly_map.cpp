@@ -1,6 +1,6 @@
 // CPU implementation of the fused anomaly-map kernel (see anomaly_map.h).
 //
-// Per image, inside one OpenMP parallel region:
+// Per image (threads via parallel.h, see there why not an OpenMP parallel region):
 //   A. per-scale distance at the feature resolution, tasks = (scale, block of positions); the
 //      channel reduction streams contiguous rows of each channel plane (vectorised over positions);
 //   B. per output row: bilinear upsampling of every low-resolution distance map + fusion, then the
@@ -16,10 +16,7 @@
 #include "anomaly_map.h"
 #include "gaussian.h"
 #include "kd_math.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "parallel.h"
 
 namespace kd_ext {
 namespace {
@@ -35,6 +32,8 @@ using math::LinearTap;
 #endif
 
 constexpr int64_t kBlock = 512;  // positions per distance task (3 accumulators of 2 KiB, L1 resident)
+constexpr int64_t kImagesPerThread = 4;  // batch >= this * threads: parallel over whole images
+constexpr int64_t kRowChunk = 8;            // output rows per dynamic chunk when splitting one image
 
 struct DistTask {
   int scale;
@@ -222,14 +221,6 @@ void blur_row(const Plan& plan, int64_t y, const float* scratch, float* out_imag
   if (plan.want_max) rmax[y] = row_max(dst, plan.width);
 }
 
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 }  // namespace
 
 void anomaly_map_cpu(const std::vector<ScaleView>& scales, int64_t batch, const MapParams& params, float* out,
@@ -263,45 +254,53 @@ void anomaly_map_cpu(const std::vector<ScaleView>& scales, int64_t batch, const 
   const int64_t dist_size = plan.dist_offset[plan.num_scales];
   const int threads = max_threads();
 
-  if (batch >= threads) {
-    // Enough images for every thread: one image per thread at a time, no barriers inside an image
-    // (robust when the cores are shared with other processes), buffers stay cache resident.
-#pragma omp parallel
-    {
-      RowBuffers buf(plan);
-      std::vector<float> dist(dist_size), scratch(plan.blur ? plan.plane : 0), rmax(plan.height);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < batch; ++b) {
-        float* out_image = out + b * plan.plane;
-        for (int64_t ti = 0; ti < num_tasks; ++ti) run_distance_task(plan, b, ti, dist.data());
-        for (int64_t y = 0; y < plan.height; ++y) fuse_row(plan, y, dist.data(), buf, scratch.data(), out_image, rmax.data());
-        if (plan.blur) {
-          for (int64_t y = 0; y < plan.height; ++y) blur_row(plan, y, scratch.data(), out_image, rmax.data());
-        }
-        if (plan.want_max) scores[b] = row_max(rmax.data(), plan.height);
+  // Per-worker buffers (parallel_for hands each running thread its own worker id).
+  std::vector<RowBuffers> bufs;
+  bufs.reserve(threads);
+  for (int w = 0; w < threads; ++w) bufs.emplace_back(plan);
+
+  if (batch >= kImagesPerThread * threads || threads == 1) {
+    // Enough images: one whole image per claim, no synchronisation inside an image; per-worker
+    // distance and scratch planes stay cache resident.
+    std::vector<std::vector<float>> dists(threads), scratches(threads), rmaxes(threads);
+    parallel_for(batch, [&](int64_t b, int w) {
+      std::vector<float>& dist = dists[w];
+      std::vector<float>& scratch = scratches[w];
+      std::vector<float>& rmax = rmaxes[w];
+      dist.resize(dist_size);
+      scratch.resize(plan.blur ? plan.plane : 0);
+      rmax.resize(plan.height);
+      float* out_image = out + b * plan.plane;
+      for (int64_t ti = 0; ti < num_tasks; ++ti) run_distance_task(plan, b, ti, dist.data());
+      for (int64_t y = 0; y < plan.height; ++y) {
+        fuse_row(plan, y, dist.data(), bufs[w], scratch.data(), out_image, rmax.data());
       }
-    }
+      if (plan.blur) {
+        for (int64_t y = 0; y < plan.height; ++y) blur_row(plan, y, scratch.data(), out_image, rmax.data());
+      }
+      if (plan.want_max) scores[b] = row_max(rmax.data(), plan.height);
+    });
   } else {
-    // Few images: split each image over the threads (distance tasks, then rows, then rows).
+    // Few images: split each image over the threads (distance tasks, then row chunks, then row
+    // chunks); each stage waits only for chunks already claimed.
     std::vector<float> dist(dist_size), scratch(plan.blur ? plan.plane : 0), rmax(plan.height);
-#pragma omp parallel
-    {
-      RowBuffers buf(plan);
-      for (int64_t b = 0; b < batch; ++b) {
-        float* out_image = out + b * plan.plane;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t ti = 0; ti < num_tasks; ++ti) run_distance_task(plan, b, ti, dist.data());
-#pragma omp for schedule(static)
-        for (int64_t y = 0; y < plan.height; ++y) fuse_row(plan, y, dist.data(), buf, scratch.data(), out_image, rmax.data());
-        if (plan.blur) {
-#pragma omp for schedule(static)
-          for (int64_t y = 0; y < plan.height; ++y) blur_row(plan, y, scratch.data(), out_image, rmax.data());
+    const int64_t row_chunks = (plan.height + kRowChunk - 1) / kRowChunk;
+    for (int64_t b = 0; b < batch; ++b) {
+      float* out_image = out + b * plan.plane;
+      parallel_for(num_tasks, [&](int64_t ti, int) { run_distance_task(plan, b, ti, dist.data()); });
+      parallel_for(row_chunks, [&](int64_t chunk, int w) {
+        const int64_t end = std::min(plan.height, (chunk + 1) * kRowChunk);
+        for (int64_t y = chunk * kRowChunk; y < end; ++y) {
+          fuse_row(plan, y, dist.data(), bufs[w], scratch.data(), out_image, rmax.data());
         }
-        if (plan.want_max) {
-#pragma omp single
-          scores[b] = row_max(rmax.data(), plan.height);
-        }
+      });
+      if (plan.blur) {
+        parallel_for(row_chunks, [&](int64_t chunk, int) {
+          const int64_t end = std::min(plan.height, (chunk + 1) * kRowChunk);
+          for (int64_t y = chunk * kRowChunk; y < end; ++y) blur_row(plan, y, scratch.data(), out_image, rmax.data());
+        });
       }
+      if (plan.want_max) scores[b] = row_max(rmax.data(), plan.height);
     }
   }
   if (scores != nullptr && params.score_mode == math::kScoreTopK) {

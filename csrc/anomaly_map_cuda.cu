@@ -128,10 +128,10 @@ __device__ unsigned block_sum_u32(unsigned v, unsigned* shared) {
 }
 
 // grid (batch); block kScoreThreads. NaN anywhere in the map gives NaN.
-__global__ void score_kernel(const float* __restrict__ maps, int64_t hw, int score_mode, int64_t top_k,
+__global__ void __launch_bounds__(kScoreThreads) score_kernel(const float* __restrict__ maps, int64_t hw, int score_mode, int64_t top_k,
                              float* __restrict__ scores) {
   __shared__ unsigned counter;
-  __shared__ float fshared[kScoreThreads];
+  __shared__ unsigned ushared[kScoreThreads];
   __shared__ double dshared[kScoreThreads];
   const float* map = maps + static_cast<int64_t>(blockIdx.x) * hw;
   // Max key and NaN count.
@@ -147,17 +147,17 @@ __global__ void score_kernel(const float* __restrict__ maps, int64_t hw, int sco
     if (threadIdx.x == 0) scores[blockIdx.x] = __int_as_float(0x7fc00000);
     return;
   }
-  fshared[threadIdx.x] = __uint_as_float(max_key);  // reuse as raw bits storage
+  ushared[threadIdx.x] = max_key;
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
     if (threadIdx.x < stride) {
-      const unsigned a = __float_as_uint(fshared[threadIdx.x]);
-      const unsigned c = __float_as_uint(fshared[threadIdx.x + stride]);
-      fshared[threadIdx.x] = __uint_as_float(a > c ? a : c);
+      const unsigned a = ushared[threadIdx.x];
+      const unsigned c = ushared[threadIdx.x + stride];
+      ushared[threadIdx.x] = a > c ? a : c;
     }
     __syncthreads();
   }
-  const unsigned top_key = __float_as_uint(fshared[0]);
+  const unsigned top_key = ushared[0];
   if (score_mode != km::kScoreTopK || top_k == 1) {
     if (threadIdx.x == 0) scores[blockIdx.x] = __uint_as_float(km::ordered_to_float(top_key));
     return;
@@ -236,6 +236,10 @@ int cuda_pointer_device(const void* ptr) {
 
 void anomaly_map_cuda(const std::vector<ScaleView>& scales, int64_t batch, const MapParams& params, float* out,
                       float* scores, void* stream_ptr) {
+  if (batch > 65535) {
+    throw std::invalid_argument("the CUDA kernel supports batches of at most 65535 images, got " +
+                                std::to_string(batch) + "; split the batch");
+  }
   DeviceGuard guard(out);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int num_scales = static_cast<int>(scales.size());

@@ -222,3 +222,16 @@ def test_reference_exports_to_onnx_opset14(tmp_path) -> None:
     onnx.checker.check_model(model)
     ops = {node.op_type for node in model.graph.node}
     assert {"Conv", "Pad", "Resize", "TopK"} <= ops
+
+
+def test_concurrent_calls_from_python_threads_agree() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [_features(np.random.default_rng(10 + i), 1 + i % 5, [(8, 12, 10), (16, 6, 5)]) for i in range(8)]
+    expected = [kernels.anomaly_map_and_score(t, s, (48, 40), sigma=2.0) for t, s in cases]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda ts: kernels.anomaly_map_and_score(*ts, (48, 40), sigma=2.0), cases * 3))
+    for index, (maps, scores) in enumerate(results):
+        exp_maps, exp_scores = expected[index % len(cases)]
+        assert torch.equal(maps, exp_maps)
+        assert torch.equal(scores, exp_scores)

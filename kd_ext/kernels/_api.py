@@ -340,8 +340,8 @@ def _run(
         maps = torch.empty((batch, 1, *size), dtype=torch.float32, device=dev)
         scores = torch.empty((batch,), dtype=torch.float32, device=dev) if score != "none" else None
         native.anomaly_map_cuda(
-            teachers,
-            students,
+            [t.detach() for t in teachers],
+            [s.detach() for s in students],
             maps,
             scores,
             size,
@@ -539,7 +539,7 @@ def image_score(
     if path == "cuda":
         torch = _torch()
         scores = torch.empty((int(maps.shape[0]),), dtype=torch.float32, device=maps.device)
-        native.image_score_cuda(maps, scores, mode, k, torch.cuda.current_stream(maps.device).cuda_stream)
+        native.image_score_cuda(maps.detach(), scores, mode, k, torch.cuda.current_stream(maps.device).cuda_stream)
         return scores
     from kd_ext.kernels import reference  # noqa: PLC0415 - imports torch, only when needed
 
