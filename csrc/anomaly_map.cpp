@@ -31,7 +31,7 @@ using math::LinearTap;
 #define KD_MULTIVERSION
 #endif
 
-constexpr int64_t kBlock = 512;  // positions per distance task (3 accumulators of 2 KiB, L1 resident)
+constexpr int64_t kBlock = 2048;  // positions per distance task (3 accumulators of 8 KiB, L1 resident)
 constexpr int64_t kImagesPerThread = 4;  // batch >= this * threads: parallel over whole images
 constexpr int64_t kRowChunk = 8;            // output rows per dynamic chunk when splitting one image
 

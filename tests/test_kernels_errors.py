@@ -54,6 +54,7 @@ T, S = _feats()
         (lambda: kernels.anomaly_map_and_score(T, S, 8, sigma=1.0, score="topk", top_k=65), ValueError, "top_k"),
         (lambda: kernels.anomaly_map_and_score(T, S, 8, sigma=1.0, score="max", top_k=3), ValueError, "top_k"),
         (lambda: kernels.anomaly_map_and_score(T, S, 8, sigma=1.0, score="median"), ValueError, "score mode"),
+        (lambda: kernels.anomaly_map_and_score(T, S, 8, sigma=1.0, score="none"), ValueError, "score mode"),
         (lambda: kernels.image_score(torch.zeros(2, 3, 4, 4)), ValueError, r"\[B, 1, H, W\]"),
         (lambda: kernels.image_score(torch.zeros(0, 1, 4, 4)), ValueError, "empty"),
         (lambda: kernels.image_score(torch.zeros(2, 1, 4, 4, dtype=torch.float64)), TypeError, "float32"),

@@ -491,6 +491,7 @@ def anomaly_map_and_score(
         ValueError: Inconsistent shapes, empty inputs, bad sizes, sigma, options or top_k.
         RuntimeError: ``backend="native"`` when the native kernels cannot be used.
     """
+    _check_choice(score, SCORE_MODES, "score mode")
     maps, scores = _run(
         teacher_features,
         student_features,
