@@ -21,13 +21,14 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from kd_ext.export.mixin import KDExtExportMixin
 from kd_ext.models.checkpoint import KDExtCheckpointMixin, teacher_pre_processor
 
 from .loss import BiDirMSKDLoss
 from .torch_model import BiDirMSKDModel
 
 
-class BiDirMSKD(KDExtCheckpointMixin, AnomalibModule):
+class BiDirMSKD(KDExtCheckpointMixin, KDExtExportMixin, AnomalibModule):
     """Bidirectional multi-scale knowledge distillation (forward + reverse students, fused maps).
 
     Every component can be switched off, so the ablations are the same class:

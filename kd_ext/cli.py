@@ -1,0 +1,130 @@
+"""``kd-ext`` command line: ``kd-ext infer MODEL.xml IMAGES_DIR --out OUT_DIR``.
+
+Sub-commands are registered in :data:`COMMANDS`; each adds its own parser and imports its heavy
+dependencies only when run (``infer`` needs only openvino, numpy and Pillow: no torch, no anomalib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def _add_infer(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "infer",
+        help="score a folder of images with an exported OpenVINO IR",
+        description=(
+            "Score every image of IMAGES_DIR with an OpenVINO IR exported by anomalib or kd_ext and write "
+            "scores.csv, results.json, masks/ and overlays/ into OUT_DIR (written to a temporary folder and "
+            "renamed when complete)."
+        ),
+    )
+    parser.add_argument("model", type=Path, help="the IR's .xml (its .bin next to it)")
+    parser.add_argument("images_dir", type=Path, help="folder of images (.png, .jpg, .bmp, .tif, .webp)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist, see --overwrite)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per inference request (default 8)")
+    parser.add_argument("--device", default="CPU", help="OpenVINO device (default CPU)")
+    parser.add_argument(
+        "--precision",
+        choices=["f32", "bf16", "f16"],
+        default="f32",
+        help="inference precision hint (default f32: exact; this CPU would otherwise run FP32 IRs in bf16)",
+    )
+    parser.add_argument("--mode", choices=["throughput", "latency"], default="throughput")
+    parser.add_argument("--requests", type=int, default=None, help="parallel infer requests (default: optimal)")
+    parser.add_argument("--threshold", type=float, default=None, help="override the IR's threshold (0.5 normalised)")
+    parser.add_argument("--recursive", action="store_true", help="include sub-folders")
+    parser.add_argument("--no-masks", action="store_true", help="do not write masks/")
+    parser.add_argument("--no-overlays", action="store_true", help="do not write overlays/")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new results are complete")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run_infer)
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    from kd_ext.edge import EdgeModel, score_folder  # noqa: PLC0415
+
+    model = EdgeModel(
+        args.model,
+        device=args.device,
+        precision_hint=args.precision,
+        mode=args.mode,
+        num_requests=args.requests,
+        threshold=args.threshold,
+    )
+    info = model.describe()
+    if not args.quiet:
+        sys.stderr.write(
+            f"model {info['model']} (exported {info['export_precision']}), inference precision "
+            f"{info['inference_precision']} (hint {info['precision_hint']}), {info['num_requests']} requests\n"
+        )
+    report = score_folder(
+        model,
+        args.images_dir,
+        args.out,
+        batch_size=args.batch_size,
+        recursive=args.recursive,
+        masks=not args.no_masks,
+        overlays=not args.no_overlays,
+        overwrite=args.overwrite,
+        progress=None if args.quiet else sys.stderr,
+    )
+    anomalous = sum(row["label"] for row in report.rows)
+    summary = {
+        "out": str(report.out_dir),
+        "scored": len(report.rows),
+        "anomalous": anomalous,
+        "skipped": len(report.skipped),
+        "images_per_second": round(report.images_per_second, 2),
+        "inference_precision": info["inference_precision"],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_infer]
+"""Functions that add one sub-command each (``distill`` and others go here)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kd-ext`` argument parser with every registered sub-command.
+
+    Returns:
+        argparse.ArgumentParser: The parser.
+    """
+    parser = argparse.ArgumentParser(prog="kd-ext", description="kd_ext: knowledge-distillation anomaly detection.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kd-ext``.
+
+    Args:
+        argv: Arguments (``sys.argv[1:]`` by default).
+
+    Returns:
+        int: Exit status: 0 on success, 2 for bad input (message on stderr).
+    """
+    args = build_parser().parse_args(argv)
+    from kd_ext.edge.errors import EdgeError  # noqa: PLC0415
+
+    try:
+        return args.func(args)
+    except EdgeError as error:
+        sys.stderr.write(f"kd-ext {args.command}: error: {error}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"kd-ext {args.command}: interrupted; nothing was left half-written.\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

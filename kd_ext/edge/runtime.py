@@ -1,0 +1,310 @@
+"""OpenVINO inference of an exported anomaly-detection IR (anomalib / kd_ext export), torch-free.
+
+The IR is anomalib's whole ``AnomalibModule.forward``: input ``float32`` RGB ``[N, 3, H, W]`` in ``[0, 1]``;
+outputs ``pred_score`` ``[N]`` and ``anomaly_map`` ``[N, 1, H, W]`` (normalised by the model's post-processor
+so that 0.5 is the threshold), and, when the post-processor thresholds, ``pred_label`` ``[N]`` and
+``pred_mask`` ``[N, 1, H, W]``. Labels and masks are taken from the IR when it has them; otherwise a
+threshold must be given and is applied to the score and the map here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+
+from .errors import EdgeInputError, EdgeModelError
+
+REQUIRED_OUTPUTS = ("pred_score", "anomaly_map")
+PRECISION_HINTS = ("f32", "bf16", "f16")
+MODES = ("throughput", "latency")
+DEFAULT_IMAGE_SIZE = (256, 256)
+RT_INFO_KEY = "kd_ext"
+
+
+@dataclass
+class Prediction:
+    """Predictions for a batch of images.
+
+    Attributes:
+        pred_score: Image scores ``[N]`` (normalised: > threshold means anomalous).
+        pred_label: Image labels ``[N]`` (``True`` = anomalous).
+        anomaly_map: Anomaly maps ``[N, H, W]``.
+        pred_mask: Binary masks ``[N, H, W]``.
+    """
+
+    pred_score: np.ndarray
+    pred_label: np.ndarray
+    anomaly_map: np.ndarray
+    pred_mask: np.ndarray
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _rt_info(model: ov.Model, key: str) -> str | None:
+    try:
+        if model.has_rt_info([RT_INFO_KEY, key]):
+            value = model.get_rt_info([RT_INFO_KEY, key])
+            return value.astype(str) if hasattr(value, "astype") else str(value)
+    except (RuntimeError, TypeError):
+        return None
+    return None
+
+
+class EdgeModel:
+    """An exported anomaly-detection IR compiled for inference.
+
+    Args:
+        xml_path: The IR's ``.xml`` (its ``.bin`` must be next to it with the same stem).
+        device: OpenVINO device.
+        precision_hint: ``INFERENCE_PRECISION_HINT``: ``"f32"`` (default; exact), ``"bf16"`` or ``"f16"``
+            (faster where the CPU supports them, less accurate). Always set explicitly: this machine's CPU
+            default is bf16.
+        mode: ``"throughput"`` (several parallel requests, for folders) or ``"latency"`` (one stream).
+        num_requests: Parallel infer requests (``None``: OpenVINO's optimal number for ``mode``).
+        threshold: Threshold on score and map, required when the IR has no ``pred_label`` output; overrides
+            the IR's labels and masks when given.
+        image_size: ``(H, W)`` images are resized to when the IR's input size is dynamic.
+        verify_weights: Check the ``.bin`` against the checksum kd_ext's exporter stored in the ``.xml``.
+        core: OpenVINO ``Core`` to use.
+
+    Raises:
+        EdgeModelError: If the IR is missing, unreadable, mismatched or not an anomaly model.
+    """
+
+    def __init__(
+        self,
+        xml_path: str | Path,
+        device: str = "CPU",
+        precision_hint: str = "f32",
+        mode: str = "throughput",
+        num_requests: int | None = None,
+        threshold: float | None = None,
+        image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+        verify_weights: bool = True,
+        core: ov.Core | None = None,
+    ) -> None:
+        if precision_hint not in PRECISION_HINTS:
+            msg = f"Unknown precision hint '{precision_hint}'; choose one of {PRECISION_HINTS}."
+            raise ValueError(msg)
+        if mode not in MODES:
+            msg = f"Unknown mode '{mode}'; choose one of {MODES}."
+            raise ValueError(msg)
+        self.xml_path = Path(xml_path)
+        self.bin_path = self.xml_path.with_suffix(".bin")
+        self.core = core or ov.Core()
+        self.model = self._read(verify_weights)
+        self.output_names = self._check_outputs()
+        self.batch_size, self.input_size = self._check_input(image_size)
+        if threshold is None and "pred_label" not in self.output_names:
+            msg = (
+                f"{self.xml_path.name} has no pred_label output (exported without a thresholding post-processor); "
+                "pass a threshold (--threshold) for its raw scores."
+            )
+            raise EdgeModelError(msg)
+        self.threshold = threshold
+        self.export_precision = _rt_info(self.model, "precision") or "unknown (not exported by kd_ext)"
+        config = {
+            "INFERENCE_PRECISION_HINT": precision_hint,
+            "PERFORMANCE_HINT": mode.upper(),
+        }
+        try:
+            self.compiled = self.core.compile_model(self.model, device, config)
+        except RuntimeError as error:
+            msg = f"OpenVINO could not compile {self.xml_path} for {device} with {config}: {error}"
+            raise EdgeModelError(msg) from error
+        self.precision_hint = precision_hint
+        used = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.inference_precision = used.to_string() if hasattr(used, "to_string") else str(used)
+        optimal = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.num_requests = max(1, num_requests or optimal)
+        self._request: ov.InferRequest | None = None
+
+    def _read(self, verify_weights: bool) -> ov.Model:
+        if self.xml_path.suffix != ".xml":
+            msg = f"Expected an OpenVINO IR .xml file, got '{self.xml_path}'."
+            raise EdgeModelError(msg)
+        if not self.xml_path.is_file():
+            msg = f"Model file not found: {self.xml_path}"
+            raise EdgeModelError(msg)
+        if not self.bin_path.is_file():
+            msg = (
+                f"Weights file {self.bin_path.name} is missing next to {self.xml_path.name}; an IR is a pair of "
+                ".xml and .bin files with the same name from the same export."
+            )
+            raise EdgeModelError(msg)
+        try:
+            model = self.core.read_model(self.xml_path, self.bin_path)
+        except RuntimeError as error:
+            msg = (
+                f"Could not read the IR {self.xml_path} with weights {self.bin_path.name} (corrupt file, or .xml and "
+                f".bin from different exports?): {str(error).strip().splitlines()[0]}"
+            )
+            raise EdgeModelError(msg) from error
+        expected = _rt_info(model, "weights_sha256")
+        if verify_weights and expected is not None and _sha256(self.bin_path) != expected:
+            msg = (
+                f"{self.bin_path.name} does not belong to {self.xml_path.name}: its checksum differs from the one "
+                "recorded at export. Copy the .xml and .bin of the same export together."
+            )
+            raise EdgeModelError(msg)
+        return model
+
+    def _check_outputs(self) -> set[str]:
+        names = {name for output in self.model.outputs for name in output.get_names()}
+        missing = [name for name in REQUIRED_OUTPUTS if name not in names]
+        if missing:
+            msg = (
+                f"{self.xml_path.name} is not an anomaly-detection IR: outputs {sorted(names) or 'unnamed'} lack "
+                f"{missing}. Export the model with anomalib (`anomalib export --export_type openvino`) or "
+                "kd_ext.export.export_openvino."
+            )
+            raise EdgeModelError(msg)
+        return names
+
+    def _check_input(self, image_size: tuple[int, int]) -> tuple[int | None, tuple[int, int]]:
+        if len(self.model.inputs) != 1:
+            msg = f"{self.xml_path.name} has {len(self.model.inputs)} inputs; an anomaly IR takes one image batch."
+            raise EdgeModelError(msg)
+        shape = self.model.input(0).get_partial_shape()
+        if shape.rank.is_dynamic or shape.rank.get_length() != 4 or (shape[1].is_static and shape[1].get_length() != 3):
+            msg = f"{self.xml_path.name} takes input {shape}; expected images [N, 3, H, W]."
+            raise EdgeModelError(msg)
+        batch = shape[0].get_length() if shape[0].is_static else None
+        if shape[2].is_static and shape[3].is_static:
+            return batch, (shape[2].get_length(), shape[3].get_length())
+        return batch, image_size
+
+    def describe(self) -> dict[str, Any]:
+        """What was loaded and how it runs (for reports).
+
+        Returns:
+            dict: Paths, export precision, inference precision, threshold source, input size and requests.
+        """
+        return {
+            "model": str(self.xml_path),
+            "export_precision": self.export_precision,
+            "precision_hint": self.precision_hint,
+            "inference_precision": self.inference_precision,
+            "threshold": self.threshold if self.threshold is not None else "IR (0.5 on normalised scores)",
+            "input_size": list(self.input_size),
+            "num_requests": self.num_requests,
+            "outputs": sorted(self.output_names & {"pred_score", "pred_label", "anomaly_map", "pred_mask"}),
+        }
+
+    def _check_batch(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.input_size:
+            msg = (
+                f"Expected float32 images [N, 3, {self.input_size[0]}, {self.input_size[1]}] in [0, 1], got "
+                f"{images.shape}; use kd_ext.edge.load_image to read and resize files."
+            )
+            raise EdgeInputError(msg)
+        if self.batch_size is not None and images.shape[0] != self.batch_size:
+            msg = f"{self.xml_path.name} has a static batch of {self.batch_size}; got {images.shape[0]} images."
+            raise EdgeInputError(msg)
+        return images
+
+    def _prediction(self, outputs: dict[str, np.ndarray]) -> Prediction:
+        score = outputs["pred_score"].reshape(-1).astype(np.float32)
+        anomaly_map = outputs["anomaly_map"].astype(np.float32)
+        anomaly_map = anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:])
+        if self.threshold is not None or "pred_label" not in outputs:
+            label = score > self.threshold
+        else:
+            label = outputs["pred_label"].reshape(-1).astype(bool)
+        if self.threshold is not None or "pred_mask" not in outputs:
+            threshold = 0.5 if self.threshold is None else self.threshold
+            mask = anomaly_map > threshold
+        else:
+            mask = outputs["pred_mask"].reshape(anomaly_map.shape).astype(bool)
+        return Prediction(pred_score=score, pred_label=label, anomaly_map=anomaly_map, pred_mask=mask)
+
+    def _outputs(self, request: ov.InferRequest) -> dict[str, np.ndarray]:
+        outputs: dict[str, np.ndarray] = {}
+        for index, port in enumerate(self.compiled.outputs):
+            name = port.get_any_name()
+            if name in REQUIRED_OUTPUTS or name in {"pred_label", "pred_mask"}:
+                outputs[name] = np.array(request.get_output_tensor(index).data, copy=True)
+        return outputs
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        """Score one batch synchronously.
+
+        Args:
+            images: ``float32`` ``[N, 3, H, W]`` RGB in ``[0, 1]`` at :attr:`input_size`.
+
+        Returns:
+            Prediction: Scores, labels, maps and masks.
+        """
+        images = self._check_batch(images)
+        if self._request is None:
+            self._request = self.compiled.create_infer_request()
+        self._request.infer({0: images})
+        return self._prediction(self._outputs(self._request))
+
+    def iter_predict(self, batches: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, Prediction]]:
+        """Score batches with an ``AsyncInferQueue``, yielding results in input order.
+
+        Reading the next batch (the caller's iterator) overlaps with inference of the previous ones.
+
+        Args:
+            batches: ``(key, images)`` pairs; ``key`` is handed back with the batch's prediction.
+
+        Yields:
+            tuple: ``(key, Prediction)`` in the order the batches came.
+        """
+        queue = ov.AsyncInferQueue(self.compiled, self.num_requests)
+        done: dict[int, dict[str, np.ndarray]] = {}
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def on_done(request: ov.InferRequest, index: int) -> None:
+            try:
+                outputs = self._outputs(request)
+            except BaseException as error:  # re-raised in the caller's thread
+                with lock:
+                    errors.append(error)
+                return
+            with lock:
+                done[index] = outputs
+
+        queue.set_callback(on_done)
+        keys: list[Any] = []
+        next_index = 0
+
+        def ready() -> Iterator[tuple[Any, Prediction]]:
+            nonlocal next_index
+            while True:
+                with lock:
+                    if errors:
+                        raise errors[0]
+                    outputs = done.pop(next_index, None)
+                if outputs is None:
+                    return
+                yield keys[next_index], self._prediction(outputs)
+                keys[next_index] = None
+                next_index += 1
+
+        for key, images in batches:
+            checked = self._check_batch(images)
+            keys.append(key)
+            queue.start_async({0: checked}, userdata=len(keys) - 1)
+            yield from ready()
+        queue.wait_all()
+        yield from ready()
+        if next_index != len(keys):
+            msg = f"Inference finished {next_index} of {len(keys)} batches."
+            raise RuntimeError(msg)

@@ -1,0 +1,35 @@
+"""Export kd_ext (and other anomalib) models to ONNX and OpenVINO IR, FP32 / FP16 / INT8.
+
+anomalib's own route works for kd_ext models (``anomalib export --model BiDirMSKD --export_type openvino
+--ckpt_path ...`` and ``Engine.export``); kd_ext models additionally calibrate ``INT8_PTQ`` / ``INT8_ACQ`` on
+normal *training* images and keep the anomaly-map tail in floating point (see :class:`KDExtExportMixin`).
+:func:`export_openvino` does the same for any anomalib model and records what it did in the IR's ``rt_info``.
+
+Example:
+    >>> from kd_ext.export import export_openvino
+    >>> xml = export_openvino(model, "exports", precision="int8", calibration=datamodule)  # doctest: +SKIP
+"""
+
+from .mixin import KDExtExportMixin
+from .openvino import (
+    PRECISIONS,
+    RT_INFO_KEY,
+    anomaly_map_ignored_scope,
+    export_onnx,
+    export_openvino,
+    quantize_on_training_images,
+    quantize_with_accuracy_control,
+    training_calibration_dataset,
+)
+
+__all__ = [
+    "PRECISIONS",
+    "RT_INFO_KEY",
+    "KDExtExportMixin",
+    "anomaly_map_ignored_scope",
+    "export_onnx",
+    "export_openvino",
+    "quantize_on_training_images",
+    "quantize_with_accuracy_control",
+    "training_calibration_dataset",
+]
