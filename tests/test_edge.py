@@ -256,7 +256,7 @@ def test_existing_output_and_overwrite(ir: Path, images: Path, tmp_path: Path) -
 
 
 def test_failure_midway_leaves_nothing(ir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kd_ext.edge.folder as folder
+    from kd_ext.edge import folder
 
     calls = {"n": 0}
     original = folder.overlay
