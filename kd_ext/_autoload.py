@@ -2,7 +2,8 @@
 
 anomalib resolves ``--model NAME`` and ``get_model("NAME")`` among the imported subclasses of
 ``AnomalibModule`` and has no plugin entry points. The ``kd_ext_autoload.pth`` file installed into
-site-packages imports this module at interpreter start. It only places a finder on
+site-packages imports this module (installed there as the top-level module ``_kd_ext_autoload``, so
+that the kd_ext package itself is not imported) at interpreter start. It only places a finder on
 ``sys.meta_path`` that waits for ``anomalib.models`` to be imported; once that module has run, it
 imports ``kd_ext.models`` so that the kd_ext classes are registered. Processes that never import
 anomalib pay only for reading this file: it imports nothing (``os`` and ``sys`` are loaded by the

@@ -1,4 +1,4 @@
-"""Behaviour shared by kd_ext's anomalib modules: teacher-aware pre-processing, checkpoint checks."""
+"""Behaviour shared by kd_ext's anomalib modules: teacher-aware pre-processing, input and checkpoint checks."""
 
 from typing import Any
 
@@ -6,6 +6,7 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from kd_ext.backbones import get_backbone_spec
+from kd_ext.models.image_checks import check_dataloader_images
 
 CHECKPOINT_MODEL_KEY = "kd_ext_model"
 ARCHITECTURE_KEYS = ("backbone", "layers", "forward_student", "reverse_student", "attention", "fusion")
@@ -33,7 +34,25 @@ def teacher_pre_processor(backbone: str, image_size: tuple[int, int] | None = No
 
 
 class KDExtCheckpointMixin:
-    """Tag checkpoints with the model class and refuse checkpoints of another model or architecture."""
+    """Tag checkpoints with the model class, refuse checkpoints of another model or architecture.
+
+    Also checks, before training, testing or predicting, that every image of the run can be read.
+    """
+
+    def on_train_start(self) -> None:
+        """Check the training images."""
+        check_dataloader_images(self.trainer.train_dataloader)  # type: ignore[attr-defined]
+        super().on_train_start()  # type: ignore[misc]
+
+    def on_test_start(self) -> None:
+        """Check the test images."""
+        check_dataloader_images(self.trainer.test_dataloaders)  # type: ignore[attr-defined]
+        super().on_test_start()  # type: ignore[misc]
+
+    def on_predict_start(self) -> None:
+        """Check the images to predict."""
+        check_dataloader_images(self.trainer.predict_dataloaders)  # type: ignore[attr-defined]
+        super().on_predict_start()  # type: ignore[misc]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record which kd_ext model wrote the checkpoint."""

@@ -27,6 +27,35 @@ from kd_ext.models.components import (
 from .anomaly_map import AnomalyMapGenerator
 
 SCORE_MODES = ("max", "topk_mean")
+MIN_IMAGE_SIZE = 32
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Reject tensors a model cannot score, with a message that says how to fix the input.
+
+    Args:
+        images: Candidate batch.
+
+    Raises:
+        ValueError: If ``images`` is not a floating-point ``[B, 3, H, W]`` batch of at least 32x32 pixels.
+    """
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return
+    if images.ndim != 4:
+        msg = f"Expected a batch of images [B, 3, H, W], got a tensor of shape {tuple(images.shape)}."
+        raise ValueError(msg)
+    if images.shape[1] != 3:
+        msg = (
+            f"Expected images with 3 channels, got {images.shape[1]}: convert grayscale or RGBA images to RGB "
+            "(anomalib's datasets and pre-processor do this for image files)."
+        )
+        raise ValueError(msg)
+    if not images.is_floating_point():
+        msg = f"Expected floating point images scaled to [0, 1] and normalised, got dtype {images.dtype}."
+        raise ValueError(msg)
+    if min(images.shape[-2:]) < MIN_IMAGE_SIZE:
+        msg = f"Images must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels, got {tuple(images.shape[-2:])}."
+        raise ValueError(msg)
 
 
 class BiDirMSKDModel(nn.Module):
@@ -127,6 +156,7 @@ class BiDirMSKDModel(nn.Module):
         Returns:
             tuple: Teacher features, forward-student features (or ``None``), reverse-student features (or ``None``).
         """
+        check_images(images)
         with torch.no_grad():
             teacher = self.teacher(images)
         forward = self.forward_student(images) if self.forward_student is not None else None
