@@ -145,3 +145,25 @@ def test_pre_processor_uses_the_teachers_normalisation() -> None:
     white = torch.ones(1, 3, 256, 256)
     assert lite.pre_processor(white).mean().item() == pytest.approx(1.0, abs=1e-4)  # (1 - 0.5) / 0.5
     assert resnet.pre_processor(white)[0, 0].mean().item() == pytest.approx((1 - 0.485) / 0.229, abs=1e-3)
+
+
+@pytest.mark.parametrize("score_mode", ["max", "topk"])
+def test_native_kernel_and_reference_agree_on_model_outputs(score_mode: str) -> None:
+    from kd_ext import kernels
+
+    if not kernels.native_available():
+        pytest.skip("kd_ext._native is not built")
+    torch.manual_seed(0)
+    model = BiDirMSKDModel(pre_trained=False, score_mode=score_mode).eval()
+    images = torch.randn(2, 3, 96, 112)
+    with torch.no_grad():
+        native = model(images)
+        model.anomaly_map_generator.backend = "reference"
+        reference = model(images)
+    torch.testing.assert_close(native.anomaly_map, reference.anomaly_map, atol=1e-5, rtol=0)
+    torch.testing.assert_close(native.pred_score, reference.pred_score, atol=1e-5, rtol=0)
+
+
+def test_unknown_kernel_backend_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="Unknown kernel backend 'gpu'"):
+        BiDirMSKDModel(pre_trained=False, kernel_backend="gpu")

@@ -1,34 +1,32 @@
-"""Multi-scale, bidirectional anomaly-map fusion of BiDirMSKD."""
+"""Multi-scale, bidirectional anomaly-map fusion of BiDirMSKD, computed by :mod:`kd_ext.kernels`.
+
+The fused native kernel runs at inference; the pure-torch reference runs while training (autograd),
+while exporting (tracing) and when the extension is missing or ``backend="reference"`` is forced.
+"""
 
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
+
+from kd_ext import kernels
+from kd_ext.kernels.reference import gaussian_blur
 
 MAP_FUSIONS = ("mean", "sum", "product")
 
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur, kernel size ``2*floor(4*sigma+0.5)+1``, reflect padding."""
-    radius = int(4 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    taps = taps / taps.sum()
-    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    blurred = F.conv2d(padded, taps.view(1, 1, 1, -1))
-    return F.conv2d(blurred, taps.view(1, 1, -1, 1))
+__all__ = ["MAP_FUSIONS", "AnomalyMapGenerator", "gaussian_blur"]
 
 
 class AnomalyMapGenerator(nn.Module):
-    """Fuse per-level ``1 - cos`` teacher-student discrepancies of one or both students.
+    """Fuse per-level ``1 - cos`` teacher-student discrepancies of one or more students.
 
     Args:
-        fusion: How the upsampled maps of all levels and directions are combined.
+        fusion: How the upsampled maps of all levels and students are combined.
         sigma: Gaussian smoothing (0 disables it).
+        backend: ``"auto"`` (native kernel when possible), ``"native"`` or ``"reference"``.
     """
 
-    def __init__(self, fusion: str = "mean", sigma: float = 4.0) -> None:
+    def __init__(self, fusion: str = "mean", sigma: float = 4.0, backend: str = "auto") -> None:
         super().__init__()
         if fusion not in MAP_FUSIONS:
             msg = f"Unknown map fusion '{fusion}'; choose one of {MAP_FUSIONS}."
@@ -36,8 +34,50 @@ class AnomalyMapGenerator(nn.Module):
         if sigma < 0:
             msg = f"sigma must be >= 0 (0 disables smoothing), got {sigma}."
             raise ValueError(msg)
+        if backend not in kernels.BACKENDS:
+            msg = f"Unknown kernel backend '{backend}'; choose one of {kernels.BACKENDS}."
+            raise ValueError(msg)
         self.fusion = fusion
         self.sigma = sigma
+        self.backend = backend
+
+    @staticmethod
+    def _pairs(
+        teacher: Sequence[torch.Tensor],
+        students: Sequence[Sequence[torch.Tensor]],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return list(teacher) * len(students), [feature for student in students for feature in student]
+
+    def map_and_score(
+        self,
+        teacher: Sequence[torch.Tensor],
+        students: Sequence[Sequence[torch.Tensor]],
+        image_size: tuple[int, int],
+        score_mode: str = "max",
+        top_k: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused anomaly maps ``[B, 1, H, W]`` and image scores ``[B]`` in one kernel call.
+
+        Args:
+            teacher: Teacher features, one tensor per level.
+            students: Features of each student, matching the teacher's.
+            image_size: Output size.
+            score_mode: ``"max"`` or ``"topk"`` (mean of the ``top_k`` largest map values).
+            top_k: Values averaged by ``"topk"``.
+        """
+        teacher_features, student_features = self._pairs(teacher, students)
+        return kernels.anomaly_map_and_score(
+            teacher_features,
+            student_features,
+            tuple(image_size),
+            distance="cosine",
+            fusion=self.fusion,
+            align_corners=False,
+            sigma=self.sigma,
+            score=score_mode,
+            top_k=top_k,
+            backend=self.backend,
+        )
 
     def forward(
         self,
@@ -46,21 +86,14 @@ class AnomalyMapGenerator(nn.Module):
         image_size: tuple[int, int],
     ) -> torch.Tensor:
         """Return fused anomaly maps of shape ``[B, 1, H, W]``."""
-        maps = [
-            F.interpolate(
-                (1 - F.cosine_similarity(t, s, dim=1)).unsqueeze(1),
-                size=image_size,
-                mode="bilinear",
-                align_corners=False,
-            )
-            for student in students
-            for t, s in zip(teacher, student, strict=True)
-        ]
-        stacked = torch.stack(maps, dim=0)
-        if self.fusion == "sum":
-            fused = stacked.sum(dim=0)
-        elif self.fusion == "mean":
-            fused = stacked.mean(dim=0)
-        else:
-            fused = stacked.prod(dim=0)
-        return gaussian_blur(fused, self.sigma) if self.sigma > 0 else fused
+        teacher_features, student_features = self._pairs(teacher, students)
+        return kernels.anomaly_map(
+            teacher_features,
+            student_features,
+            tuple(image_size),
+            distance="cosine",
+            fusion=self.fusion,
+            align_corners=False,
+            sigma=self.sigma,
+            backend=self.backend,
+        )

@@ -47,8 +47,10 @@ class BiDirMSKD(KDExtCheckpointMixin, KDExtExportMixin, AnomalibModule):
         fusion: Feature-fusion residual module between the students.
         map_fusion: Fusion of per-level, per-direction anomaly maps: ``"mean"``, ``"sum"``, ``"product"``.
         sigma: Gaussian smoothing of the anomaly map (0 disables).
-        score_mode: Image score: ``"max"`` or ``"topk_mean"``.
+        score_mode: Image score: ``"max"`` or ``"topk"`` (mean of the top 1 % of pixels).
         learning_rate: Adam learning rate.
+        kernel_backend: Anomaly-map kernel at inference: ``"auto"`` (fused native kernel when available),
+            ``"native"`` or ``"reference"`` (pure torch). Export always traces the torch reference.
         pre_processor: Pre-processor; ``True`` resizes to 256x256 and normalises as the teacher expects.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default.
@@ -68,6 +70,7 @@ class BiDirMSKD(KDExtCheckpointMixin, KDExtExportMixin, AnomalibModule):
         sigma: float = 4.0,
         score_mode: str = "max",
         learning_rate: float = 0.005,
+        kernel_backend: str = "auto",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -93,6 +96,7 @@ class BiDirMSKD(KDExtCheckpointMixin, KDExtExportMixin, AnomalibModule):
             map_fusion=map_fusion,
             sigma=sigma,
             score_mode=score_mode,
+            kernel_backend=kernel_backend,
         )
         self.loss = BiDirMSKDLoss()
 

@@ -26,7 +26,7 @@ from kd_ext.models.components import (
 
 from .anomaly_map import AnomalyMapGenerator
 
-SCORE_MODES = ("max", "topk_mean")
+SCORE_MODES = ("max", "topk")
 MIN_IMAGE_SIZE = 32
 
 
@@ -71,8 +71,10 @@ class BiDirMSKDModel(nn.Module):
         fusion: Feature-fusion residual module between the students (needs both students).
         map_fusion: How per-level, per-direction maps are combined: ``"mean"``, ``"sum"`` or ``"product"``.
         sigma: Gaussian smoothing of the anomaly map (0 disables).
-        score_mode: Image score from the map: ``"max"`` or ``"topk_mean"``.
-        top_k_ratio: Fraction of pixels averaged by ``"topk_mean"``.
+        score_mode: Image score from the map: ``"max"`` or ``"topk"`` (mean of the top pixels).
+        top_k_ratio: Fraction of pixels averaged by ``"topk"``.
+        kernel_backend: Anomaly-map kernel: ``"auto"`` (fused native kernel at inference when the extension is
+            available, torch reference while exporting), ``"native"`` or ``"reference"`` (force pure torch).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class BiDirMSKDModel(nn.Module):
         sigma: float = 4.0,
         score_mode: str = "max",
         top_k_ratio: float = 0.01,
+        kernel_backend: str = "auto",
     ) -> None:
         super().__init__()
         if not (forward_student or reverse_student):
@@ -124,7 +127,7 @@ class BiDirMSKDModel(nn.Module):
             self.decoder = ReverseDecoder(embedding_channels, channels)
             if fusion:
                 self.fusion = FeatureFusionResidual(channels, strides, embedding_channels)
-        self.anomaly_map_generator = AnomalyMapGenerator(fusion=map_fusion, sigma=sigma)
+        self.anomaly_map_generator = AnomalyMapGenerator(fusion=map_fusion, sigma=sigma, backend=kernel_backend)
 
     @torch.no_grad()
     def _probe_levels(self, size: int = 256) -> tuple[list[int], list[int]]:
@@ -169,14 +172,6 @@ class BiDirMSKDModel(nn.Module):
             reverse = self.decoder(embedding, [tuple(feature.shape[-2:]) for feature in teacher])
         return teacher, forward, reverse
 
-    def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
-        """Reduce anomaly maps ``[B, 1, H, W]`` to image scores ``[B]``."""
-        flat = anomaly_map.flatten(1)
-        if self.score_mode == "max":
-            return flat.amax(dim=1)
-        k = max(1, int(flat.shape[1] * self.top_k_ratio))
-        return flat.topk(k, dim=1).values.mean(dim=1)
-
     def forward(
         self,
         images: torch.Tensor,
@@ -193,5 +188,9 @@ class BiDirMSKDModel(nn.Module):
         if self.training:
             return teacher, forward, reverse
         students = [student for student in (forward, reverse) if student is not None]
-        anomaly_map = self.anomaly_map_generator(teacher, students, tuple(images.shape[-2:]))
-        return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)
+        height, width = images.shape[-2:]
+        top_k = None if self.score_mode == "max" else max(1, int(height * width * self.top_k_ratio))
+        anomaly_map, pred_score = self.anomaly_map_generator.map_and_score(
+            teacher, students, (height, width), self.score_mode, top_k
+        )
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
