@@ -1,0 +1,268 @@
+"""Export of BiDirMSKD (ONNX, OpenVINO FP32/FP16/INT8) and the edge runtime on real images.
+
+A BiDirMSKD is trained for one epoch on hazelnut_toy once per session (fast tests). The parity and
+AUROC checks on MVTec bottle are marked ``slow`` (deselect with ``-m "not slow"``); they use the
+checkpoint in ``KD_EXT_BOTTLE_CKPT`` when set, else train a few epochs themselves.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.deploy.export import CompressionType
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+from torchmetrics.functional.classification import binary_auroc
+
+from kd_ext.cli import main
+from kd_ext.edge import EdgeModel
+from kd_ext.export import KDExtExportMixin, export_onnx, export_openvino
+from kd_ext.models import BiDirMSKD
+
+DATA = Path(__file__).parents[2] / "shared" / "data"
+TOY = DATA / "hazelnut_toy"
+BOTTLE = DATA / "mvtec_ad" / "bottle"
+needs_toy = pytest.mark.skipif(not TOY.is_dir(), reason=f"hazelnut_toy data not found at {TOY}")
+needs_bottle = pytest.mark.skipif(not BOTTLE.is_dir(), reason=f"MVTec AD bottle data not found at {BOTTLE}")
+
+
+def toy_datamodule() -> MVTecAD:
+    return MVTecAD(root=DATA, category="hazelnut_toy", train_batch_size=8, eval_batch_size=8, num_workers=0)
+
+
+def bottle_datamodule() -> MVTecAD:
+    return MVTecAD(root=DATA / "mvtec_ad", category="bottle", train_batch_size=8, eval_batch_size=8, num_workers=0)
+
+
+def train(datamodule: MVTecAD, epochs: int, root: Path) -> tuple[BiDirMSKD, Path]:
+    seed_everything(0, workers=True)
+    model = BiDirMSKD(visualizer=False)
+    engine = Engine(max_epochs=epochs, default_root_dir=root, logger=False, accelerator="cpu", devices=1)
+    engine.fit(model, datamodule=datamodule)
+    ckpt = root / "bidirmskd.ckpt"
+    engine.trainer.save_checkpoint(ckpt)
+    return model.eval(), ckpt
+
+
+def test_images(datamodule: MVTecAD) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    datamodule.setup("test")
+    batches = list(datamodule.test_dataloader())
+    images = torch.cat([batch.image for batch in batches])
+    labels = torch.cat([batch.gt_label for batch in batches]).int()
+    masks = torch.cat([batch.gt_mask for batch in batches]).reshape(len(images), *images.shape[-2:]).int()
+    return images, labels, masks
+
+
+test_images.__test__ = False  # a helper, not a test
+
+
+@torch.no_grad()
+def torch_predict(model: BiDirMSKD, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    outputs = [model(images[i : i + 8]) for i in range(0, len(images), 8)]
+    maps = torch.cat([o.anomaly_map for o in outputs]).reshape(len(images), *images.shape[-2:]).numpy()
+    scores = torch.cat([o.pred_score for o in outputs]).numpy()
+    labels = torch.cat([o.pred_label for o in outputs]).numpy()
+    return maps, scores, labels
+
+
+def edge_predict(xml: Path, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    edge = EdgeModel(xml, precision_hint="f32")
+    preds = [edge.predict(images[i : i + 8].numpy()) for i in range(0, len(images), 8)]
+    return (
+        np.concatenate([p.anomaly_map for p in preds]),
+        np.concatenate([p.pred_score for p in preds]),
+        np.concatenate([p.pred_label for p in preds]),
+    )
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[BiDirMSKD, Path]:
+    if not TOY.is_dir():
+        pytest.skip(f"hazelnut_toy data not found at {TOY}")
+    return train(toy_datamodule(), 1, tmp_path_factory.mktemp("toy_train"))
+
+
+@pytest.fixture(scope="session")
+def toy_fp32(toy: tuple[BiDirMSKD, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_openvino(toy[0], tmp_path_factory.mktemp("toy_fp32"), "fp32")
+
+
+def test_mixin_replaces_anomalib_quantisation() -> None:
+    assert BiDirMSKD._post_training_quantization_ov is KDExtExportMixin._post_training_quantization_ov
+    assert BiDirMSKD._accuracy_control_quantization_ov is KDExtExportMixin._accuracy_control_quantization_ov
+
+
+def test_int8_needs_calibration() -> None:
+    model = BiDirMSKD(pre_trained=False, visualizer=False)
+    with pytest.raises(ValueError, match="needs calibration"):
+        export_openvino(model, "unused", "int8")
+    with pytest.raises(ValueError, match="Unknown precision"):
+        export_openvino(model, "unused", "int4")
+
+
+@needs_toy
+def test_onnx_export_is_valid(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> None:
+    import onnx
+
+    path = export_onnx(toy[0], tmp_path)
+    onnx.checker.check_model(str(path))
+    outputs = {o.name for o in onnx.load(str(path)).graph.output}
+    assert outputs == {"pred_score", "pred_label", "anomaly_map", "pred_mask"}
+    images, _, _ = test_images(toy_datamodule())
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(images[:2].numpy())
+    reference, _, _ = torch_predict(toy[0], images[:2])
+    assert np.abs(result["anomaly_map"].reshape(reference.shape) - reference).max() < 1e-3
+
+
+@needs_toy
+def test_fp32_ir_matches_torch(toy: tuple[BiDirMSKD, Path], toy_fp32: Path) -> None:
+    images, _, _ = test_images(toy_datamodule())
+    ref_maps, ref_scores, ref_labels = torch_predict(toy[0], images)
+    maps, scores, labels = edge_predict(toy_fp32, images)
+    assert np.abs(maps - ref_maps).max() < 1e-3
+    assert np.abs(scores - ref_scores).max() < 1e-3
+    assert (labels == ref_labels).mean() >= 0.95  # scores within 1e-3 of the threshold may flip
+    info = EdgeModel(toy_fp32).describe()
+    assert info["export_precision"] == "fp32"
+    assert info["inference_precision"] == "f32"
+
+
+@needs_toy
+@pytest.mark.slow
+def test_fp16_ir_close_to_torch(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> None:
+    xml = export_openvino(toy[0], tmp_path, "fp16")
+    images, _, _ = test_images(toy_datamodule())
+    ref_maps, _, _ = torch_predict(toy[0], images[:8])
+    maps, _, _ = edge_predict(xml, images[:8])
+    assert np.abs(maps - ref_maps).max() < 0.05
+
+
+@needs_toy
+def test_engine_export_int8_ptq_calibrates_on_training_images(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> None:
+    datamodule = toy_datamodule()
+    engine = Engine(logger=False, accelerator="cpu", devices=1, default_root_dir=tmp_path)
+    failing = mock.Mock(side_effect=AssertionError("INT8 must not calibrate on the validation (test) images"))
+    with mock.patch.object(MVTecAD, "val_dataloader", failing):
+        xml = engine.export(
+            toy[0],
+            "openvino",
+            export_root=tmp_path,
+            input_size=(256, 256),
+            compression_type=CompressionType.INT8_PTQ,
+            datamodule=datamodule,
+        )
+    assert failing.call_count == 0
+    ops = {op.get_type_name() for op in ov.Core().read_model(xml).get_ordered_ops()}
+    assert "FakeQuantize" in ops
+    images, _, _ = test_images(toy_datamodule())
+    ref_maps, ref_scores, _ = torch_predict(toy[0], images)
+    maps, scores, _ = edge_predict(xml, images)
+    assert np.std(scores) > 1e-3, "INT8 model gives (nearly) the same score for every image"
+    # A one-epoch model on 23 images separates little, so INT8 noise shows; bottle AUROCs are checked (slow).
+    assert np.corrcoef(scores, ref_scores)[0, 1] > 0.7
+    assert np.abs(maps - ref_maps).mean() < 0.05
+
+
+@needs_toy
+@pytest.mark.cli
+def test_anomalib_cli_export(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> None:
+    command = [
+        str(Path(sys.executable).parent / "anomalib"),
+        "export",
+        "--model",
+        "BiDirMSKD",
+        "--export_type",
+        "openvino",
+        "--ckpt_path",
+        str(toy[1]),
+        "--input_size",
+        "[256,256]",
+        "--export_root",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    xml = tmp_path / "weights" / "openvino" / "model.xml"
+    images, _, _ = test_images(toy_datamodule())
+    ref_maps, _, _ = torch_predict(toy[0], images[:4])
+    maps, _, _ = edge_predict(xml, images[:4])
+    assert np.abs(maps - ref_maps).max() < 1e-3
+
+
+@needs_toy
+def test_kd_ext_infer_on_real_images(toy: tuple[BiDirMSKD, Path], toy_fp32: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["infer", str(toy_fp32), str(TOY / "test"), "--out", str(out), "--recursive", "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True
+    assert len(results["images"]) == 23
+    assert results["model"]["inference_precision"] == "f32"
+    # Files are read and resized by PIL here, by torchvision in anomalib's loader: same images (256x256 PNG).
+    images, _, _ = test_images(toy_datamodule())
+    _, ref_scores, _ = torch_predict(toy[0], images)
+    scores = {row["image"]: row["score"] for row in results["images"]}
+    datamodule = toy_datamodule()
+    datamodule.setup("test")
+    names = [Path(p).relative_to(TOY / "test").as_posix() for p in datamodule.test_data.samples.image_path]
+    assert np.abs(np.array([scores[name] for name in names]) - ref_scores).max() < 1e-3
+    assert len(list((out / "masks").rglob("*.png"))) == 23
+    assert len(list((out / "overlays").rglob("*.png"))) == 23
+
+
+@pytest.fixture(scope="module")
+def bottle(tmp_path_factory: pytest.TempPathFactory) -> BiDirMSKD:
+    if not BOTTLE.is_dir():
+        pytest.skip(f"MVTec AD bottle data not found at {BOTTLE}")
+    ckpt = os.environ.get("KD_EXT_BOTTLE_CKPT")
+    if ckpt:
+        return BiDirMSKD.load_from_checkpoint(ckpt).eval()
+    epochs = int(os.environ.get("KD_EXT_BOTTLE_EPOCHS", "3"))
+    return train(bottle_datamodule(), epochs, tmp_path_factory.mktemp("bottle_train"))[0]
+
+
+def aurocs(scores: np.ndarray, maps: np.ndarray, labels: torch.Tensor, masks: torch.Tensor) -> tuple[float, float]:
+    image = float(binary_auroc(torch.from_numpy(scores), labels))
+    pixel = float(binary_auroc(torch.from_numpy(maps).flatten(), masks.flatten()))
+    return image, pixel
+
+
+@needs_bottle
+@pytest.mark.slow
+def test_bottle_parity_fp32_and_int8(bottle: BiDirMSKD, tmp_path: Path) -> None:
+    images, labels, masks = test_images(bottle_datamodule())
+    ref_maps, ref_scores, _ = torch_predict(bottle, images)
+    ref_image, ref_pixel = aurocs(ref_scores, ref_maps, labels, masks)
+
+    fp32 = export_openvino(bottle, tmp_path / "fp32", "fp32")
+    maps, scores, _ = edge_predict(fp32, images)
+    assert np.abs(maps - ref_maps).max() < 1e-3
+    image, pixel = aurocs(scores, maps, labels, masks)
+    assert abs(image - ref_image) <= 0.001
+    assert abs(pixel - ref_pixel) <= 0.001
+
+    int8 = export_openvino(bottle, tmp_path / "int8", "int8", calibration=bottle_datamodule())
+    maps, scores, _ = edge_predict(int8, images)
+    int8_image, int8_pixel = aurocs(scores, maps, labels, masks)
+    assert ref_image - int8_image <= 0.005, (ref_image, int8_image)
+    assert ref_pixel - int8_pixel <= 0.01, (ref_pixel, int8_pixel)
+
+
+@needs_toy
+@pytest.mark.slow
+def test_int8_acq_export(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> None:
+    xml = export_openvino(toy[0], tmp_path, "int8_acq", calibration=toy_datamodule(), max_drop=0.01)
+    images, labels, masks = test_images(toy_datamodule())
+    ref_maps, ref_scores, _ = torch_predict(toy[0], images)
+    maps, scores, _ = edge_predict(xml, images)
+    ref_image, _ = aurocs(ref_scores, ref_maps, labels, masks)
+    image, _ = aurocs(scores, maps, labels, masks)
+    assert ref_image - image <= 0.01 + 1e-6
