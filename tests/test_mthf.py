@@ -130,7 +130,7 @@ def test_group_statistics_are_updated_in_training(images: torch.Tensor) -> None:
         ({"groups": ["C", "B"]}, ("B", "C"), 2),
         ({"fusion_stages": 1}, ("A", "B", "C"), 3),
         ({"fusion_modules": False}, ("A", "B", "C"), 0),
-        ({"group_fusion": "max", "attention": False, "score_mode": "topk_mean"}, ("A", "B", "C"), 3),
+        ({"group_fusion": "max", "attention": False, "score_mode": "topk"}, ("A", "B", "C"), 3),
     ],
 )
 def test_ablations_construct_and_run(kwargs: dict, groups: tuple, fusions: int, images: torch.Tensor) -> None:
@@ -170,12 +170,12 @@ def test_one_stage_fusion_averages_all_level_maps(images: torch.Tensor) -> None:
 def test_native_kernels_match_torch_maps(model: MTHFModel, images: torch.Tensor) -> None:
     generator = model.anomaly_map_generator
     try:
-        generator.use_kernels = False
+        generator.backend = "reference"
         _, reference = _eval(model, images)
-        generator.use_kernels = True
+        generator.backend = "native"
         _, kernel = _eval(model, images)
     finally:
-        generator.use_kernels = True
+        generator.backend = "auto"
     torch.testing.assert_close(kernel, reference, atol=1e-4, rtol=1e-4)
 
 
@@ -196,6 +196,7 @@ def test_native_kernels_match_torch_maps(model: MTHFModel, images: torch.Tensor)
         ({"deep_layers": ("blocks.2", "blocks.6")}, "consecutive levels must halve"),
         ({"backbone": "vgg16"}, "Unknown backbone"),
         ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"kernel_backend": "gpu"}, "Unknown kernel backend"),
     ],
 )
 def test_invalid_arguments_raise(kwargs: dict, match: str) -> None:

@@ -31,15 +31,6 @@ FUSION_STAGES = (1, 2)
 FeaturePairs = Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]
 
 
-def _kernel_anomaly_map() -> object | None:
-    """Return ``kd_ext.kernels.anomaly_map`` when the compiled kernels are importable, else ``None``."""
-    try:
-        from kd_ext.kernels import anomaly_map  # noqa: PLC0415
-    except (ImportError, AttributeError):
-        return None
-    return anomaly_map if callable(anomaly_map) else None
-
-
 class MTHFAnomalyMap(nn.Module):
     """Per-group maps (stage 1) and their normalised combination (stage 2).
 
@@ -49,8 +40,9 @@ class MTHFAnomalyMap(nn.Module):
         group_fusion: Stage-2 combination of the standardised group maps: ``"mean"`` or ``"max"``.
         sigma: Gaussian smoothing of the fused map (0 disables it).
         momentum: Weight of the newest batch in the moving averages of the group-map statistics.
-        use_kernels: Compute the per-group maps with ``kd_ext.kernels`` in eval mode when available
-            (never while tracing or exporting).
+        backend: ``kd_ext.kernels`` backend of the per-level maps: ``"auto"`` (fused native kernel when no
+            gradient is needed and the extension is available, torch reference while tracing/exporting),
+            ``"native"`` or ``"reference"`` (pure torch).
 
     Raises:
         ValueError: If an argument is out of range.
@@ -63,7 +55,7 @@ class MTHFAnomalyMap(nn.Module):
         group_fusion: str = "mean",
         sigma: float = 4.0,
         momentum: float = 0.1,
-        use_kernels: bool = True,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if num_groups < 1:
@@ -88,25 +80,11 @@ class MTHFAnomalyMap(nn.Module):
         self.group_fusion = group_fusion
         self.sigma = sigma
         self.momentum = momentum
-        self.use_kernels = use_kernels
-        self.level_maps = AnomalyMapGenerator(fusion="sum", sigma=0)
-        self.group_map = AnomalyMapGenerator(fusion="mean", sigma=0)
+        self.level_maps = AnomalyMapGenerator(fusion="sum", sigma=0, backend=backend)
+        self.group_map = AnomalyMapGenerator(fusion="mean", sigma=0, backend=backend)
         self.register_buffer("map_mean", torch.zeros(num_groups))
         self.register_buffer("map_std", torch.ones(num_groups))
         self.register_buffer("statistics_updates", torch.zeros((), dtype=torch.long))
-
-    def _group_map(
-        self,
-        teacher: Sequence[torch.Tensor],
-        student: Sequence[torch.Tensor],
-        size: tuple[int, int],
-    ) -> torch.Tensor:
-        """Stage 1: mean over levels of the upsampled ``1 - cos`` maps, ``[B, 1, H, W]``."""
-        if self.use_kernels and not self.training and not _is_exporting():
-            kernel = _kernel_anomaly_map()
-            if kernel is not None:
-                return kernel(list(teacher), list(student), size, distance="cosine", fusion="mean", sigma=0.0)
-        return self.group_map(teacher, [student], size)
 
     def group_maps(self, pairs: FeaturePairs, size: tuple[int, int]) -> list[torch.Tensor]:
         """Stage-1 maps of every group, unnormalised.
@@ -118,7 +96,7 @@ class MTHFAnomalyMap(nn.Module):
         Returns:
             list[torch.Tensor]: One ``[B, 1, H, W]`` map per group.
         """
-        return [self._group_map(teacher, student, size) for teacher, student in pairs]
+        return [self.group_map(teacher, [student], size) for teacher, student in pairs]
 
     @torch.no_grad()
     def update_statistics(self, pairs: FeaturePairs, size: tuple[int, int]) -> None:
@@ -139,12 +117,22 @@ class MTHFAnomalyMap(nn.Module):
             self.map_std.lerp_(std, self.momentum)
         self.statistics_updates += 1
 
+    @property
+    def backend(self) -> str:
+        """Kernel backend of the per-level maps."""
+        return self.group_map.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.group_map.backend = value
+        self.level_maps.backend = value
+
     def forward(self, pairs: FeaturePairs, size: tuple[int, int]) -> torch.Tensor:
         """Fused, smoothed anomaly maps ``[B, 1, H, W]``.
 
         Args:
             pairs: ``(teacher features, student features)`` of each group.
-            size: Output size.
+            size: Output size (Python ints; constants in an exported graph).
 
         Returns:
             torch.Tensor: Anomaly maps.
@@ -160,10 +148,6 @@ class MTHFAnomalyMap(nn.Module):
             else:
                 fused = standardised.amax(dim=1, keepdim=True)
         return gaussian_blur(fused, self.sigma) if self.sigma > 0 else fused
-
-
-def _is_exporting() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
 
 
 def downsampled_size(size: tuple[int, int], factor: int = 4) -> tuple[int, int]:

@@ -57,8 +57,10 @@ class MTHF(KDExtCheckpointMixin, AnomalibModule):
         fusion_stages: ``2`` (within groups, then across groups) or ``1`` (all maps at once).
         group_fusion: Stage-2 combination of standardised group maps: ``"mean"`` or ``"max"``.
         sigma: Gaussian smoothing of the anomaly map (0 disables).
-        score_mode: Image score: ``"max"`` or ``"topk_mean"``.
+        score_mode: Image score: ``"max"`` or ``"topk"`` (mean of the top 1 % of the map).
         learning_rate: Adam learning rate.
+        kernel_backend: Anomaly-map kernel: ``"auto"`` (fused native kernel at inference when the extension is
+            available, torch reference while training or exporting), ``"native"`` or ``"reference"``.
         pre_processor: Pre-processor; ``True`` resizes to 256x256 and normalises as the teacher expects.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default.
@@ -79,6 +81,7 @@ class MTHF(KDExtCheckpointMixin, AnomalibModule):
         sigma: float = 4.0,
         score_mode: str = "max",
         learning_rate: float = 0.005,
+        kernel_backend: str = "auto",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -108,6 +111,7 @@ class MTHF(KDExtCheckpointMixin, AnomalibModule):
             group_fusion=group_fusion,
             sigma=sigma,
             score_mode=score_mode,
+            kernel_backend=kernel_backend,
         )
         self.loss = MTHFLoss()
 

@@ -36,7 +36,7 @@ from kd_ext.models.components import OneClassBottleneck, ReverseDecoder, build_f
 from .anomaly_map import MTHFAnomalyMap, downsampled_size
 from .fusion import HierarchicalAttentionFusion, level_strides
 
-SCORE_MODES = ("max", "topk_mean")
+SCORE_MODES = ("max", "topk")
 GROUPS = ("A", "B", "C")
 GROUP_DESCRIPTIONS = {
     "A": "forward student on the shallow levels",
@@ -117,8 +117,11 @@ class MTHFModel(nn.Module):
         fusion_stages: ``2`` (within groups across scales, then across groups) or ``1`` (all at once).
         group_fusion: Stage-2 combination of standardised group maps: ``"mean"`` or ``"max"``.
         sigma: Gaussian smoothing of the fused anomaly map (0 disables).
-        score_mode: Image score from the map: ``"max"`` or ``"topk_mean"``.
-        top_k_ratio: Fraction of pixels averaged by ``"topk_mean"``.
+        score_mode: Image score from the map: ``"max"`` or ``"topk"`` (mean of the top pixels).
+        top_k_ratio: Fraction of pixels averaged by ``"topk"``.
+        kernel_backend: ``kd_ext.kernels`` backend of the anomaly maps: ``"auto"`` (fused native kernel at
+            inference when available, torch reference while training or exporting), ``"native"`` or
+            ``"reference"`` (force pure torch).
 
     Raises:
         ValueError: If an argument is invalid.
@@ -138,6 +141,7 @@ class MTHFModel(nn.Module):
         sigma: float = 4.0,
         score_mode: str = "max",
         top_k_ratio: float = 0.01,
+        kernel_backend: str = "auto",
     ) -> None:
         super().__init__()
         self.groups = validate_groups(groups)
@@ -184,7 +188,11 @@ class MTHFModel(nn.Module):
             if fusion_modules:
                 self.fusions[name] = HierarchicalAttentionFusion(group_channels, group_strides)
         self.anomaly_map_generator = MTHFAnomalyMap(
-            num_groups=len(self.groups), fusion_stages=fusion_stages, group_fusion=group_fusion, sigma=sigma
+            num_groups=len(self.groups),
+            fusion_stages=fusion_stages,
+            group_fusion=group_fusion,
+            sigma=sigma,
+            backend=kernel_backend,
         )
 
     @staticmethod
@@ -263,7 +271,7 @@ class MTHFModel(nn.Module):
             Training: see :meth:`distill`. Eval: ``InferenceBatch(pred_score, anomaly_map)``.
         """
         pairs = self.distill(images)
-        size = (images.shape[-2], images.shape[-1])
+        size = (int(images.shape[-2]), int(images.shape[-1]))
         if self.training:
             detached = [
                 ([t.detach() for t in teacher], [s.detach() for s in student]) for teacher, student in pairs.values()
