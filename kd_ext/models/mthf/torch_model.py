@@ -151,6 +151,14 @@ class MTHFModel(nn.Module):
         if not 0 < top_k_ratio <= 1:
             msg = f"top_k_ratio must be in (0, 1], got {top_k_ratio}."
             raise ValueError(msg)
+        # Built first: it validates the map-fusion arguments before the networks are created.
+        self.anomaly_map_generator = MTHFAnomalyMap(
+            num_groups=len(self.groups),
+            fusion_stages=fusion_stages,
+            group_fusion=group_fusion,
+            sigma=sigma,
+            backend=kernel_backend,
+        )
         spec = get_backbone_spec(backbone)
         shallow = resolve_layers(spec, layers)
         if deep_layers is None and backbone not in DEEP_LAYERS:
@@ -187,13 +195,6 @@ class MTHFModel(nn.Module):
                 )
             if fusion_modules:
                 self.fusions[name] = HierarchicalAttentionFusion(group_channels, group_strides)
-        self.anomaly_map_generator = MTHFAnomalyMap(
-            num_groups=len(self.groups),
-            fusion_stages=fusion_stages,
-            group_fusion=group_fusion,
-            sigma=sigma,
-            backend=kernel_backend,
-        )
 
     @staticmethod
     def _union_in_forward_order(backbone: str, level_sets: Sequence[Sequence[str]]) -> tuple[str, ...]:
