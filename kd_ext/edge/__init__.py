@@ -3,14 +3,15 @@
 Importing this package never imports torch or anomalib (checked by the test suite), so a deployment needs
 ``pip install openvino numpy pillow`` and the IR, nothing else.
 
-Post-processing placement (measured, see ``benchmarks/results/edge.md``): the anomaly-map tail
-(per-scale ``1 - cos`` distances, upsampling, fusion, Gaussian blur, image score, normalisation and
-thresholds) runs **inside the IR**, as anomalib exports it. The alternative, an IR that returns the raw
-per-scale teacher/student features and the fused C++ kernel of ``kd_ext._native`` on them, was measured
-on the same machine: the tail is a small part of the IR's time, while returning raw features
-multiplies the data leaving OpenVINO (~1.5 MB per image instead of 0.5 MB), needs the normalisation and
-thresholds to be re-implemented outside the IR, and ties the runtime to the compiled extension. The
-in-IR path is also the only one anomalib's own tools (``OpenVINOInferencer``) understand.
+Post-processing placement (decided by measurement, ``benchmarks/edge.py``, results in
+``benchmarks/results/edge.md``, section "Where the anomaly-map tail runs"): the anomaly-map tail (per-scale
+``1 - cos`` distances, upsampling, fusion, Gaussian blur, image score, normalisation and thresholds) runs
+**inside the IR**, as anomalib exports it. The alternative -- an IR returning the raw per-scale teacher and
+student features, fed to the fused C++ kernel ``kd_ext._native.anomaly_map`` -- was timed on the same
+features: the tail is a small share of BiDirMSKD's whole-IR time (the networks dominate), while the raw
+features are ~2 MB per image leaving OpenVINO instead of ~0.33 MB (map + mask), the normalisation and
+thresholds would have to be re-implemented outside the IR, the runtime would depend on the compiled
+extension, and anomalib's own tools (``OpenVINOInferencer``) would no longer understand the IR.
 
 Precision: this CPU runs "FP32" IRs in bf16 unless told otherwise, which moved anomaly maps by up to 0.04.
 :class:`EdgeModel` therefore sets ``INFERENCE_PRECISION_HINT`` explicitly (``f32`` by default, for FP32,
