@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -212,7 +213,7 @@ def main() -> None:
             sys.exit(f"Data for '{category}' not found under {CATEGORIES[category]}; see ../shared/data/README.md.")
     args.results.mkdir(parents=True, exist_ok=True)
     json_path = args.results / "accuracy.json"
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
     for category in args.categories:
         for name in args.rows:
             row = run_row(name, category, args.epochs, args.workdir)
