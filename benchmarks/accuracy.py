@@ -90,7 +90,8 @@ def stfpm() -> AnomalibModule:
 
 def padim() -> AnomalibModule:
     with offline_timm():
-        model = Padim(backbone=TIMM_TEACHER, layers=LAYERS, pre_trained=False, **common())
+        # anomalib knows the feature count only of its listed backbones; 100 random dims as for ResNet18.
+        model = Padim(backbone=TIMM_TEACHER, layers=LAYERS, pre_trained=False, n_features=100, **common())
     load_teacher_weights(model.model.feature_extractor.feature_extractor)
     return model
 
@@ -216,7 +217,11 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
     for category in args.categories:
         for name in args.rows:
-            row = run_row(name, category, args.epochs, args.workdir)
+            try:
+                row = run_row(name, category, args.epochs, args.workdir)
+            except Exception as error:  # noqa: BLE001 - one broken row must not lose the others
+                print(f"ROW FAILED: {name} on {category}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+                continue
             row["command"] = command
             print(json.dumps(row), flush=True)
             # Re-read right before merging: other accuracy.py processes may have written rows meanwhile.

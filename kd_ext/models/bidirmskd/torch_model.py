@@ -39,7 +39,7 @@ def check_images(images: torch.Tensor) -> None:
     Raises:
         ValueError: If ``images`` is not a floating-point ``[B, 3, H, W]`` batch of at least 32x32 pixels.
     """
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
         return
     if images.ndim != 4:
         msg = f"Expected a batch of images [B, 3, H, W], got a tensor of shape {tuple(images.shape)}."
