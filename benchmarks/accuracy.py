@@ -219,7 +219,7 @@ def main() -> None:
         for name in args.rows:
             try:
                 row = run_row(name, category, args.epochs, args.workdir)
-            except Exception as error:  # noqa: BLE001 - one broken row must not lose the others
+            except Exception as error:  # one broken row must not lose the others
                 print(f"ROW FAILED: {name} on {category}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
                 continue
             row["command"] = command
