@@ -153,7 +153,7 @@ def test_cli_train_test_predict_with_bare_name(tmp_path: Path, hazelnut_root: Pa
             "BiDirMSKD",
             "--ckpt_path",
             str(checkpoint),
-            "--data_path",
+            "--data",
             str(images),
             "--default_root_dir",
             str(tmp_path / "predicted"),
