@@ -266,7 +266,9 @@ def test_checkpoint_of_another_model_is_refused(trained: tuple, tmp_path: Path, 
     from kd_ext.models import BiDirMSKD
 
     engine = Engine(max_epochs=1, default_root_dir=tmp_path, logger=False, accelerator="cpu", devices=1)
-    engine.fit(Padim(backbone="resnet18", pre_trained=False, layers=["layer1"]), datamodule=hazelnut_datamodule)
+    engine.fit(
+        Padim(backbone="resnet18", pre_trained=False, layers=["layer1"], n_features=32), datamodule=hazelnut_datamodule
+    )
     padim_checkpoint = _checkpoint(tmp_path)
     with pytest.raises(ValueError, match="not by BiDirMSKD"):
         BiDirMSKD.load_from_checkpoint(padim_checkpoint)

@@ -37,7 +37,12 @@ class KDExtCheckpointMixin:
     """Tag checkpoints with the model class, refuse checkpoints of another model or architecture.
 
     Also checks, before training, testing or predicting, that every image of the run can be read.
+
+    Attributes:
+        architecture_keys: Hyper-parameters that change the network; a checkpoint must match them all.
     """
+
+    architecture_keys: tuple[str, ...] = ARCHITECTURE_KEYS
 
     def on_train_start(self) -> None:
         """Check the training images."""
@@ -78,7 +83,7 @@ class KDExtCheckpointMixin:
         current = getattr(self, "hparams", {})
         differences = [
             f"{key}={saved[key]!r} (model has {current[key]!r})"
-            for key in ARCHITECTURE_KEYS
+            for key in self.architecture_keys
             if key in saved and key in current and _normalise(saved[key]) != _normalise(current[key])
         ]
         if differences:

@@ -9,10 +9,7 @@ Example:
 """
 
 from collections.abc import Sequence
-from typing import Any
 
-import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -21,14 +18,14 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from kd_ext.export.mixin import KDExtExportMixin
-from kd_ext.models.checkpoint import KDExtCheckpointMixin, teacher_pre_processor
+from kd_ext.models.base import KDExtModelMixin
+from kd_ext.models.checkpoint import teacher_pre_processor
 
 from .loss import BiDirMSKDLoss
 from .torch_model import BiDirMSKDModel
 
 
-class BiDirMSKD(KDExtCheckpointMixin, KDExtExportMixin, AnomalibModule):
+class BiDirMSKD(KDExtModelMixin, AnomalibModule):
     """Bidirectional multi-scale knowledge distillation (forward + reverse students, fused maps).
 
     Every component can be switched off, so the ablations are the same class:
@@ -122,34 +119,5 @@ class BiDirMSKD(KDExtCheckpointMixin, KDExtExportMixin, AnomalibModule):
         del args, kwargs
         teacher, forward, reverse = self.model(batch.image)
         terms = self.loss(teacher, forward, reverse)
-        for name, value in terms.items():
-            self.log(
-                f"train_{name}",
-                value.item(),
-                on_epoch=True,
-                prog_bar=name == "loss",
-                logger=True,
-                batch_size=batch.image.shape[0],
-            )
+        self.log_loss_terms(terms, batch.image.shape[0])
         return {"loss": terms["loss"]}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict anomaly maps and scores for validation images."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over the trainable parts (students, bottleneck, decoder, fusion)."""
-        parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        return torch.optim.Adam(parameters, lr=self.learning_rate, betas=(0.5, 0.999))
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping, no sanity validation."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One-class: trained on normal images only."""
-        return LearningType.ONE_CLASS

@@ -9,10 +9,7 @@ Example:
 """
 
 from collections.abc import Sequence
-from typing import Any
 
-import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -21,15 +18,14 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from kd_ext.models.checkpoint import CHECKPOINT_MODEL_KEY, KDExtCheckpointMixin, teacher_pre_processor
+from kd_ext.models.base import KDExtModelMixin
+from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, teacher_pre_processor
 
 from .loss import MTHFLoss
 from .torch_model import GROUPS, MTHFModel
 
-MTHF_ARCHITECTURE_KEYS = ("deep_layers", "groups", "fusion_modules")
 
-
-class MTHF(KDExtCheckpointMixin, AnomalibModule):
+class MTHF(KDExtModelMixin, AnomalibModule):
     """Multi-group teacher-student network with hierarchical feature fusion (seed paper 002).
 
     Three teacher-student groups share one frozen teacher (one forward pass per batch):
@@ -66,6 +62,8 @@ class MTHF(KDExtCheckpointMixin, AnomalibModule):
         evaluator: Evaluator, or ``True`` for anomalib's default.
         visualizer: Visualizer, or ``True`` for anomalib's default.
     """
+
+    architecture_keys = (*ARCHITECTURE_KEYS, "deep_layers", "groups", "fusion_modules")
 
     def __init__(
         self,
@@ -132,63 +130,9 @@ class MTHF(KDExtCheckpointMixin, AnomalibModule):
         """
         return teacher_pre_processor(backbone, image_size)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also refuse MTHF checkpoints whose groups, deep levels or fusion modules differ.
-
-        Raises:
-            ValueError: If the checkpoint comes from another model or another configuration.
-        """
-        if checkpoint.get(CHECKPOINT_MODEL_KEY) == type(self).__name__:
-            saved = checkpoint.get("hyper_parameters", {})
-            differences = [
-                f"{key}={saved[key]!r} (model has {self.hparams[key]!r})"
-                for key in MTHF_ARCHITECTURE_KEYS
-                if key in saved and key in self.hparams and _as_tuple(saved[key]) != _as_tuple(self.hparams[key])
-            ]
-            if differences:
-                msg = (
-                    f"The checkpoint's MTHF architecture differs: {', '.join(differences)}. Create the model with "
-                    "the same arguments, or use MTHF.load_from_checkpoint(path), which restores them."
-                )
-                raise ValueError(msg)
-        super().on_load_checkpoint(checkpoint)
-
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Distil the shared teacher into every group's student on a batch of normal images."""
         del args, kwargs
         terms = self.loss(self.model(batch.image))
-        for name, value in terms.items():
-            self.log(
-                f"train_{name}",
-                value.item(),
-                on_epoch=True,
-                prog_bar=name == "loss",
-                logger=True,
-                batch_size=batch.image.shape[0],
-            )
+        self.log_loss_terms(terms, batch.image.shape[0])
         return {"loss": terms["loss"]}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict anomaly maps and scores for validation images."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over the trainable parts (students, bottleneck, decoder, fusion modules)."""
-        parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        return torch.optim.Adam(parameters, lr=self.learning_rate, betas=(0.5, 0.999))
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping, no sanity validation."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One-class: trained on normal images only."""
-        return LearningType.ONE_CLASS
-
-
-def _as_tuple(value: object) -> object:
-    return tuple(value) if isinstance(value, list | tuple) else value

@@ -1,0 +1,56 @@
+"""What every kd_ext anomalib model shares: training plumbing, checkpoint checks and export.
+
+The mixin is combined with ``AnomalibModule`` in each model (``class BiDirMSKD(KDExtModelMixin,
+AnomalibModule)``) rather than being an ``AnomalibModule`` subclass itself: anomalib's ``get_model``
+and ``list_models`` only see *direct* subclasses of ``AnomalibModule``.
+"""
+
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+from kd_ext.export.mixin import KDExtExportMixin
+from kd_ext.models.checkpoint import KDExtCheckpointMixin
+
+
+class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
+    """One-class distillation models: Adam on the trainable parts, loss-term logging, eval on validation."""
+
+    learning_rate: float
+    model: torch.nn.Module
+
+    def log_loss_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log every loss term per epoch (``loss`` also on the progress bar)."""
+        for name, value in terms.items():
+            self.log(  # type: ignore[attr-defined]
+                f"train_{name}",
+                value.item(),
+                on_epoch=True,
+                prog_bar=name == "loss",
+                logger=True,
+                batch_size=batch_size,
+            )
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict anomaly maps and scores for validation images."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over the trainable parameters (the frozen teacher has none)."""
+        parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        return torch.optim.Adam(parameters, lr=self.learning_rate, betas=(0.5, 0.999))
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping, no sanity validation."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """One-class: trained on normal images only."""
+        return LearningType.ONE_CLASS
