@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
+from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from kd_ext.export.mixin import KDExtExportMixin
-from kd_ext.models.checkpoint import KDExtCheckpointMixin
+from kd_ext.models.checkpoint import KDExtCheckpointMixin, teacher_pre_processor
 
 
 class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
@@ -21,6 +22,23 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
 
     learning_rate: float
     model: torch.nn.Module
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "efficientnet_lite0",
+    ) -> PreProcessor:
+        """Resize to ``image_size`` (256x256 by default) and normalise as the teacher was trained.
+
+        Args:
+            image_size: Target size.
+            backbone: Teacher backbone, which decides the normalisation.
+
+        Returns:
+            PreProcessor: The pre-processor.
+        """
+        return teacher_pre_processor(backbone, image_size)
 
     def log_loss_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> None:
         """Log every loss term per epoch (``loss`` also on the progress bar)."""

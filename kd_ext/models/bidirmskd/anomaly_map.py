@@ -48,6 +48,15 @@ class AnomalyMapGenerator(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return list(teacher) * len(students), [feature for student in students for feature in student]
 
+    def _kernel_options(self) -> dict[str, object]:
+        return {
+            "distance": "cosine",
+            "fusion": self.fusion,
+            "align_corners": False,
+            "sigma": self.sigma,
+            "backend": self.backend,
+        }
+
     def map_and_score(
         self,
         teacher: Sequence[torch.Tensor],
@@ -70,13 +79,9 @@ class AnomalyMapGenerator(nn.Module):
             teacher_features,
             student_features,
             tuple(image_size),
-            distance="cosine",
-            fusion=self.fusion,
-            align_corners=False,
-            sigma=self.sigma,
             score=score_mode,
             top_k=top_k,
-            backend=self.backend,
+            **self._kernel_options(),
         )
 
     def forward(
@@ -87,13 +92,4 @@ class AnomalyMapGenerator(nn.Module):
     ) -> torch.Tensor:
         """Return fused anomaly maps of shape ``[B, 1, H, W]``."""
         teacher_features, student_features = self._pairs(teacher, students)
-        return kernels.anomaly_map(
-            teacher_features,
-            student_features,
-            tuple(image_size),
-            distance="cosine",
-            fusion=self.fusion,
-            align_corners=False,
-            sigma=self.sigma,
-            backend=self.backend,
-        )
+        return kernels.anomaly_map(teacher_features, student_features, tuple(image_size), **self._kernel_options())

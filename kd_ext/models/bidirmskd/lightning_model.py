@@ -97,23 +97,6 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         )
         self.loss = BiDirMSKDLoss()
 
-    @classmethod
-    def configure_pre_processor(
-        cls,
-        image_size: tuple[int, int] | None = None,
-        backbone: str = "efficientnet_lite0",
-    ) -> PreProcessor:
-        """Resize to ``image_size`` (256x256 by default) and normalise as the teacher was trained.
-
-        Args:
-            image_size: Target size.
-            backbone: Teacher backbone, which decides the normalisation.
-
-        Returns:
-            PreProcessor: The pre-processor.
-        """
-        return teacher_pre_processor(backbone, image_size)
-
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Distil the teacher into the students on a batch of normal images."""
         del args, kwargs

@@ -113,23 +113,6 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         )
         self.loss = MTHFLoss()
 
-    @classmethod
-    def configure_pre_processor(
-        cls,
-        image_size: tuple[int, int] | None = None,
-        backbone: str = "efficientnet_lite0",
-    ) -> PreProcessor:
-        """Resize to ``image_size`` (256x256 by default) and normalise as the teacher was trained.
-
-        Args:
-            image_size: Target size.
-            backbone: Teacher backbone, which decides the normalisation.
-
-        Returns:
-            PreProcessor: The pre-processor.
-        """
-        return teacher_pre_processor(backbone, image_size)
-
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Distil the shared teacher into every group's student on a batch of normal images."""
         del args, kwargs
