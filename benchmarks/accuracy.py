@@ -19,11 +19,8 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
-import timm
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
@@ -31,7 +28,7 @@ from anomalib.metrics import AUPRO, AUROC, Evaluator
 from anomalib.models import AnomalibModule, Padim, Patchcore, Stfpm
 from lightning.pytorch import seed_everything
 
-from kd_ext.backbones import create_backbone
+from kd_ext.backbones import create_backbone, no_pretrained_downloads
 from kd_ext.models import MTHF, BiDirMSKD
 from kd_ext.models.checkpoint import teacher_pre_processor
 
@@ -55,19 +52,6 @@ def evaluator() -> Evaluator:
     )
 
 
-@contextmanager
-def offline_timm() -> None:
-    """Build anomalib's timm extractors without downloading; the teacher weights are loaded after."""
-    create = timm.create_model
-
-    def create_offline(*args: object, **kwargs: object) -> torch.nn.Module:
-        kwargs["pretrained"] = False
-        return create(*args, **kwargs)
-
-    with mock.patch.object(timm, "create_model", create_offline):
-        yield
-
-
 def load_teacher_weights(extractor: torch.nn.Module) -> None:
     """Load the offline ImageNet weights into a timm ``features_only`` EfficientNet-Lite0."""
     source = create_backbone(TEACHER, pre_trained=True).state_dict()
@@ -82,14 +66,14 @@ def common() -> dict:
 
 
 def stfpm() -> AnomalibModule:
-    with offline_timm():
+    with no_pretrained_downloads():
         model = Stfpm(backbone=TIMM_TEACHER, layers=LAYERS, **common())
     load_teacher_weights(model.model.teacher_model.feature_extractor)
     return model
 
 
 def padim() -> AnomalibModule:
-    with offline_timm():
+    with no_pretrained_downloads():
         # anomalib knows the feature count only of its listed backbones; 100 random dims as for ResNet18.
         model = Padim(backbone=TIMM_TEACHER, layers=LAYERS, pre_trained=False, n_features=100, **common())
     load_teacher_weights(model.model.feature_extractor.feature_extractor)
@@ -97,7 +81,7 @@ def padim() -> AnomalibModule:
 
 
 def patchcore() -> AnomalibModule:
-    with offline_timm():
+    with no_pretrained_downloads():
         model = Patchcore(backbone=TIMM_TEACHER, layers=["blocks.2", "blocks.4"], pre_trained=False, **common())
     load_teacher_weights(model.model.feature_extractor.feature_extractor)
     return model

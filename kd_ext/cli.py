@@ -1,7 +1,8 @@
-"""``kd-ext`` command line: ``kd-ext infer MODEL.xml IMAGES_DIR --out OUT_DIR``.
+"""``kd-ext`` command line: ``kd-ext infer MODEL.xml IMAGES_DIR --out OUT_DIR``, ``kd-ext distill CONFIG``.
 
 Sub-commands are registered in :data:`COMMANDS`; each adds its own parser and imports its heavy
-dependencies only when run (``infer`` needs only openvino, numpy and Pillow: no torch, no anomalib).
+dependencies only when run (``infer`` needs only openvino, numpy and Pillow: no torch, no anomalib;
+``distill`` needs torch and anomalib).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mode", choices=["throughput", "latency"], default="throughput")
     parser.add_argument("--requests", type=int, default=None, help="parallel infer requests (default: optimal)")
     parser.add_argument("--threshold", type=float, default=None, help="override the IR's threshold (0.5 normalised)")
+    parser.add_argument("--task", default=None, help="task to score with a multi-task (cross-task student) IR")
     parser.add_argument("--recursive", action="store_true", help="include sub-folders")
     parser.add_argument("--no-masks", action="store_true", help="do not write masks/")
     parser.add_argument("--no-overlays", action="store_true", help="do not write overlays/")
@@ -55,6 +57,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         mode=args.mode,
         num_requests=args.requests,
         threshold=args.threshold,
+        task=args.task,
     )
     info = model.describe()
     if not args.quiet:
@@ -86,8 +89,42 @@ def _run_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_infer]
-"""Functions that add one sub-command each (``distill`` and others go here)."""
+def _add_distill(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "distill",
+        help="distil trained task teachers into one multi-task edge student",
+        description=(
+            "Train one lightweight student (shared trunk, a head per task) from N trained anomaly models, each "
+            "with its own dataset, as described by CONFIG (YAML, see README). Writes the student's checkpoint, "
+            "one OpenVINO IR for all tasks and report.json (teacher vs student AUROC per task) into its output."
+        ),
+    )
+    parser.add_argument("config", type=Path, help="distillation config (YAML)")
+    parser.set_defaults(func=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from kd_ext.crosstask import DistillConfig, distill  # noqa: PLC0415
+
+    try:
+        config = DistillConfig.from_yaml(args.config)
+        result = distill(config, log=lambda line: sys.stderr.write(line + "\n"))
+    except (FileNotFoundError, ValueError) as error:
+        sys.stderr.write(f"kd-ext distill: error: {error}\n")
+        return 2
+    summary = {
+        "checkpoint": str(result.checkpoint),
+        "openvino": str(result.ir) if result.ir else None,
+        "tasks": {
+            name: {"teacher": row["teacher"], "student": row["student"]} for name, row in result.report["tasks"].items()
+        },
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_infer, _add_distill]
+"""Functions that add one sub-command each."""
 
 
 def build_parser() -> argparse.ArgumentParser:

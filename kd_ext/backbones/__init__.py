@@ -1,7 +1,7 @@
 """Teacher and student backbones: offline pretrained weights, multi-scale feature stages."""
 
 from .efficientnet_lite import load_efficientnet_lite0_imagenet
-from .registry import BACKBONES, BackboneSpec, create_backbone, get_backbone_spec
+from .registry import BACKBONES, BackboneSpec, create_backbone, get_backbone_spec, no_pretrained_downloads
 from .staged import StagedFeatureExtractor, split_into_stages
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "create_backbone",
     "get_backbone_spec",
     "load_efficientnet_lite0_imagenet",
+    "no_pretrained_downloads",
     "split_into_stages",
 ]

@@ -2,8 +2,10 @@
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
 import timm
 from torch import nn
@@ -152,3 +154,20 @@ def resolve_layers(spec: BackboneSpec, layers: Sequence[str] | None) -> tuple[st
         tuple[str, ...]: Feature levels, shallow to deep.
     """
     return spec.layers if layers is None else tuple(layers)
+
+
+@contextmanager
+def no_pretrained_downloads() -> Iterator[None]:
+    """Build timm models without fetching pretrained weights (for models whose checkpoint provides every weight).
+
+    Yields:
+        None: Inside the block ``timm.create_model`` ignores ``pretrained=True``.
+    """
+    create = timm.create_model
+
+    def create_without_download(*args: object, **kwargs: object) -> nn.Module:
+        kwargs["pretrained"] = False
+        return create(*args, **kwargs)
+
+    with mock.patch.object(timm, "create_model", create_without_download):
+        yield

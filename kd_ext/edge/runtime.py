@@ -5,6 +5,9 @@ outputs ``pred_score`` ``[N]`` and ``anomaly_map`` ``[N, 1, H, W]`` (normalised 
 so that 0.5 is the threshold), and, when the post-processor thresholds, ``pred_label`` ``[N]`` and
 ``pred_mask`` ``[N, 1, H, W]``. Labels and masks are taken from the IR when it has them; otherwise a
 threshold must be given and is applied to the score and the map here.
+
+A cross-task student's IR serves several tasks from one trunk pass: its outputs are ``<task>/pred_score``,
+``<task>/anomaly_map``, ... and :class:`EdgeModel` reads one task's (``task=``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import openvino as ov
 from .errors import EdgeInputError, EdgeModelError
 
 REQUIRED_OUTPUTS = ("pred_score", "anomaly_map")
+OUTPUT_FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
 PRECISION_HINTS = ("f32", "bf16", "f16")
 MODES = ("throughput", "latency")
 DEFAULT_IMAGE_SIZE = (256, 256)
@@ -77,6 +81,7 @@ class EdgeModel:
         threshold: Threshold on score and map, required when the IR has no ``pred_label`` output; overrides
             the IR's labels and masks when given.
         image_size: ``(H, W)`` images are resized to when the IR's input size is dynamic.
+        task: Task to read from a multi-task IR (a cross-task student's, outputs ``<task>/pred_score``, ...).
         verify_weights: Check the ``.bin`` against the checksum kd_ext's exporter stored in the ``.xml``.
         core: OpenVINO ``Core`` to use.
 
@@ -93,6 +98,7 @@ class EdgeModel:
         num_requests: int | None = None,
         threshold: float | None = None,
         image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+        task: str | None = None,
         verify_weights: bool = True,
         core: ov.Core | None = None,
     ) -> None:
@@ -106,6 +112,8 @@ class EdgeModel:
         self.bin_path = self.xml_path.with_suffix(".bin")
         self.core = core or ov.Core()
         self.model = self._read(verify_weights)
+        self.task = task
+        self.output_prefix = f"{task}/" if task is not None else ""
         self.output_names = self._check_outputs()
         self.batch_size, self.input_size = self._check_input(image_size)
         if threshold is None and "pred_label" not in self.output_names:
@@ -163,8 +171,19 @@ class EdgeModel:
         return model
 
     def _check_outputs(self) -> set[str]:
+        """Output field names (without the task prefix) this IR provides for the chosen task."""
         names = {name for output in self.model.outputs for name in output.get_names()}
-        missing = [name for name in REQUIRED_OUTPUTS if name not in names]
+        tasks = sorted(name.split("/", 1)[0] for name in names if name.endswith("/pred_score"))
+        if self.task is not None and self.task not in tasks:
+            msg = f"{self.xml_path.name} has no task '{self.task}'; " + (
+                f"its tasks are {tasks}." if tasks else "it is a single-task IR: drop --task."
+            )
+            raise EdgeModelError(msg)
+        if self.task is None and tasks and "pred_score" not in names:
+            msg = f"{self.xml_path.name} is a multi-task IR with tasks {tasks}: choose one with task= / --task."
+            raise EdgeModelError(msg)
+        fields = {name.removeprefix(self.output_prefix) for name in names if name.startswith(self.output_prefix)}
+        missing = [name for name in REQUIRED_OUTPUTS if name not in fields]
         if missing:
             msg = (
                 f"{self.xml_path.name} is not an anomaly-detection IR: outputs {sorted(names) or 'unnamed'} lack "
@@ -172,7 +191,7 @@ class EdgeModel:
                 "kd_ext.export.export_openvino."
             )
             raise EdgeModelError(msg)
-        return names
+        return fields
 
     def _check_input(self, image_size: tuple[int, int]) -> tuple[int | None, tuple[int, int]]:
         if len(self.model.inputs) != 1:
@@ -195,6 +214,7 @@ class EdgeModel:
         """
         return {
             "model": str(self.xml_path),
+            "task": self.task,
             "export_precision": self.export_precision,
             "precision_hint": self.precision_hint,
             "inference_precision": self.inference_precision,
@@ -235,9 +255,10 @@ class EdgeModel:
     def _outputs(self, request: ov.InferRequest) -> dict[str, np.ndarray]:
         outputs: dict[str, np.ndarray] = {}
         for index, port in enumerate(self.compiled.outputs):
-            name = port.get_any_name()
-            if name in REQUIRED_OUTPUTS or name in {"pred_label", "pred_mask"}:
-                outputs[name] = np.array(request.get_output_tensor(index).data, copy=True)
+            for name in port.get_names():
+                field = name.removeprefix(self.output_prefix) if name.startswith(self.output_prefix) else None
+                if field in OUTPUT_FIELDS:
+                    outputs[field] = np.array(request.get_output_tensor(index).data, copy=True)
         return outputs
 
     def predict(self, images: np.ndarray) -> Prediction:

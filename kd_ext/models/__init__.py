@@ -4,6 +4,7 @@ Importing this package registers the models with anomalib (``--model BiDirMSKD``
 """
 
 from .bidirmskd import BiDirMSKD
+from .cross_task import CrossTaskStudent
 from .mthf import MTHF
 
-__all__ = ["MTHF", "BiDirMSKD"]
+__all__ = ["MTHF", "BiDirMSKD", "CrossTaskStudent"]

@@ -1,0 +1,118 @@
+"""Check every task before any training: names, data, teacher checkpoints, image sizes."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from anomalib.data import MVTecAD
+from anomalib.models import AnomalibModule
+from torchvision.transforms.v2 import functional as TF  # noqa: N812
+
+from kd_ext.models.cross_task import check_task_names
+
+from .config import TaskConfig
+from .teachers import image_size_of, load_anomaly_model
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class PreparedTask:
+    """A checked task with its loaded teacher.
+
+    Attributes:
+        config: The task's configuration.
+        teacher: The trained teacher, in eval mode.
+        image_size: ``(H, W)`` the teacher works at.
+    """
+
+    config: TaskConfig
+    teacher: AnomalibModule
+    image_size: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        """Task name."""
+        return self.config.name
+
+    def datamodule(self, batch_size: int = 8) -> MVTecAD:
+        """The task's images as an anomalib datamodule (MVTec AD folder layout)."""
+        return MVTecAD(
+            root=self.config.root,
+            category=self.config.category,
+            train_batch_size=batch_size,
+            eval_batch_size=batch_size,
+            num_workers=0,
+        )
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def data_problems(task: TaskConfig) -> list[str]:
+    """What is missing from a task's data folder (empty when usable).
+
+    Args:
+        task: The task.
+
+    Returns:
+        list[str]: One message per problem.
+    """
+    if not task.data_dir.is_dir():
+        return [f"task '{task.name}': data folder {task.data_dir} does not exist"]
+    problems = []
+    if not _images_in(task.data_dir / "train" / "good"):
+        problems.append(f"task '{task.name}': no normal training images in {task.data_dir / 'train' / 'good'}")
+    if not _images_in(task.data_dir / "test"):
+        problems.append(f"task '{task.name}': no test images in {task.data_dir / 'test'} (needed for evaluation)")
+    return problems
+
+
+def prepare_tasks(tasks: list[TaskConfig]) -> list[PreparedTask]:
+    """Validate all tasks and load their teachers; fail before training, listing every problem.
+
+    Args:
+        tasks: Task configurations.
+
+    Returns:
+        list[PreparedTask]: The tasks with loaded teachers.
+
+    Raises:
+        ValueError: Naming every problem found: duplicate or invalid task names, missing data, unreadable or
+            non-anomaly checkpoints, teachers trained at different image sizes.
+    """
+    check_task_names([task.name for task in tasks])
+    problems = [problem for task in tasks for problem in data_problems(task)]
+    prepared = []
+    for task in tasks:
+        try:
+            teacher = load_anomaly_model(task.checkpoint, task.model)
+            prepared.append(PreparedTask(task, teacher, image_size_of(teacher)))
+        except (FileNotFoundError, ValueError) as error:
+            problems.append(f"task '{task.name}': {error}")
+    sizes = {task.image_size for task in prepared}
+    if len(sizes) > 1:
+        listing = ", ".join(f"'{task.name}' {task.image_size[0]}x{task.image_size[1]}" for task in prepared)
+        problems.append(
+            f"the teachers were trained at different image sizes ({listing}); one student serves one input size: "
+            "retrain the teachers at a common size"
+        )
+    if problems:
+        msg = "Cannot start distillation:\n  - " + "\n  - ".join(problems)
+        raise ValueError(msg)
+    return prepared
+
+
+def training_images(task: PreparedTask) -> torch.Tensor:
+    """The task's normal training images, RGB in ``[0, 1]``, resized to the teacher's size.
+
+    Returns:
+        torch.Tensor: ``[N, 3, H, W]``.
+    """
+    datamodule = task.datamodule()
+    datamodule.setup()
+    images = [TF.resize(item.image, list(task.image_size), antialias=True) for item in datamodule.train_data]
+    return torch.stack(images).clamp(0, 1)

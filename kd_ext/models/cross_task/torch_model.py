@@ -1,0 +1,248 @@
+"""The multi-task edge student: one shared pretrained trunk, one small anomaly head per task.
+
+Design (documented in the README): the trunk is the first stages of EfficientNet-Lite0 (up to ``blocks.4``,
+stride 16) with its ImageNet weights, shared by every task and frozen — the part the task teachers duplicate N
+times (each kd_ext teacher runs this backbone *and* one or two students of the same size); frozen, its features
+are computed once per training image. Each task adds a head of about 60 k parameters (plus per-location normal
+statistics, fitted, not trained): a 3x3 local average of every trunk level (neighbourhood context, as
+PatchCore), bilinear resizing to the finest level (stride 4), concatenation with its standardisation by the
+task's normal statistics, and a 1x1 / 3x3 / 1x1 conv stack that outputs a logit per location. Its image-score
+logit is an affine function of the mean of the top-k map logits. At inference the logit map is upsampled to the
+image size, smoothed (Gaussian, the teachers' sigma) and passed through a sigmoid: maps and scores are
+probabilities whose 0.5 threshold is the teachers' calibrated one.
+"""
+
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from kd_ext.backbones import get_backbone_spec
+from kd_ext.backbones.registry import resolve_layers
+from kd_ext.kernels.reference import gaussian_blur
+from kd_ext.models.components import build_teacher
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_task_names(tasks: Sequence[str]) -> tuple[str, ...]:
+    """Validate task names: at least one, unique, letters/digits/``_``/``-`` only.
+
+    Args:
+        tasks: Task names.
+
+    Returns:
+        tuple[str, ...]: The names.
+
+    Raises:
+        ValueError: If the list is empty, a name is invalid or repeated.
+    """
+    names = tuple(tasks)
+    if not names:
+        msg = "At least one task is needed."
+        raise ValueError(msg)
+    invalid = [name for name in names if not isinstance(name, str) or not TASK_NAME.match(name)]
+    if invalid:
+        msg = f"Invalid task names {invalid}: use letters, digits, '_' and '-' only (they name heads and IR outputs)."
+        raise ValueError(msg)
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        msg = f"Duplicate task names {duplicates}: every task needs its own name."
+        raise ValueError(msg)
+    return names
+
+
+class TaskHead(nn.Module):
+    """Anomaly head of one task over the shared trunk's multi-scale features.
+
+    The trunk levels are locally averaged (3x3), resized to the finest level and stacked. The head sees the
+    stacked features and their standardisation by this task's normal statistics (per location and channel,
+    fitted on the task's normal training images by :meth:`fit_normal_statistics`, not trained): how far a
+    location is from what the task's normal images look like there is the cue that carries over from
+    synthetic to real defects.
+
+    Args:
+        channels: Channels of each trunk level, shallow to deep.
+        feature_size: ``(h, w)`` of the finest level (the map's resolution).
+        hidden_channels: Width of the head.
+        top_k: Number of highest map logits averaged into the image score.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        feature_size: tuple[int, int],
+        hidden_channels: int = 64,
+        top_k: int = 10,
+    ) -> None:
+        super().__init__()
+        self.top_k = top_k
+        total = sum(channels)
+        self.aggregate = nn.AvgPool2d(kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        self.register_buffer("normal_mean", torch.zeros(1, total, *feature_size))
+        self.register_buffer("normal_std", torch.ones(1, total, *feature_size))
+        self.layers = nn.Sequential(
+            nn.Conv2d(2 * total, hidden_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(hidden_channels),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden_channels, hidden_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden_channels),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden_channels, 1, kernel_size=1),
+        )
+        self.score_scale = nn.Parameter(torch.ones(()))
+        self.score_bias = nn.Parameter(torch.zeros(()))
+
+    def stack(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Locally averaged trunk levels at the finest resolution, concatenated over channels."""
+        size = features[0].shape[-2:]
+        return torch.cat(
+            [
+                F.interpolate(self.aggregate(feature), size=size, mode="bilinear", align_corners=False)
+                for feature in features
+            ],
+            dim=1,
+        )
+
+    @torch.no_grad()
+    def fit_normal_statistics(self, features: Sequence[torch.Tensor], batch_size: int = 32) -> None:
+        """Fit the per-location mean and standard deviation of this task's normal images' features.
+
+        Args:
+            features: Trunk features of normal images, per level ``[N, C_l, h_l, w_l]``.
+            batch_size: Images stacked at a time.
+        """
+        count = features[0].shape[0]
+        total = torch.zeros_like(self.normal_mean, dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for start in range(0, count, batch_size):
+            stacked = self.stack([level[start : start + batch_size] for level in features]).double()
+            total += stacked.sum(dim=0, keepdim=True)
+            squares += stacked.square().sum(dim=0, keepdim=True)
+        mean = total / count
+        variance = (squares / count - mean.square()).clamp_min(0)
+        # Few normal images: floor the variance at a tenth of the channel's mean variance.
+        floor = 0.1 * variance.mean(dim=(2, 3), keepdim=True) + 1e-6
+        self.normal_mean.copy_(mean.float())
+        self.normal_std.copy_((variance + floor).sqrt().float())
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map and score logits.
+
+        Args:
+            features: Trunk features, shallow (finest) to deep.
+
+        Returns:
+            tuple: Map logits ``[N, 1, h, w]`` at the finest level's resolution and score logits ``[N]``.
+        """
+        stacked = self.stack(features)
+        standardised = (stacked - self.normal_mean) / self.normal_std
+        map_logits = self.layers(torch.cat([stacked, standardised], dim=1))
+        k = min(self.top_k, map_logits.shape[-2] * map_logits.shape[-1])
+        peak = torch.topk(map_logits.flatten(1), k, dim=1).values.mean(dim=1)
+        return map_logits, self.score_scale * peak + self.score_bias
+
+
+class CrossTaskStudentModel(nn.Module):
+    """Shared trunk + one :class:`TaskHead` per task.
+
+    In training mode ``forward`` returns every task's logits; in eval mode it returns anomalib's
+    ``InferenceBatch`` for the selected :attr:`task` (probability maps and scores).
+
+    Args:
+        tasks: Task names (one head each).
+        backbone: Trunk backbone (``"efficientnet_lite0"``: offline ImageNet weights).
+        layers: Trunk feature levels; ``None`` for the backbone's defaults.
+        pre_trained: Load the trunk's ImageNet weights.
+        hidden_channels: Width of each head.
+        image_size: Input ``(H, W)`` (fixes the heads' normal-statistics resolution).
+        sigma: Gaussian smoothing of the full-size map (the teachers').
+        top_k: Map logits averaged into the score.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        pre_trained: bool = True,
+        hidden_channels: int = 64,
+        image_size: tuple[int, int] = (256, 256),
+        sigma: float = 4.0,
+        top_k: int = 10,
+    ) -> None:
+        super().__init__()
+        self.tasks = check_task_names(tasks)
+        self.sigma = sigma
+        self.trunk = build_teacher(backbone, resolve_layers(get_backbone_spec(backbone), layers), pre_trained)
+        with torch.no_grad():
+            levels = self.trunk(torch.zeros(1, 3, *image_size))
+        channels = [level.shape[1] for level in levels]
+        feature_size = tuple(levels[0].shape[-2:])
+        self.heads = nn.ModuleDict(
+            {task: TaskHead(channels, feature_size, hidden_channels, top_k) for task in self.tasks}
+        )
+        self.task = self.tasks[0]
+
+    def select_task(self, task: str) -> None:
+        """Choose the head used in eval mode.
+
+        Args:
+            task: One of :attr:`tasks`.
+
+        Raises:
+            ValueError: If the task is unknown.
+        """
+        if task not in self.heads:
+            msg = f"Unknown task '{task}'; this student has heads for {list(self.tasks)}."
+            raise ValueError(msg)
+        self.task = task
+
+    def train(self, mode: bool = True) -> "CrossTaskStudentModel":
+        """Set training mode; the frozen trunk stays in eval mode (its BatchNorm statistics are ImageNet's)."""
+        super().train(mode)
+        self.trunk.eval()
+        return self
+
+    @torch.no_grad()
+    def trunk_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Shared (frozen) trunk features of normalised images."""
+        return self.trunk(images)
+
+    def head_logits(
+        self, features: Sequence[torch.Tensor], tasks: Sequence[str] | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Map and score logits of the given tasks' heads (all by default)."""
+        return {task: self.heads[task](features) for task in (tasks or self.tasks)}
+
+    def predictions(self, map_logits: torch.Tensor, score_logits: torch.Tensor, size: Sequence[int]) -> InferenceBatch:
+        """Probability map at image size (upsampled, smoothed) and probability score.
+
+        Args:
+            map_logits: Head map logits ``[N, 1, h, w]``.
+            score_logits: Head score logits ``[N]``.
+            size: Image ``(H, W)``.
+
+        Returns:
+            InferenceBatch: ``pred_score`` ``[N]`` and ``anomaly_map`` ``[N, 1, H, W]`` in ``[0, 1]``.
+        """
+        full = F.interpolate(map_logits, size=tuple(size), mode="bilinear", align_corners=False)
+        anomaly_map = torch.sigmoid(gaussian_blur(full, self.sigma))
+        return InferenceBatch(pred_score=torch.sigmoid(score_logits), anomaly_map=anomaly_map)
+
+    def forward_all(self, images: torch.Tensor) -> dict[str, InferenceBatch]:
+        """Every task's predictions from one trunk pass (what the multi-task IR computes)."""
+        features = self.trunk(images)
+        return {
+            task: self.predictions(*logits, images.shape[-2:]) for task, logits in self.head_logits(features).items()
+        }
+
+    def forward(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | InferenceBatch:
+        """Training: every head's ``(map_logits, score_logits)``; eval: the selected task's predictions."""
+        if self.training:
+            return self.head_logits(self.trunk_features(images))
+        features = self.trunk(images)
+        return self.predictions(*self.heads[self.task](features), images.shape[-2:])
