@@ -33,9 +33,10 @@ from lightning.pytorch import seed_everything
 from torchmetrics.functional.classification import binary_auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import LAYERS, TIMM_TEACHER, common, load_teacher_weights, offline_timm, stfpm
+from accuracy import LAYERS, TIMM_TEACHER, common, load_teacher_weights, stfpm
 from anomalib.models import Padim
 
+from kd_ext.backbones import no_pretrained_downloads
 from kd_ext.edge import EdgeModel
 from kd_ext.export import export_openvino
 from kd_ext.models import BiDirMSKD
@@ -52,7 +53,7 @@ def datamodule() -> MVTecAD:
 
 def padim():
     """accuracy.py's Padim with n_features given (anomalib has no default for this backbone): 100 of 176."""
-    with offline_timm():
+    with no_pretrained_downloads():
         model = Padim(backbone=TIMM_TEACHER, layers=LAYERS, pre_trained=False, n_features=100, **common())
     load_teacher_weights(model.model.feature_extractor.feature_extractor)
     return model

@@ -110,7 +110,7 @@ def test_task_head_standardises_with_fitted_normal_statistics() -> None:
     head.fit_normal_statistics(normal)
     standardised = (head.stack(normal) - head.normal_mean) / head.normal_std
     assert standardised.mean().abs().item() < 0.05
-    assert 0.8 < standardised.std().item() < 1.05  # the variance floor keeps it a little below 1
+    assert 0.6 < standardised.std().item() < 0.75  # the floor (the channel's mean variance) halves the variance
     map_logits, score_logits = head(normal)
     assert map_logits.shape == (20, 1, 8, 8)
     assert score_logits.shape == (20,)

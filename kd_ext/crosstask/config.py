@@ -11,7 +11,7 @@ Example YAML (relative paths are relative to the working directory)::
         checkpoint: results/Padim/MVTecAD/hazelnut/latest/weights/lightning/model.ckpt
         model: Padim          # anomalib checkpoints do not record their class; kd_ext ones do
         data: {root: datasets/MVTecAD, category: hazelnut}
-    student: {backbone: efficientnet_lite0, hidden_channels: 64}
+    student: {backbone: efficientnet_lite0, hidden_channels: 32}
     training: {epochs: 40, batch_size: 16, task_weighting: dwa, temperature: adaptive}
     export: {precision: fp32}
 """
@@ -75,7 +75,7 @@ class StudentConfig:
 
     backbone: str = "efficientnet_lite0"
     layers: list[str] | None = None
-    hidden_channels: int = 64
+    hidden_channels: int = 32
     top_k: int = 10
 
 

@@ -23,7 +23,7 @@ from kd_ext.models.cross_task import CrossTaskStudent
 from .config import DistillConfig
 from .export import export_all_tasks_openvino
 from .tasks import PreparedTask, prepare_tasks
-from .training import build_task_samples, train_student
+from .training import TaskSamples, build_task_samples, train_student
 
 
 @dataclass
@@ -103,6 +103,52 @@ def compute_report(student: CrossTaskStudent, tasks: list[PreparedTask]) -> dict
     }
 
 
+def cache_samples(
+    tasks: list[PreparedTask], student: CrossTaskStudent, synthetic_per_image: int, log: Callable[[str], None] = print
+) -> dict[str, TaskSamples]:
+    """Teacher targets and trunk features of every task (also fits each head's normal statistics)."""
+    start = time.perf_counter()
+    samples = {}
+    for task in tasks:
+        samples[task.name] = build_task_samples(task, student, synthetic_per_image)
+        log(f"task {task.name}: {len(samples[task.name])} samples cached ({time.perf_counter() - start:.0f} s)")
+    return samples
+
+
+def evaluate_teachers(tasks: list[PreparedTask], workdir: Path) -> dict[str, dict[str, float]]:
+    """Each teacher's image and pixel AUROC on its task's test images."""
+    return {task.name: test_metrics(task.teacher, task, workdir / task.name)[0] for task in tasks}
+
+
+def evaluate_student(
+    student: CrossTaskStudent, tasks: list[PreparedTask], workdir: Path
+) -> tuple[dict[str, dict[str, float]], Engine]:
+    """The student's image and pixel AUROC per task (its head selected in turn).
+
+    Returns:
+        tuple: Metrics per task and the last engine (its trainer holds the student, for saving a checkpoint).
+    """
+    metrics = {}
+    for task in tasks:
+        student.select_task(task.name)
+        metrics[task.name], engine = test_metrics(student, task, workdir / task.name)
+    student.select_task(tasks[0].name)
+    return metrics, engine
+
+
+def comparison(teacher: dict[str, dict[str, float]], student: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """Per task: teacher and student metrics and the fraction of the teacher's AUROC the student keeps."""
+    return {
+        name: {
+            "teacher": teacher[name],
+            "student": student[name],
+            "image_AUROC_retained": student[name]["image_AUROC"] / teacher[name]["image_AUROC"],
+            "pixel_AUROC_retained": student[name]["pixel_AUROC"] / teacher[name]["pixel_AUROC"],
+        }
+        for name in student
+    }
+
+
 def distill(config: DistillConfig, log: Callable[[str], None] = print) -> DistillResult:
     """Distil the configured task teachers into one student; evaluate, save and export it.
 
@@ -122,29 +168,16 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     output.mkdir(parents=True, exist_ok=True)
     student = build_student(config, tasks[0].image_size)
     start = time.perf_counter()
-    samples = {}
-    for task in tasks:
-        samples[task.name] = build_task_samples(task, student, config.training.synthetic_per_image)
-        log(f"task {task.name}: {len(samples[task.name])} samples cached ({time.perf_counter() - start:.0f} s)")
+    samples = cache_samples(tasks, student, config.training.synthetic_per_image, log)
     cache_seconds = time.perf_counter() - start
     history = train_student(student, samples, config.training, log)
     train_seconds = time.perf_counter() - start - cache_seconds
-
-    results: dict[str, dict[str, Any]] = {}
-    engine = None
+    teacher_metrics = evaluate_teachers(tasks, output / "test" / "teachers")
+    student_metrics, engine = evaluate_student(student, tasks, output / "test" / "student")
+    results = comparison(teacher_metrics, student_metrics)
     for task in tasks:
-        teacher_metrics, _ = test_metrics(task.teacher, task, output / "test" / "teachers" / task.name)
-        student.select_task(task.name)
-        student_metrics, engine = test_metrics(student, task, output / "test" / "student" / task.name)
-        results[task.name] = {
-            "teacher_model": type(task.teacher).__name__,
-            "teacher": teacher_metrics,
-            "student": student_metrics,
-            "image_AUROC_retained": student_metrics["image_AUROC"] / teacher_metrics["image_AUROC"],
-            "pixel_AUROC_retained": student_metrics["pixel_AUROC"] / teacher_metrics["pixel_AUROC"],
-        }
-        log(f"task {task.name}: teacher {teacher_metrics}, student {student_metrics}")
-    student.select_task(tasks[0].name)
+        results[task.name]["teacher_model"] = type(task.teacher).__name__
+        log(f"task {task.name}: teacher {teacher_metrics[task.name]}, student {student_metrics[task.name]}")
     checkpoint = output / "student.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
     ir = None

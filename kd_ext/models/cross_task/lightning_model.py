@@ -83,7 +83,7 @@ class CrossTaskStudent(KDExtModelMixin, AnomalibModule):
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] | None = None,
         pre_trained: bool = True,
-        hidden_channels: int = 64,
+        hidden_channels: int = 32,
         image_size: Sequence[int] = (256, 256),
         sigma: float = 4.0,
         top_k: int = 10,

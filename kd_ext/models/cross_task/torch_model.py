@@ -3,13 +3,13 @@
 Design (documented in the README): the trunk is the first stages of EfficientNet-Lite0 (up to ``blocks.4``,
 stride 16) with its ImageNet weights, shared by every task and frozen — the part the task teachers duplicate N
 times (each kd_ext teacher runs this backbone *and* one or two students of the same size); frozen, its features
-are computed once per training image. Each task adds a head of about 60 k parameters (plus per-location normal
-statistics, fitted, not trained): a 3x3 local average of every trunk level (neighbourhood context, as
+are computed once per training image. Each task adds a head of about 12 k parameters plus per-location normal
+statistics (fitted, not trained): a 3x3 local average of every trunk level (neighbourhood context, as
 PatchCore), bilinear resizing to the finest level (stride 4), concatenation with its standardisation by the
-task's normal statistics, and a 1x1 / 3x3 / 1x1 conv stack that outputs a logit per location. Its image-score
-logit is an affine function of the mean of the top-k map logits. At inference the logit map is upsampled to the
-image size, smoothed (Gaussian, the teachers' sigma) and passed through a sigmoid: maps and scores are
-probabilities whose 0.5 threshold is the teachers' calibrated one.
+task's normal statistics, and a 1x1 / depthwise-3x3 + 1x1 / 1x1 conv stack that outputs a logit per location.
+Its image-score logit is an affine function of the mean of the top-k map logits. At inference the logit map is
+upsampled to the image size, smoothed (Gaussian, the teachers' sigma) and passed through a sigmoid: maps and
+scores are probabilities whose 0.5 threshold is the teachers' calibrated one.
 """
 
 import re
@@ -59,10 +59,10 @@ class TaskHead(nn.Module):
     """Anomaly head of one task over the shared trunk's multi-scale features.
 
     The trunk levels are locally averaged (3x3), resized to the finest level and stacked. The head sees the
-    stacked features and their standardisation by this task's normal statistics (per location and channel,
-    fitted on the task's normal training images by :meth:`fit_normal_statistics`, not trained): how far a
-    location is from what the task's normal images look like there is the cue that carries over from
-    synthetic to real defects.
+    stacked features, their standardisation by this task's normal statistics (per location and channel,
+    fitted on the task's normal training images by :meth:`fit_normal_statistics`, not trained) and one
+    deviation channel per level (log of 1 + the mean squared standardised feature): how far a location is from
+    what the task's normal images look like there is the cue that carries over from synthetic to real defects.
 
     Args:
         channels: Channels of each trunk level, shallow to deep.
@@ -75,20 +75,22 @@ class TaskHead(nn.Module):
         self,
         channels: Sequence[int],
         feature_size: tuple[int, int],
-        hidden_channels: int = 64,
+        hidden_channels: int = 32,
         top_k: int = 10,
     ) -> None:
         super().__init__()
         self.top_k = top_k
+        self.level_channels = tuple(int(count) for count in channels)
         total = sum(channels)
         self.aggregate = nn.AvgPool2d(kernel_size=3, stride=1, padding=1, count_include_pad=False)
         self.register_buffer("normal_mean", torch.zeros(1, total, *feature_size))
         self.register_buffer("normal_std", torch.ones(1, total, *feature_size))
         self.layers = nn.Sequential(
-            nn.Conv2d(2 * total, hidden_channels, kernel_size=1, bias=False),
+            nn.Conv2d(2 * total + len(channels), hidden_channels, kernel_size=1, bias=False),
             nn.BatchNorm2d(hidden_channels),
             nn.LeakyReLU(0.2),
-            nn.Conv2d(hidden_channels, hidden_channels, kernel_size=3, padding=1, bias=False),
+            nn.Conv2d(hidden_channels, hidden_channels, kernel_size=3, padding=1, groups=hidden_channels, bias=False),
+            nn.Conv2d(hidden_channels, hidden_channels, kernel_size=1, bias=False),
             nn.BatchNorm2d(hidden_channels),
             nn.LeakyReLU(0.2),
             nn.Conv2d(hidden_channels, 1, kernel_size=1),
@@ -124,8 +126,9 @@ class TaskHead(nn.Module):
             squares += stacked.square().sum(dim=0, keepdim=True)
         mean = total / count
         variance = (squares / count - mean.square()).clamp_min(0)
-        # Few normal images: floor the variance at a tenth of the channel's mean variance.
-        floor = 0.1 * variance.mean(dim=(2, 3), keepdim=True) + 1e-6
+        # Few normal images, near-constant locations: add the channel's mean variance, so that no location's
+        # standardisation divides by a tiny spread (it would amplify noise and rounding into large logits).
+        floor = variance.mean(dim=(2, 3), keepdim=True) + 1e-6
         self.normal_mean.copy_(mean.float())
         self.normal_std.copy_((variance + floor).sqrt().float())
 
@@ -140,7 +143,13 @@ class TaskHead(nn.Module):
         """
         stacked = self.stack(features)
         standardised = (stacked - self.normal_mean) / self.normal_std
-        map_logits = self.layers(torch.cat([stacked, standardised], dim=1))
+        # One deviation channel per level: log(1 + mean squared standardised feature), a diagonal-Gaussian
+        # anomaly score that carries over to defects unlike the synthetic ones.
+        deviations = [
+            torch.log1p(block.square().mean(dim=1, keepdim=True))
+            for block in torch.split(standardised, self.level_channels, dim=1)
+        ]
+        map_logits = self.layers(torch.cat([stacked, standardised, *deviations], dim=1))
         k = min(self.top_k, map_logits.shape[-2] * map_logits.shape[-1])
         peak = torch.topk(map_logits.flatten(1), k, dim=1).values.mean(dim=1)
         return map_logits, self.score_scale * peak + self.score_bias
@@ -169,7 +178,7 @@ class CrossTaskStudentModel(nn.Module):
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] | None = None,
         pre_trained: bool = True,
-        hidden_channels: int = 64,
+        hidden_channels: int = 32,
         image_size: tuple[int, int] = (256, 256),
         sigma: float = 4.0,
         top_k: int = 10,
