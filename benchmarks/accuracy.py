@@ -164,7 +164,9 @@ def render(results: list[dict], command: str) -> str:
     lines = [
         "# Accuracy on real data",
         "",
-        f"Command: `{command}`",
+        "Commands (each row's own is in accuracy.json):",
+        "",
+        *[f"- `{line}`" for line in command.split(" ; ")],
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         "CPU only. Teacher: EfficientNet-Lite0 with the offline ImageNet weights for every row (mean = std = 0.5 "
