@@ -171,7 +171,10 @@ def render(results: list[dict], command: str) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         "CPU only. Teacher: EfficientNet-Lite0 with the offline ImageNet weights for every row (mean = std = 0.5 "
         "normalisation), 256x256 images, batch 8, seed 0. Padim and Patchcore fit in one pass (no epochs). "
-        "AUPRO is integrated up to FPR 0.3 and normalised. Inference: pre-processing + forward, batch 8, CPU.",
+        "AUPRO is integrated up to FPR 0.3 and normalised. Inference: pre-processing + forward, batch 8, CPU. "
+        "Timings (train s, ms / image) depend on what else ran on the 2 cores at the time (several rows shared them "
+        "with other jobs, and rows trained after the switch to channels-last training run ~3x faster): compare "
+        "the accuracy columns across rows, not the timings.",
         "",
         "| data | model | epochs | image AUROC | pixel AUROC | AUPRO@0.3 | train s | ms / image | trainable params |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",

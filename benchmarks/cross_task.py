@@ -59,7 +59,7 @@ VARIANTS = {
     "fixed weights + adaptive tau": {"task_weighting": "fixed", "temperature": "adaptive"},
     "DWA + adaptive tau": {"task_weighting": "dwa", "temperature": "adaptive"},
 }
-N1_VARIANT = "N=1 soft-label KD (bottle only)"
+N1_VARIANT = "N=1 soft-label KD (first task only)"
 
 
 def teacher_checkpoint(category: str, train: bool, epochs: int) -> Path:
@@ -157,7 +157,7 @@ def render(report: dict, command: str) -> str:
     single = [value for name, value in latency.items() if name.startswith("student, head ")]
     lines += [
         "",
-        "## Size, compute and OpenVINO latency (N = 2)",
+        f"## Size, compute and OpenVINO latency (N = {len(compute['teachers'])})",
         "",
         "| model | parameters | GFLOPs / image | OpenVINO FP32 batch-1 latency (ms) |",
         "|---|---:|---:|---:|",
@@ -170,8 +170,9 @@ def render(report: dict, command: str) -> str:
     lines += [
         f"| teachers together | {compute['teachers_parameters']:,} | {compute['teachers_flops'] / 1e9:.2f} | "
         f"{teachers_latency:.1f} |",
-        f"| student, all heads (one IR) | {compute['student_parameters']:,} | {compute['student_flops'] / 1e9:.2f} | "
-        f"{latency['student, all heads']:.1f} |",
+        f"| student, all heads (one IR) | {compute['student_parameters']:,} "
+        f"(+ {compute['student_normal_statistics']:,} fitted normal statistics) | "
+        f"{compute['student_flops'] / 1e9:.2f} | {latency['student, all heads']:.1f} |",
     ]
     lines += [
         f"| student, head {name.removeprefix('student, head ').removesuffix(' only')} only | | | {value:.1f} |"
@@ -193,6 +194,31 @@ def render(report: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_variant(
+    variant: str, base, tasks: list, samples: dict, teacher_metrics: dict, args: argparse.Namespace
+) -> tuple:
+    """Train one loss variant from a copy of the calibrated base student and test it per task."""
+    seed_everything(0, workers=True)
+    if variant == N1_VARIANT:
+        first = tasks[0]
+        config = DistillConfig(tasks=[first.config], output=args.workdir)
+        student = build_student(config, first.image_size)
+        student.model.heads[first.name].load_state_dict(base.model.heads[first.name].state_dict())
+        variant_tasks, variant_samples = [first], {first.name: samples[first.name]}
+        settings = VARIANTS["fixed weights + fixed tau"]
+    else:
+        student = copy.deepcopy(base)
+        variant_tasks, variant_samples = tasks, samples
+        settings = VARIANTS[variant]
+    training = TrainingConfig(epochs=args.epochs, synthetic_per_image=args.synthetic_per_image, **settings)
+    started = time.perf_counter()
+    history = train_student(student, variant_samples, training, log=lambda line: print(line, flush=True))
+    train_seconds = time.perf_counter() - started
+    student_metrics, _ = evaluate_student(student, variant_tasks, args.workdir / "test" / variant.replace(" ", "_"))
+    rows = comparison({task.name: teacher_metrics[task.name] for task in variant_tasks}, student_metrics)
+    return student, {"tasks": rows, "history": history, "train_seconds": train_seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30)
@@ -200,16 +226,18 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=10)
     parser.add_argument("--train-teachers", action="store_true", help="train missing teachers with accuracy.py")
     parser.add_argument("--variants", nargs="+", default=[*VARIANTS, N1_VARIANT], choices=[*VARIANTS, N1_VARIANT])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="first: the N=1 task")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, default=REPO / "kd_ext_runs" / "cross_task")
     args = parser.parse_args()
-    for root, category in TASKS.values():
+    selected = {name: TASKS[name] for name in args.tasks}
+    for root, category in selected.values():
         if not (root / category).is_dir():
             sys.exit(f"Data for '{category}' not found under {root}; see ../shared/data/README.md.")
     command = shlex.join(["python", "benchmarks/cross_task.py", *sys.argv[1:]])
     task_configs = [
         TaskConfig(name, teacher_checkpoint(category, args.train_teachers, args.teacher_epochs), root, category)
-        for name, (root, category) in TASKS.items()
+        for name, (root, category) in selected.items()
     ]
     config = DistillConfig(tasks=task_configs, output=args.workdir)
     seed_everything(0, workers=True)
@@ -227,31 +255,16 @@ def main() -> None:
     }
     teacher_metrics = evaluate_teachers(tasks, args.workdir / "test" / "teachers")
     print(json.dumps({"teachers": teacher_metrics}), flush=True)
-    final_student = base
+    final_student = base  # the student whose size and speed are reported: "DWA + adaptive tau" when run
     for variant in args.variants:
-        seed_everything(0, workers=True)
-        if variant == N1_VARIANT:
-            student = build_student(DistillConfig(tasks=task_configs[:1], output=args.workdir), tasks[0].image_size)
-            student.model.heads["bottle"].load_state_dict(base.model.heads["bottle"].state_dict())
-            variant_tasks, variant_samples = tasks[:1], {"bottle": samples["bottle"]}
-            settings = VARIANTS["fixed weights + fixed tau"]
-        else:
-            student = copy.deepcopy(base)
-            variant_tasks, variant_samples = tasks, samples
-            settings = VARIANTS[variant]
-        training = TrainingConfig(epochs=args.epochs, synthetic_per_image=args.synthetic_per_image, **settings)
-        started = time.perf_counter()
-        history = train_student(student, variant_samples, training, log=lambda line: print(line, flush=True))
-        train_seconds = time.perf_counter() - started
-        student_metrics, _ = evaluate_student(student, variant_tasks, args.workdir / "test" / variant.replace(" ", "_"))
-        rows = comparison({t.name: teacher_metrics[t.name] for t in variant_tasks}, student_metrics)
-        report["variants"][variant] = {"tasks": rows, "history": history, "train_seconds": train_seconds}
-        print(json.dumps({variant: rows}), flush=True)
-        if variant == "DWA + adaptive tau":
+        student, report["variants"][variant] = train_variant(variant, base, tasks, samples, teacher_metrics, args)
+        print(json.dumps({variant: report["variants"][variant]["tasks"]}), flush=True)
+        if variant != N1_VARIANT and (variant == "DWA + adaptive tau" or final_student is base):
             final_student = student
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "cross_task.json").write_text(json.dumps(report, indent=2) + "\n")  # partial results
     report["compute"] = compute_report(final_student, tasks)
     report["openvino_latency_ms"] = openvino_latencies(tasks, final_student, args.workdir / "openvino")
-    args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "cross_task.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.results / "cross_task.md").write_text(render(report, command))
     print((args.results / "cross_task.md").read_text())

@@ -27,7 +27,15 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", type=Path, help="the IR's .xml (its .bin next to it)")
     parser.add_argument("images_dir", type=Path, help="folder of images (.png, .jpg, .bmp, .tif, .webp)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist, see --overwrite)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per inference request (default 8)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help=(
+            "images per inference request (default 1: several parallel requests keep the CPU busy, and the peak "
+            "memory is a third of batch 8's; see benchmarks/results/edge.md)"
+        ),
+    )
     parser.add_argument("--device", default="CPU", help="OpenVINO device (default CPU)")
     parser.add_argument(
         "--precision",

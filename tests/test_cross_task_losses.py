@@ -165,3 +165,20 @@ def test_config_from_yaml(tmp_path) -> None:
         DistillConfig.from_yaml(tmp_path / "bad.yaml")
     with pytest.raises(FileNotFoundError):
         DistillConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_task_head_starts_as_the_calibrated_deviation_score() -> None:
+    torch.manual_seed(0)
+    head = TaskHead(channels=[4, 6], feature_size=(8, 8), hidden_channels=8).eval()
+    normal = [torch.randn(20, 4, 8, 8), torch.randn(20, 6, 4, 4)]
+    head.fit_normal_statistics(normal)
+    samples = [level.clone() for level in normal]
+    samples[0][:5, :, 2:4, 2:4] += 6.0  # a local defect in five samples
+    _, log_total, _ = head.deviations(samples)
+    map_targets = 2.0 * log_total - 1.0
+    head.fit_calibration(samples, map_targets, score_targets=torch.linspace(-3, 3, 20))
+    assert head.deviation_scale.item() == pytest.approx(2.0, rel=1e-4)
+    assert head.deviation_bias.item() == pytest.approx(-1.0, abs=1e-3)
+    map_logits, _ = head(samples)
+    torch.testing.assert_close(map_logits, map_targets, atol=1e-4, rtol=0)  # the residual starts at zero
+    assert map_logits[:5, 0, 2:4, 2:4].mean() > map_logits[5:, 0, 2:4, 2:4].mean() + 1.0

@@ -82,7 +82,10 @@ def flops_per_image(function: Callable[[torch.Tensor], object], image_size: tupl
 
 
 def compute_report(student: CrossTaskStudent, tasks: list[PreparedTask]) -> dict[str, Any]:
-    """Parameters and FLOPs of the student (all heads, one trunk pass) against the teachers together."""
+    """Parameters and FLOPs of the student (all heads, one trunk pass) against the teachers together.
+
+    The heads' normal statistics (per-location means and spreads, fitted, not trained) are counted separately.
+    """
     image_size = tasks[0].image_size
     model = student.model
     teachers = {
@@ -94,6 +97,9 @@ def compute_report(student: CrossTaskStudent, tasks: list[PreparedTask]) -> dict
     }
     return {
         "student_parameters": parameter_count(model),
+        "student_normal_statistics": sum(
+            head.normal_mean.numel() + head.normal_std.numel() for head in model.heads.values()
+        ),
         "student_trunk_parameters": parameter_count(model.trunk),
         "student_head_parameters": {name: parameter_count(head) for name, head in model.heads.items()},
         "student_flops": flops_per_image(model.forward_all, image_size),

@@ -52,7 +52,8 @@ def build_task_samples(
     """Run the teacher once on every normal training image and its Perlin synthetic anomalies.
 
     The teacher and the student's trunk are frozen, so the teacher's targets and the trunk's features are
-    computed once here and reused every epoch; the task head's normal statistics are fitted on the clean images.
+    computed once here and reused every epoch; the task head's normal statistics are fitted on the clean images
+    and its deviation calibration on all samples.
 
     Args:
         task: The task and its teacher.
@@ -77,10 +78,12 @@ def build_task_samples(
     inputs = [torch.cat([chunk[level] for chunk in levels]) for level in range(len(levels[0]))]
     model.heads[task.name].fit_normal_statistics([level[: clean.shape[0]] for level in inputs])
     map_targets = F.adaptive_avg_pool2d(calibration.pixel_logits(maps).unsqueeze(1), inputs[0].shape[-2:])
+    score_targets = calibration.score_logits(scores)
+    model.heads[task.name].fit_calibration(inputs, map_targets, score_targets)
     return TaskSamples(
         inputs=inputs,
         map_targets=map_targets,
-        score_targets=calibration.score_logits(scores),
+        score_targets=score_targets,
         calibration=calibration,
         synthetic_fraction=synthetic_per_image / (synthetic_per_image + 1),
     )

@@ -282,7 +282,7 @@ def score_folder(
     model: EdgeModel,
     images_dir: str | Path,
     out_dir: str | Path,
-    batch_size: int = 8,
+    batch_size: int = 1,
     recursive: bool = False,
     masks: bool = True,
     overlays: bool = True,

@@ -4,10 +4,9 @@ Design (documented in the README): the trunk is the first stages of EfficientNet
 stride 16) with its ImageNet weights, shared by every task and frozen — the part the task teachers duplicate N
 times (each kd_ext teacher runs this backbone *and* one or two students of the same size); frozen, its features
 are computed once per training image. Each task adds a head of about 12 k parameters plus per-location normal
-statistics (fitted, not trained): a 3x3 local average of every trunk level (neighbourhood context, as
-PatchCore), bilinear resizing to the finest level (stride 4), concatenation with its standardisation by the
-task's normal statistics, and a 1x1 / depthwise-3x3 + 1x1 / 1x1 conv stack that outputs a logit per location.
-Its image-score logit is an affine function of the mean of the top-k map logits. At inference the logit map is
+statistics of the trunk features (fitted, not trained): the map logit is a calibrated diagonal-Gaussian
+deviation from the task's normal images plus a learned residual (see :class:`TaskHead`); the image-score logit
+is an affine function of the mean of the top-k map logits. At inference the logit map is
 upsampled to the image size, smoothed (Gaussian, the teachers' sigma) and passed through a sigmoid: maps and
 scores are probabilities whose 0.5 threshold is the teachers' calibrated one.
 """
@@ -58,16 +57,18 @@ def check_task_names(tasks: Sequence[str]) -> tuple[str, ...]:
 class TaskHead(nn.Module):
     """Anomaly head of one task over the shared trunk's multi-scale features.
 
-    The trunk levels are locally averaged (3x3), resized to the finest level and stacked. The head sees the
-    stacked features, their standardisation by this task's normal statistics (per location and channel,
-    fitted on the task's normal training images by :meth:`fit_normal_statistics`, not trained) and one
-    deviation channel per level (log of 1 + the mean squared standardised feature): how far a location is from
-    what the task's normal images look like there is the cue that carries over from synthetic to real defects.
+    The trunk levels are locally averaged (3x3), resized to the finest level and stacked. This task's normal
+    statistics (per location and channel, fitted on its normal training images by :meth:`fit_normal_statistics`,
+    not trained) standardise them; the mean squared standardised feature is a diagonal-Gaussian deviation score
+    that carries over to defects of any kind. The map logit is an affine function of the log deviation (fitted to
+    the teacher's logits by :meth:`fit_calibration`, then trained) plus a learned residual: a 1x1 /
+    depthwise-3x3 + 1x1 / 1x1 conv stack over the stacked features, their standardisation and the per-level
+    deviations, which starts at zero and learns where the teacher departs from the plain deviation.
 
     Args:
         channels: Channels of each trunk level, shallow to deep.
         feature_size: ``(h, w)`` of the finest level (the map's resolution).
-        hidden_channels: Width of the head.
+        hidden_channels: Width of the residual conv stack.
         top_k: Number of highest map logits averaged into the image score.
     """
 
@@ -85,7 +86,7 @@ class TaskHead(nn.Module):
         self.aggregate = nn.AvgPool2d(kernel_size=3, stride=1, padding=1, count_include_pad=False)
         self.register_buffer("normal_mean", torch.zeros(1, total, *feature_size))
         self.register_buffer("normal_std", torch.ones(1, total, *feature_size))
-        self.layers = nn.Sequential(
+        self.residual = nn.Sequential(
             nn.Conv2d(2 * total + len(channels), hidden_channels, kernel_size=1, bias=False),
             nn.BatchNorm2d(hidden_channels),
             nn.LeakyReLU(0.2),
@@ -95,6 +96,10 @@ class TaskHead(nn.Module):
             nn.LeakyReLU(0.2),
             nn.Conv2d(hidden_channels, 1, kernel_size=1),
         )
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
+        self.deviation_scale = nn.Parameter(torch.ones(()))
+        self.deviation_bias = nn.Parameter(torch.zeros(()))
         self.score_scale = nn.Parameter(torch.ones(()))
         self.score_bias = nn.Parameter(torch.zeros(()))
 
@@ -132,6 +137,62 @@ class TaskHead(nn.Module):
         self.normal_mean.copy_(mean.float())
         self.normal_std.copy_((variance + floor).sqrt().float())
 
+    def deviations(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stacked features, their standardisation and the deviation scores.
+
+        Returns:
+            tuple: ``(stacked, standardised)`` concatenated ``[N, 2C, h, w]``, the log total deviation
+            ``[N, 1, h, w]`` and the per-level ``log(1 + deviation)`` maps.
+        """
+        stacked = self.stack(features)
+        standardised = (stacked - self.normal_mean) / self.normal_std
+        blocks = torch.split(standardised, self.level_channels, dim=1)
+        per_level = [block.square().mean(dim=1, keepdim=True) for block in blocks]
+        log_total = torch.log(torch.stack(per_level).sum(dim=0) + 1e-6)
+        return torch.cat([stacked, standardised], dim=1), log_total, [torch.log1p(level) for level in per_level]
+
+    @torch.no_grad()
+    def fit_calibration(
+        self,
+        features: Sequence[torch.Tensor],
+        map_targets: torch.Tensor,
+        score_targets: torch.Tensor,
+        batch_size: int = 32,
+    ) -> None:
+        """Least-squares start for the deviation and score affines against the teacher's logits.
+
+        Args:
+            features: Trunk features per level ``[M, C_l, h_l, w_l]``.
+            map_targets: Teacher map logits at the head's resolution ``[M, 1, h, w]``.
+            score_targets: Teacher score logits ``[M]``.
+            batch_size: Samples at a time.
+        """
+
+        def line(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+            x, y = x.double().flatten(), y.double().flatten()
+            variance = x.var(unbiased=False)
+            slope = ((x - x.mean()) * (y - y.mean())).mean() / variance if variance > 0 else torch.tensor(1.0)
+            slope = max(float(slope), 1e-3)  # keep the deviation's ranking (more deviation, more anomalous)
+            return slope, float(y.mean() - slope * x.mean())
+
+        log_totals = torch.cat(
+            [
+                self.deviations([level[start : start + batch_size] for level in features])[1]
+                for start in range(0, features[0].shape[0], batch_size)
+            ]
+        )
+        scale, bias = line(log_totals, map_targets)
+        self.deviation_scale.fill_(scale)
+        self.deviation_bias.fill_(bias)
+        peaks = self._peak(scale * log_totals + bias)
+        scale, bias = line(peaks, score_targets)
+        self.score_scale.fill_(scale)
+        self.score_bias.fill_(bias)
+
+    def _peak(self, map_logits: torch.Tensor) -> torch.Tensor:
+        k = min(self.top_k, map_logits.shape[-2] * map_logits.shape[-1])
+        return torch.topk(map_logits.flatten(1), k, dim=1).values.mean(dim=1)
+
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Map and score logits.
 
@@ -141,18 +202,11 @@ class TaskHead(nn.Module):
         Returns:
             tuple: Map logits ``[N, 1, h, w]`` at the finest level's resolution and score logits ``[N]``.
         """
-        stacked = self.stack(features)
-        standardised = (stacked - self.normal_mean) / self.normal_std
-        # One deviation channel per level: log(1 + mean squared standardised feature), a diagonal-Gaussian
-        # anomaly score that carries over to defects unlike the synthetic ones.
-        deviations = [
-            torch.log1p(block.square().mean(dim=1, keepdim=True))
-            for block in torch.split(standardised, self.level_channels, dim=1)
-        ]
-        map_logits = self.layers(torch.cat([stacked, standardised, *deviations], dim=1))
-        k = min(self.top_k, map_logits.shape[-2] * map_logits.shape[-1])
-        peak = torch.topk(map_logits.flatten(1), k, dim=1).values.mean(dim=1)
-        return map_logits, self.score_scale * peak + self.score_bias
+        both, log_total, per_level = self.deviations(features)
+        map_logits = (
+            self.deviation_scale * log_total + self.deviation_bias + self.residual(torch.cat([both, *per_level], 1))
+        )
+        return map_logits, self.score_scale * self._peak(map_logits) + self.score_bias
 
 
 class CrossTaskStudentModel(nn.Module):
