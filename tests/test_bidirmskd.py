@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from anomalib.metrics import AUPRO, Evaluator
 
 from kd_ext.models import BiDirMSKD
 from kd_ext.models.bidirmskd import BiDirMSKDModel
@@ -187,3 +188,18 @@ def test_channels_last_training_matches_the_default_layout(images: torch.Tensor)
         gradients, [p for p in module.model.parameters() if p.grad is not None], strict=True
     ):
         assert (parameter.grad - expected).norm() <= 1e-2 * expected.norm() + 1e-7
+
+
+def test_checkpoint_trained_with_another_evaluator_loads() -> None:
+    trained = BiDirMSKD(
+        pre_trained=False,
+        evaluator=Evaluator(test_metrics=[AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)]),
+        visualizer=False,
+    )
+    checkpoint = {"state_dict": trained.state_dict(), "kd_ext_model": "BiDirMSKD", "hyper_parameters": {}}
+    assert any(key.startswith("evaluator.") for key in checkpoint["state_dict"])
+    loaded = BiDirMSKD(pre_trained=False, visualizer=False)
+    loaded.on_load_checkpoint(checkpoint)
+    loaded.load_state_dict(checkpoint["state_dict"], strict=True)
+    for key, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, trained.model.state_dict()[key])

@@ -92,7 +92,18 @@ class KDExtCheckpointMixin:
                 f"same arguments, or use {name}.load_from_checkpoint(path), which restores them."
             )
             raise ValueError(msg)
+        _drop_foreign_metric_states(checkpoint, set(self.state_dict()))  # type: ignore[attr-defined]
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+
+def _drop_foreign_metric_states(checkpoint: dict[str, Any], own_keys: set[str]) -> None:
+    """Forget metric states of the evaluator the checkpoint was trained with (e.g. AUPRO's ``fpr_limit``).
+
+    They are not model weights: a model loaded with another evaluator (the default one) must still load.
+    """
+    state = checkpoint.get("state_dict", {})
+    for key in [key for key in state if key.startswith("evaluator.") and key not in own_keys]:
+        del state[key]
 
 
 def _normalise(value: object) -> object:
