@@ -268,6 +268,7 @@ def main() -> None:  # noqa: PLR0915
     parser.add_argument("--workdir", type=Path, default=REPO / "kd_ext_runs" / "edge_bench")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    args.workdir = args.workdir.resolve()  # the memory runs start in a temporary directory
     torch.set_num_threads(os.cpu_count() or 1)
     args.workdir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/edge.py " + " ".join(sys.argv[1:])
