@@ -11,15 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kd_ext.edge.runtime import OUTPUT_FIELDS
 from kd_ext.export.openvino import save_ir
-from kd_ext.models.cross_task import CrossTaskStudent
-
-OUTPUT_FIELDS = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
-THRESHOLD = 0.5
+from kd_ext.models.cross_task import CALIBRATED_THRESHOLD, CrossTaskStudent
 
 
 class _AllTasks(nn.Module):
-    """Normalisation + trunk + every head, outputs flattened in (task, field) order."""
+    """Normalisation + trunk + every head, outputs flattened in (task, field of ``OUTPUT_FIELDS``) order."""
 
     def __init__(self, student: CrossTaskStudent) -> None:
         super().__init__()
@@ -31,12 +29,13 @@ class _AllTasks(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs: list[torch.Tensor] = []
         for predictions in self.model.forward_all((images - self.mean) / self.std).values():
-            outputs += [
-                predictions.pred_score,
-                predictions.pred_score > THRESHOLD,
-                predictions.anomaly_map,
-                predictions.anomaly_map > THRESHOLD,
-            ]
+            fields = {
+                "pred_score": predictions.pred_score,
+                "anomaly_map": predictions.anomaly_map,
+                "pred_label": predictions.pred_score > CALIBRATED_THRESHOLD,
+                "pred_mask": predictions.anomaly_map > CALIBRATED_THRESHOLD,
+            }
+            outputs += [fields[field] for field in OUTPUT_FIELDS]
         return tuple(outputs)
 
 
@@ -84,6 +83,6 @@ def export_all_tasks_openvino(
         "tasks": ",".join(student.tasks),
         "calibration": "none",
         "input_size": f"{image_size[0]}x{image_size[1]}",
-        "threshold": f"{THRESHOLD} (calibrated probabilities)",
+        "threshold": f"{CALIBRATED_THRESHOLD} (calibrated probabilities)",
     }
     return save_ir(ov_model, Path(xml_path), compress_to_fp16=precision == "fp16", info=info)

@@ -24,15 +24,11 @@ class TaskSamples:
         inputs: Frozen-trunk features per level ``[M, C_l, h_l, w_l]``.
         map_targets: Teacher map logits at the head's resolution ``[M, 1, h, w]``.
         score_targets: Teacher score logits ``[M]``.
-        calibration: The teacher's calibration on the clean normal images.
-        synthetic_fraction: Share of samples with a synthetic anomaly.
     """
 
     inputs: list[torch.Tensor]
     map_targets: torch.Tensor
     score_targets: torch.Tensor
-    calibration: TeacherCalibration
-    synthetic_fraction: float
 
     def __len__(self) -> int:
         return self.score_targets.shape[0]
@@ -80,13 +76,7 @@ def build_task_samples(
     map_targets = F.adaptive_avg_pool2d(calibration.pixel_logits(maps).unsqueeze(1), inputs[0].shape[-2:])
     score_targets = calibration.score_logits(scores)
     model.heads[task.name].fit_calibration(inputs, map_targets, score_targets)
-    return TaskSamples(
-        inputs=inputs,
-        map_targets=map_targets,
-        score_targets=score_targets,
-        calibration=calibration,
-        synthetic_fraction=synthetic_per_image / (synthetic_per_image + 1),
-    )
+    return TaskSamples(inputs=inputs, map_targets=map_targets, score_targets=score_targets)
 
 
 class _Cycler:
@@ -136,6 +126,7 @@ def train_student(
         if config.temperature == "adaptive"
         else None
     )
+    fixed_temperature = torch.tensor(config.initial_temperature)
     weighting = DynamicWeightAverage(len(tasks), config.dwa_temperature) if config.task_weighting == "dwa" else None
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if temperature is not None:
@@ -157,11 +148,7 @@ def train_student(
                 batch = cyclers[task].next()
                 features = [level[batch] for level in task_samples.inputs]
                 map_logits, score_logits = model.heads[task](features)
-                tau = (
-                    temperature(index, reversal)
-                    if temperature is not None
-                    else torch.tensor(config.initial_temperature)
-                )
+                tau = temperature(index, reversal) if temperature is not None else fixed_temperature
                 loss = soft_label_loss(map_logits, task_samples.map_targets[batch], tau, config.imbalance)
                 loss = loss + config.score_weight * soft_label_loss(
                     score_logits, task_samples.score_targets[batch], tau, config.imbalance

@@ -31,6 +31,8 @@ from kd_ext.models.checkpoint import teacher_pre_processor
 from .torch_model import CrossTaskStudentModel
 
 ARCHITECTURE_KEYS = ("tasks", "backbone", "layers", "hidden_channels", "image_size", "top_k")
+CALIBRATED_THRESHOLD = 0.5
+"""Threshold of the student's probabilities: the teachers' calibrated threshold maps to 0.5."""
 
 
 class CalibratedPostProcessor(PostProcessor):
@@ -42,8 +44,8 @@ class CalibratedPostProcessor(PostProcessor):
 
     def __init__(self) -> None:
         super().__init__(enable_normalization=False, enable_thresholding=True)
-        self._image_threshold.fill_(0.5)
-        self._pixel_threshold.fill_(0.5)
+        self._image_threshold.fill_(CALIBRATED_THRESHOLD)
+        self._pixel_threshold.fill_(CALIBRATED_THRESHOLD)
 
     def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
         """Keep the calibrated threshold (validation statistics are not used)."""

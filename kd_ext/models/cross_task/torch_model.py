@@ -275,11 +275,9 @@ class CrossTaskStudentModel(nn.Module):
         """Shared (frozen) trunk features of normalised images."""
         return self.trunk(images)
 
-    def head_logits(
-        self, features: Sequence[torch.Tensor], tasks: Sequence[str] | None = None
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Map and score logits of the given tasks' heads (all by default)."""
-        return {task: self.heads[task](features) for task in (tasks or self.tasks)}
+    def head_logits(self, features: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Map and score logits of every task's head."""
+        return {task: self.heads[task](features) for task in self.tasks}
 
     def predictions(self, map_logits: torch.Tensor, score_logits: torch.Tensor, size: Sequence[int]) -> InferenceBatch:
         """Probability map at image size (upsampled, smoothed) and probability score.
