@@ -30,6 +30,7 @@ PRECISION_HINTS = ("f32", "bf16", "f16")
 MODES = ("throughput", "latency")
 DEFAULT_IMAGE_SIZE = (256, 256)
 RT_INFO_KEY = "kd_ext"
+"""Section of the IR's ``rt_info`` where kd_ext's exporter records precision, calibration and the weights' checksum."""
 
 
 @dataclass
@@ -49,7 +50,8 @@ class Prediction:
     pred_mask: np.ndarray
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file (an IR's weights), read in 1 MiB chunks; the exporter records it, the runtime checks it."""
     digest = hashlib.sha256()
     with path.open("rb") as stream:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
@@ -162,7 +164,7 @@ class EdgeModel:
             )
             raise EdgeModelError(msg) from error
         expected = _rt_info(model, "weights_sha256")
-        if verify_weights and expected is not None and _sha256(self.bin_path) != expected:
+        if verify_weights and expected is not None and file_sha256(self.bin_path) != expected:
             msg = (
                 f"{self.bin_path.name} does not belong to {self.xml_path.name}: its checksum differs from the one "
                 "recorded at export. Copy the .xml and .bin of the same export together."

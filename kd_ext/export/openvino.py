@@ -10,7 +10,6 @@ for Padim. Here calibration uses the normal training images (what the model is s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
+
+from kd_ext.edge.runtime import RT_INFO_KEY, file_sha256
 
 if TYPE_CHECKING:
     import nncf
@@ -34,8 +35,6 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8", "int8_acq", "int8_weights")
 """``fp32``; ``fp16`` (FP16 weights); ``int8`` (NNCF PTQ on training images); ``int8_acq`` (NNCF accuracy-aware
 PTQ: calibration on training images, accuracy on the test loader); ``int8_weights`` (weights only, no data)."""
-RT_INFO_KEY = "kd_ext"
-"""Section of the IR's ``rt_info`` where kd_ext records precision, calibration and the weights' checksum."""
 NETWORK_OP_TYPES = ("Convolution", "GroupConvolution")
 _PLACEHOLDER = "kd_ext_sha256_placeholder_" + "0" * 38
 
@@ -248,22 +247,6 @@ def _compress(
     if precision == "int8":
         return quantize_on_training_images(ov_model, calibration, subset_size)
     return quantize_with_accuracy_control(ov_model, calibration, metric, max_drop, subset_size)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file (the IR's weights), read in 1 MiB chunks.
-
-    Args:
-        path: File to hash.
-
-    Returns:
-        str: Hex digest.
-    """
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_ir(ov_model: ov.Model, xml_path: Path, compress_to_fp16: bool, info: dict[str, str]) -> Path:
