@@ -55,12 +55,17 @@ def evaluator() -> Evaluator:
 
 
 def load_teacher_weights(extractor: torch.nn.Module) -> None:
-    """Load the offline ImageNet weights into a timm ``features_only`` EfficientNet-Lite0."""
+    """Load the offline ImageNet weights into a timm ``features_only`` EfficientNet-Lite0 and freeze it.
+
+    No row trains its teacher; frozen, it also does not count as trainable parameters (built with
+    ``pre_trained=False``, anomalib's Padim and Patchcore extractors would otherwise require gradients).
+    """
     source = create_backbone(TEACHER, pre_trained=True).state_dict()
     missing, _ = extractor.load_state_dict(source, strict=False)
     if missing:
         msg = f"Teacher weights do not cover {missing[:5]}"
         raise RuntimeError(msg)
+    extractor.requires_grad_(False)
 
 
 def common() -> dict:

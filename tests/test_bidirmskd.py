@@ -112,6 +112,7 @@ def test_gaussian_blur_preserves_constants_and_mass_location() -> None:
         ({"score_mode": "p99"}, "Unknown score_mode"),
         ({"backbone": "vgg_nope"}, "Unknown backbone 'vgg_nope'"),
         ({"layers": ["layer1", "layer2"]}, "Feature layer 'layer1' was not found"),
+        ({"layers": ["blocks.1", "blocks.4"]}, r"strides \[4, 16\]; consecutive levels must halve"),
     ],
 )
 def test_invalid_configuration_is_a_clear_error(kwargs: dict, message: str) -> None:

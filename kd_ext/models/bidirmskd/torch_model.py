@@ -7,21 +7,22 @@ embedding (RD4AD-like); and a feature-fusion residual module that feeds the forw
 multi-scale features into the reverse student's bottleneck.
 """
 
-import itertools
 from collections.abc import Sequence
 
 import torch
 from anomalib.data import InferenceBatch
-from torch import nn
 
 from kd_ext.backbones import get_backbone_spec
 from kd_ext.backbones.registry import resolve_layers
 from kd_ext.models.components import (
     FeatureFusionResidual,
+    FrozenTeacherModel,
     OneClassBottleneck,
     ReverseDecoder,
     build_forward_student,
     build_teacher,
+    probe_levels,
+    require_halving_strides,
 )
 
 from .anomaly_map import AnomalyMapGenerator
@@ -58,7 +59,7 @@ def check_images(images: torch.Tensor) -> None:
         raise ValueError(msg)
 
 
-class BiDirMSKDModel(nn.Module):
+class BiDirMSKDModel(FrozenTeacherModel):
     """Teacher, forward student, reverse student and fusion module.
 
     Args:
@@ -114,7 +115,8 @@ class BiDirMSKDModel(nn.Module):
         self.top_k_ratio = top_k_ratio
 
         self.teacher = build_teacher(backbone, self.layers, pre_trained)
-        channels, strides = self._probe_levels()
+        channels, strides = probe_levels(self.teacher)
+        require_halving_strides(strides, f"Feature levels {list(self.layers)}")
         self.forward_student = (
             build_forward_student(backbone, self.layers, channels, attention) if forward_student else None
         )
@@ -128,24 +130,6 @@ class BiDirMSKDModel(nn.Module):
             if fusion:
                 self.fusion = FeatureFusionResidual(channels, strides, embedding_channels)
         self.anomaly_map_generator = AnomalyMapGenerator(fusion=map_fusion, sigma=sigma, backend=kernel_backend)
-
-    @torch.no_grad()
-    def _probe_levels(self, size: int = 256) -> tuple[list[int], list[int]]:
-        features = self.teacher(torch.zeros(1, 3, size, size))
-        channels = [feature.shape[1] for feature in features]
-        strides = [size // feature.shape[-1] for feature in features]
-        if any(later != 2 * earlier for earlier, later in itertools.pairwise(strides)):
-            msg = (
-                f"Feature levels {list(self.layers)} have strides {strides}; consecutive levels must halve resolution."
-            )
-            raise ValueError(msg)
-        return channels, strides
-
-    def train(self, mode: bool = True) -> "BiDirMSKDModel":
-        """Set train/eval mode; the frozen teacher always stays in eval mode."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def distill(
         self,

@@ -1,18 +1,23 @@
-"""Building blocks shared by kd_ext models: attention, bottleneck, decoder, fusion, students."""
+"""Building blocks shared by kd_ext models: attention, bottleneck, decoder, fusion, students, teacher."""
 
 from .attention import CBAM, ChannelAttention, SpatialAttention
 from .bottleneck import OneClassBottleneck
 from .decoder import ReverseDecoder
 from .fusion import FeatureFusionResidual
 from .students import build_forward_student, build_teacher
+from .teacher import FrozenTeacherModel, level_strides, probe_levels, require_halving_strides
 
 __all__ = [
     "CBAM",
     "ChannelAttention",
     "FeatureFusionResidual",
+    "FrozenTeacherModel",
     "OneClassBottleneck",
     "ReverseDecoder",
     "SpatialAttention",
     "build_forward_student",
     "build_teacher",
+    "level_strides",
+    "probe_levels",
+    "require_halving_strides",
 ]

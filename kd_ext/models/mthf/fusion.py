@@ -1,6 +1,5 @@
 """Hierarchical feature fusion placed after a student's distillation layers (MTHF)."""
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -60,16 +59,3 @@ class HierarchicalAttentionFusion(nn.Module):
             context = self.attention[target](self.projections[target](aligned))
             fused.append(feature + self.gates[target] * context)
         return fused
-
-
-def level_strides(features: Sequence[torch.Tensor], image_size: int) -> list[int]:
-    """Strides of features computed from a square image of side ``image_size``.
-
-    Args:
-        features: Feature maps, one per level.
-        image_size: Side of the image they were computed from.
-
-    Returns:
-        list[int]: Stride of each level (a power of two).
-    """
-    return [2 ** round(math.log2(image_size / feature.shape[-1])) for feature in features]

@@ -22,7 +22,6 @@ After each student a :class:`HierarchicalAttentionFusion` module fuses that stud
 groups after per-group standardisation (:class:`MTHFAnomalyMap`).
 """
 
-import itertools
 from collections.abc import Sequence
 
 import torch
@@ -31,10 +30,18 @@ from torch import nn
 
 from kd_ext.backbones import create_backbone, get_backbone_spec
 from kd_ext.backbones.registry import resolve_layers
-from kd_ext.models.components import OneClassBottleneck, ReverseDecoder, build_forward_student, build_teacher
+from kd_ext.models.components import (
+    FrozenTeacherModel,
+    OneClassBottleneck,
+    ReverseDecoder,
+    build_forward_student,
+    build_teacher,
+    probe_levels,
+    require_halving_strides,
+)
 
 from .anomaly_map import MTHFAnomalyMap, downsampled_size
-from .fusion import HierarchicalAttentionFusion, level_strides
+from .fusion import HierarchicalAttentionFusion
 
 SCORE_MODES = ("max", "topk")
 GROUPS = ("A", "B", "C")
@@ -49,8 +56,6 @@ DEEP_LAYERS = {
     "resnet34": ("layer2", "layer3", "layer4"),
     "wide_resnet50_2": ("layer2", "layer3", "layer4"),
 }
-PROBE_SIZE = 256
-
 GroupPairs = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]
 
 
@@ -103,7 +108,7 @@ def validate_groups(groups: Sequence[str]) -> tuple[str, ...]:
     return tuple(name for name in GROUPS if name in names)
 
 
-class MTHFModel(nn.Module):
+class MTHFModel(FrozenTeacherModel):
     """One shared frozen teacher, up to three teacher-student groups, fusion modules and map fusion.
 
     Args:
@@ -210,26 +215,12 @@ class MTHFModel(nn.Module):
                 raise ValueError(msg)
         return tuple(sorted(requested, key=names.index))
 
-    @torch.no_grad()
     def _probe_levels(self) -> tuple[list[int], list[int]]:
-        features = self.teacher(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE))
-        channels = [feature.shape[1] for feature in features]
-        strides = level_strides(features, PROBE_SIZE)
+        channels, strides = probe_levels(self.teacher)
         for name in self.groups:
             group_strides = [strides[index] for index in self.group_indices[name]]
-            if any(later != 2 * earlier for earlier, later in itertools.pairwise(group_strides)):
-                msg = (
-                    f"Group {name}'s levels {list(self.group_layers[name])} have strides {group_strides}; "
-                    "consecutive levels must halve the resolution."
-                )
-                raise ValueError(msg)
+            require_halving_strides(group_strides, f"Group {name}'s levels {list(self.group_layers[name])}")
         return channels, strides
-
-    def train(self, mode: bool = True) -> "MTHFModel":
-        """Set train/eval mode; the frozen teacher always stays in eval mode."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def distill(self, images: torch.Tensor) -> GroupPairs:
         """Run the shared teacher once and every group's student (and fusion module).

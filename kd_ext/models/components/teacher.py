@@ -1,0 +1,75 @@
+"""What every kd_ext model with a frozen multi-scale teacher shares: eval-mode teacher, level probing."""
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+PROBE_SIZE = 256
+"""Side of the blank image the teacher's feature levels are probed with."""
+
+
+class FrozenTeacherModel(nn.Module):
+    """Base of torch models whose ``teacher`` attribute stays in eval mode whatever mode the model is in.
+
+    Subclasses assign ``self.teacher`` (see :func:`kd_ext.models.components.build_teacher`).
+    """
+
+    teacher: nn.Module
+
+    def train(self, mode: bool = True) -> "FrozenTeacherModel":
+        """Set train/eval mode; the frozen teacher always stays in eval mode (its batch-norm statistics fixed).
+
+        Args:
+            mode: Train mode if ``True``, eval mode otherwise.
+
+        Returns:
+            FrozenTeacherModel: ``self``.
+        """
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+
+def level_strides(features: Sequence[torch.Tensor], image_size: int) -> list[int]:
+    """Strides of features computed from a square image of side ``image_size``.
+
+    Args:
+        features: Feature maps, one per level.
+        image_size: Side of the image they were computed from.
+
+    Returns:
+        list[int]: Stride of each level (a power of two).
+    """
+    return [2 ** round(math.log2(image_size / feature.shape[-1])) for feature in features]
+
+
+@torch.no_grad()
+def probe_levels(teacher: nn.Module) -> tuple[list[int], list[int]]:
+    """Channels and strides of the teacher's feature levels, from one blank ``PROBE_SIZE`` image.
+
+    Args:
+        teacher: Module returning a list of feature maps, shallow to deep.
+
+    Returns:
+        tuple[list[int], list[int]]: Channels and stride of each level.
+    """
+    features = teacher(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE))
+    return [feature.shape[1] for feature in features], level_strides(features, PROBE_SIZE)
+
+
+def require_halving_strides(strides: Sequence[int], what: str) -> None:
+    """Check that each feature level has half the resolution of the one before.
+
+    Args:
+        strides: Stride of each level, shallow to deep.
+        what: The levels, as the error message should name them (e.g. ``"Feature levels ['blocks.1', ...]"``).
+
+    Raises:
+        ValueError: If two consecutive levels do not differ by a factor of two in stride.
+    """
+    if any(later != 2 * earlier for earlier, later in itertools.pairwise(strides)):
+        msg = f"{what} have strides {list(strides)}; consecutive levels must halve the resolution."
+        raise ValueError(msg)
