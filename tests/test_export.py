@@ -24,7 +24,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 from kd_ext.cli import main
 from kd_ext.edge import EdgeModel
-from kd_ext.export import KDExtExportMixin, export_onnx, export_openvino
+from kd_ext.export import MAX_MAP_ERROR, KDExtExportMixin, export_onnx, export_openvino
+from kd_ext.export.quantization import holdout_split, quantize_on_training_images
 from kd_ext.models import BiDirMSKD
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
@@ -146,8 +147,31 @@ def test_fp16_ir_close_to_torch(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> 
     assert np.abs(maps - ref_maps).max() < 0.05
 
 
+@pytest.mark.parametrize(
+    ("n_images", "held_out"),
+    [(1, []), (2, [1]), (9, [8]), (23, [9, 19]), (30, [9, 19, 29])],
+)
+def test_holdout_split_keeps_every_tenth_training_image_for_the_map_check(n_images: int, held_out: list[int]) -> None:
+    calibration, held = holdout_split(n_images)
+    assert held == held_out
+    assert sorted(calibration + held) == list(range(n_images))
+
+
+def test_max_map_error_out_of_range_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="max_map_error must be between 0 and 1"):
+        quantize_on_training_images(mock.Mock(), toy_datamodule(), max_map_error=2.0)
+
+
+def held_out_training_images(datamodule: MVTecAD) -> torch.Tensor:
+    datamodule.setup("fit")
+    _, held = holdout_split(len(datamodule.train_data))
+    return torch.stack([datamodule.train_data[index].image for index in held])
+
+
 @needs_toy
-def test_engine_export_int8_ptq_calibrates_on_training_images(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> None:
+def test_engine_export_int8_ptq_calibrates_on_training_images(
+    toy: tuple[BiDirMSKD, Path], toy_fp32: Path, tmp_path: Path
+) -> None:
     datamodule = toy_datamodule()
     engine = Engine(logger=False, accelerator="cpu", devices=1, default_root_dir=tmp_path)
     failing = mock.Mock(side_effect=AssertionError("INT8 must not calibrate on the validation (test) images"))
@@ -163,6 +187,10 @@ def test_engine_export_int8_ptq_calibrates_on_training_images(toy: tuple[BiDirMS
     assert failing.call_count == 0
     ops = {op.get_type_name() for op in ov.Core().read_model(xml).get_ordered_ops()}
     assert "FakeQuantize" in ops
+    held_out = held_out_training_images(toy_datamodule())
+    fp32_maps, _, _ = edge_predict(toy_fp32, held_out)
+    int8_maps, _, _ = edge_predict(xml, held_out)
+    assert np.abs(int8_maps - fp32_maps).mean() <= MAX_MAP_ERROR + 1e-4  # the accuracy control's bound
     images, _, _ = test_images(toy_datamodule())
     ref_maps, ref_scores, _ = torch_predict(toy[0], images)
     maps, scores, _ = edge_predict(xml, images)

@@ -2,7 +2,8 @@
 
 anomalib's own route works for kd_ext models (``anomalib export --model BiDirMSKD --export_type openvino
 --ckpt_path ...`` and ``Engine.export``); kd_ext models additionally calibrate ``INT8_PTQ`` / ``INT8_ACQ`` on
-normal *training* images and keep the anomaly-map tail in floating point (see :class:`KDExtExportMixin`).
+normal *training* images, keep the anomaly-map tail in floating point and check INT8 anomaly maps against FP32
+on held-out training images (see :class:`KDExtExportMixin`).
 :func:`export_openvino` does the same for any anomalib model and records what it did in the IR's ``rt_info``.
 
 Example:
@@ -11,18 +12,17 @@ Example:
 """
 
 from .mixin import KDExtExportMixin
-from .openvino import (
-    PRECISIONS,
-    RT_INFO_KEY,
+from .openvino import PRECISIONS, RT_INFO_KEY, export_onnx, export_openvino
+from .quantization import (
+    MAX_MAP_ERROR,
     anomaly_map_ignored_scope,
-    export_onnx,
-    export_openvino,
     quantize_on_training_images,
     quantize_with_accuracy_control,
     training_calibration_dataset,
 )
 
 __all__ = [
+    "MAX_MAP_ERROR",
     "PRECISIONS",
     "RT_INFO_KEY",
     "KDExtExportMixin",

@@ -27,12 +27,12 @@ class KDExtExportMixin:
         model: ov.Model,
         datamodule: AnomalibDataModule | None = None,
     ) -> ov.Model:
-        """INT8_PTQ on normal training images, anomaly-map tail kept in float.
+        """INT8_PTQ on normal training images, tail kept in float, maps checked on held-out training images.
 
         Raises:
             ValueError: If no datamodule is given.
         """
-        from .openvino import quantize_on_training_images  # noqa: PLC0415
+        from .quantization import quantize_on_training_images  # noqa: PLC0415
 
         if datamodule is None:
             msg = "INT8_PTQ needs a datamodule whose training images calibrate the quantisation (--data ...)."
@@ -52,7 +52,7 @@ class KDExtExportMixin:
         Raises:
             ValueError: If no datamodule is given.
         """
-        from .openvino import quantize_with_accuracy_control  # noqa: PLC0415
+        from .quantization import quantize_with_accuracy_control  # noqa: PLC0415
 
         del task
         if datamodule is None:
