@@ -8,10 +8,11 @@ Gaussian blur, image score, normalisation and thresholds) runs **inside the IR**
 that the IR stays a standard anomalib IR (``OpenVINOInferencer`` reads it too), the runtime needs no compiled
 extension and the normalisation and thresholds are not re-implemented outside the model. Measured
 (``benchmarks/results/edge.md``, 10-epoch BiDirMSKD, batch 8, loaded 2-core CPU): the in-IR tail costs
-17.3 ms per image, the fused C++ kernel ``kd_ext._native.anomaly_map`` on the raw per-scale features 2.0 ms
-(torch 4.8 ms), identical maps; the whole FP32 IR takes about 91 ms per image at batch 1. An IR that returns the
-raw features (2.0 MB per image instead of 0.33 MB) plus the C++ tail would save about 15 % of the latency; it is
-not implemented yet (see the project's open issue notes).
+11.4 ms per image, the fused C++ kernel ``kd_ext._native.anomaly_map`` on the raw per-scale features 1.3 ms
+(torch 3.1 ms), identical maps; the whole IR takes 87.5 ms (FP32) and 54.5 ms (INT8) per image at batch 1. A
+raw-feature IR (2.0 MB out per image instead of 0.33 MB) plus the C++ tail would save roughly 12 % (FP32) to
+19 % (INT8) of the latency, at the price of a non-standard IR, a compiled dependency on the device and a second
+copy of anomalib's normalisation; MTHF's two-stage fusion is not a kernel at all. We keep the tail in the IR.
 
 Precision: this CPU runs "FP32" IRs in bf16 unless told otherwise, which moved anomaly maps by up to 0.04.
 :class:`EdgeModel` therefore sets ``INFERENCE_PRECISION_HINT`` explicitly (``f32`` by default, for FP32,
