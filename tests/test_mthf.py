@@ -6,9 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import openvino as ov
 import pytest
 import torch
 
+from kd_ext.edge import EdgeModel
+from kd_ext.export import MAX_MAP_ERROR, export_openvino
+from kd_ext.export.quantization import holdout_split
 from kd_ext.models import MTHF, BiDirMSKD
 from kd_ext.models.bidirmskd.anomaly_map import gaussian_blur
 from kd_ext.models.checkpoint import teacher_pre_processor
@@ -282,6 +287,30 @@ def test_wrong_checkpoints_are_refused(hazelnut_engine: tuple) -> None:
     no_fusion = MTHF(pre_trained=False, fusion_modules=False, visualizer=False)
     with pytest.raises(ValueError, match="fusion_modules=True"):
         no_fusion.on_load_checkpoint(saved)
+
+
+def test_openvino_export_runs_in_the_edge_runtime(hazelnut_engine: tuple, tmp_path: Path) -> None:
+    """FP32 IR matches torch; INT8 IR keeps normal-image maps within the exporter's bound of FP32."""
+    module, datamodule, _, _ = hazelnut_engine
+    images = next(iter(datamodule.test_dataloader())).image
+    size = tuple(images.shape[-2:])
+    module.eval()
+    with torch.no_grad():
+        expected = module(images)
+    fp32 = export_openvino(module, tmp_path / "fp32", "fp32", input_size=size)
+    prediction = EdgeModel(fp32).predict(images.numpy())
+    expected_maps = expected.anomaly_map.reshape(prediction.anomaly_map.shape).numpy()
+    np.testing.assert_allclose(prediction.anomaly_map, expected_maps, atol=1e-3)
+    np.testing.assert_allclose(prediction.pred_score, expected.pred_score.numpy(), atol=1e-3)
+
+    int8 = export_openvino(module, tmp_path / "int8", "int8", calibration=datamodule, input_size=size)
+    assert "FakeQuantize" in {op.get_type_name() for op in ov.Core().read_model(int8).get_ordered_ops()}
+    datamodule.setup("fit")
+    _, held_out = holdout_split(len(datamodule.train_data))
+    normal = torch.stack([datamodule.train_data[index].image for index in held_out]).numpy()
+    int8_maps = EdgeModel(int8).predict(normal).anomaly_map
+    fp32_maps = EdgeModel(fp32).predict(normal).anomaly_map
+    assert np.abs(int8_maps - fp32_maps).mean() <= MAX_MAP_ERROR + 1e-4
 
 
 def test_get_model_in_fresh_subprocess() -> None:
