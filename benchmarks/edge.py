@@ -40,6 +40,7 @@ from anomalib.models import Padim
 from kd_ext.backbones import no_pretrained_downloads
 from kd_ext.edge import EdgeModel
 from kd_ext.export import export_openvino
+from kd_ext.export.quantization import HOLDOUT_EVERY, MAX_MAP_ERROR
 from kd_ext.models import BiDirMSKD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,9 +224,10 @@ def render(report: dict) -> str:
         )
     lines += [
         "",
-        "INT8: NNCF post-training quantisation calibrated on normal training images (every 10th held out), "
-        "anomaly-map tail in float; NNCF accuracy control reverts ops to float until the INT8 maps of the held-out "
-        "images are within 0.02 (mean, normalised) of FP32 (`kd_ext.export.quantize_on_training_images`).",
+        f"INT8: NNCF post-training quantisation calibrated on normal training images (every {HOLDOUT_EVERY}th held "
+        "out), anomaly-map tail in float; NNCF accuracy control reverts ops to float until the INT8 maps of the "
+        f"held-out images are within {MAX_MAP_ERROR} (mean, normalised) of FP32 "
+        "(`kd_ext.export.quantize_on_training_images`).",
     ]
     mem = report["memory"]
     inferencer = next(row for name, row in mem.items() if "OpenVINOInferencer" in name)

@@ -309,12 +309,13 @@ def quantize_with_accuracy_control(
     def validate(compiled: Any, batches: Iterable[Any]) -> float:
         metric.reset()
         for batch in batches:
-            outputs = {key.get_any_name(): value for key, value in compiled(_batch_images(batch, size)).items()}
+            images = _batch_images(batch, size)
+            outputs = {key.get_any_name(): value for key, value in compiled(images).items()}
             gt_mask = batch.gt_mask
             if gt_mask is not None and size is not None and tuple(gt_mask.shape[-2:]) != size:
                 gt_mask = F.interpolate(gt_mask[:, None].float(), size=size, mode="nearest")[:, 0].bool()
             result = ImageBatch(
-                image=torch.from_numpy(_batch_images(batch, size)),
+                image=torch.from_numpy(images),
                 gt_label=batch.gt_label,
                 gt_mask=gt_mask[:, None] if gt_mask is not None else None,
                 pred_score=torch.from_numpy(outputs["pred_score"]).reshape(-1),

@@ -137,8 +137,11 @@ class TaskHead(nn.Module):
         self.normal_mean.copy_(mean.float())
         self.normal_std.copy_((variance + floor).sqrt().float())
 
-    def deviations(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def deviations(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Stacked features, their standardisation and the deviation scores.
+
+        Args:
+            features: Trunk features per level ``[N, C_l, h_l, w_l]``.
 
         Returns:
             tuple: ``(stacked, standardised)`` concatenated ``[N, 2C, h, w]``, the log total deviation
