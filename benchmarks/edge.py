@@ -284,7 +284,7 @@ def main() -> None:  # noqa: PLR0915
 
     if args.ckpt:
         bidir = BiDirMSKD.load_from_checkpoint(args.ckpt).eval()
-        epochs = torch.load(args.ckpt, map_location="cpu", weights_only=False).get("epoch", -1) + 1
+        epochs = torch.load(args.ckpt, map_location="cpu", weights_only=True).get("epoch", -1) + 1
     else:
         bidir, epochs = fit(BiDirMSKD(visualizer=False), args.epochs, args.workdir / "bidir"), args.epochs
     models = {

@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812
 from kd_ext.models.cross_task import check_task_names
 
 from .config import TaskConfig
-from .teachers import image_size_of, load_anomaly_model
+from .teachers import image_size_of, load_anomaly_model, model_class
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -71,6 +71,26 @@ def data_problems(task: TaskConfig) -> list[str]:
     return problems
 
 
+def checkpoint_problems(task: TaskConfig) -> list[str]:
+    """What can be said of a task's teacher without opening its checkpoint (empty when nothing is wrong).
+
+    Args:
+        task: The task.
+
+    Returns:
+        list[str]: One message per problem: a missing checkpoint file, an unknown or disallowed model name.
+    """
+    problems = []
+    if not task.checkpoint.is_file():
+        problems.append(f"task '{task.name}': teacher checkpoint not found: {task.checkpoint}")
+    if task.model is not None:
+        try:
+            model_class(task.model)
+        except ValueError as error:
+            problems.append(f"task '{task.name}': {error}")
+    return problems
+
+
 def prepare_tasks(tasks: list[TaskConfig]) -> list[PreparedTask]:
     """Validate all tasks and load their teachers; fail before training, listing every problem.
 
@@ -80,12 +100,18 @@ def prepare_tasks(tasks: list[TaskConfig]) -> list[PreparedTask]:
     Returns:
         list[PreparedTask]: The tasks with loaded teachers.
 
+    Every check that needs no checkpoint (names, data folders, checkpoint files, model names) runs first; only
+    when all pass are the checkpoints opened, each with ``weights_only=True``.
+
     Raises:
         ValueError: Naming every problem found: duplicate or invalid task names, missing data, unreadable or
             non-anomaly checkpoints, teachers trained at different image sizes.
     """
     check_task_names([task.name for task in tasks])
     problems = [problem for task in tasks for problem in data_problems(task)]
+    problems += [problem for task in tasks for problem in checkpoint_problems(task)]
+    if problems:  # everything that needs no checkpoint is checked before any checkpoint is opened
+        _refuse(problems)
     prepared = []
     for task in tasks:
         try:
@@ -101,9 +127,13 @@ def prepare_tasks(tasks: list[TaskConfig]) -> list[PreparedTask]:
             "retrain the teachers at a common size"
         )
     if problems:
-        msg = "Cannot start distillation:\n  - " + "\n  - ".join(problems)
-        raise ValueError(msg)
+        _refuse(problems)
     return prepared
+
+
+def _refuse(problems: list[str]) -> None:
+    msg = "Cannot start distillation:\n  - " + "\n  - ".join(problems)
+    raise ValueError(msg)
 
 
 def training_images(task: PreparedTask) -> torch.Tensor:

@@ -8,38 +8,54 @@ high quantile of normal values (99.5 % of pixels, the largest normal image score
 0.5 — the student's threshold.
 """
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from anomalib.models import AnomalibModule
-from torchvision.transforms.v2 import Compose, Resize
 
 from kd_ext.backbones import no_pretrained_downloads
-from kd_ext.models.checkpoint import CHECKPOINT_MODEL_KEY
+from kd_ext.models.checkpoint import CHECKPOINT_MODEL_KEY, pre_processor_image_size
 
 POST_PROCESSOR_KEYS = ("post_processor.image_min", "post_processor._image_threshold")
 IGNORED_PREFIXES = ("evaluator.", "visualizer.")
 
 
+MODEL_PACKAGES = ("anomalib.models", "kd_ext.models")
+
+
 def model_class(name: str) -> type[AnomalibModule]:
     """An anomalib or kd_ext model class by name (``"Padim"``, ``"BiDirMSKD"``, ...).
 
+    Dotted paths are accepted only inside anomalib's and kd_ext's model packages
+    (``anomalib.models.Padim``, ``kd_ext.models.BiDirMSKD``): a name read from a config file or a
+    checkpoint never makes Python import an arbitrary module.
+
     Args:
-        name: Class name, or a dotted path ``package.module.Class``.
+        name: Class name, or a dotted path inside ``anomalib.models`` or ``kd_ext.models``.
 
     Returns:
         type[AnomalibModule]: The class.
 
     Raises:
-        ValueError: If no anomaly model has that name.
+        ValueError: If no anomaly model has that name, or a dotted path points outside the model packages.
     """
     import anomalib.models  # noqa: PLC0415
 
     import kd_ext.models  # noqa: PLC0415
 
+    found = None
     if "." in name:
         module_name, _, class_name = name.rpartition(".")
+        if not any(module_name == package or module_name.startswith(package + ".") for package in MODEL_PACKAGES):
+            msg = (
+                f"'{name}' is outside anomalib's and kd_ext's model packages; kd_ext does not import other "
+                f"modules named in configs or checkpoints. Name the class (e.g. 'Padim') or use a path under "
+                f"{' or '.join(MODEL_PACKAGES)}."
+            )
+            raise ValueError(msg)
         import importlib  # noqa: PLC0415
 
         try:
@@ -57,6 +73,39 @@ def model_class(name: str) -> type[AnomalibModule]:
         msg = f"'{name}' is not an anomaly model; known models: {', '.join(known)}."
         raise ValueError(msg)
     return found
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint without running code from it.
+
+    The file is opened with ``torch.load(..., weights_only=True)``: tensors, numbers, strings and
+    containers load; a pickle that names any other Python object is refused before it runs.
+
+    Args:
+        path: The checkpoint.
+
+    Returns:
+        dict: The checkpoint's content.
+
+    Raises:
+        ValueError: If the file is not a readable checkpoint, or holds objects other than weights.
+    """
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        msg = (
+            f"{path} was refused: it holds Python objects other than weights, and kd_ext never runs code from a "
+            f"checkpoint (torch.load with weights_only=True). Use a checkpoint written by anomalib's Engine for a "
+            f"trained model. Detail: {str(error).strip().splitlines()[0]}"
+        )
+        raise ValueError(msg) from error
+    except Exception as error:  # torch raises many types for foreign or corrupt files
+        msg = f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})."
+        raise ValueError(msg) from error
+    if not isinstance(content, dict):
+        msg = f"{path} is not a Lightning checkpoint (it holds a {type(content).__name__}, not a dict)."
+        raise ValueError(msg)
+    return content
 
 
 def load_anomaly_model(checkpoint: str | Path, model: str | None = None) -> AnomalibModule:
@@ -77,12 +126,8 @@ def load_anomaly_model(checkpoint: str | Path, model: str | None = None) -> Anom
     if not path.is_file():
         msg = f"Teacher checkpoint not found: {path}"
         raise FileNotFoundError(msg)
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for foreign or corrupt files
-        msg = f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})."
-        raise ValueError(msg) from error
-    state = content.get("state_dict") if isinstance(content, dict) else None
+    content = read_checkpoint(path)
+    state = content.get("state_dict")
     if not isinstance(state, dict) or not all(key in state for key in POST_PROCESSOR_KEYS):
         msg = (
             f"{path} is not an anomaly-model checkpoint (no anomalib post-processor state); give the "
@@ -90,6 +135,9 @@ def load_anomaly_model(checkpoint: str | Path, model: str | None = None) -> Anom
         )
         raise ValueError(msg)
     recorded = content.get(CHECKPOINT_MODEL_KEY)
+    if recorded is not None and not isinstance(recorded, str):
+        msg = f"{path} records its model class as a {type(recorded).__name__}, not a name: not a kd_ext checkpoint."
+        raise ValueError(msg)
     if model is None and recorded is None:
         msg = f"{path} is an anomalib checkpoint that does not record its model class; name it (model: Padim, ...)."
         raise ValueError(msg)
@@ -128,14 +176,11 @@ def image_size_of(model: AnomalibModule) -> tuple[int, int]:
     Raises:
         ValueError: If the pre-processor does not resize to a fixed size.
     """
-    transform = getattr(getattr(model, "pre_processor", None), "transform", None)
-    transforms = transform.transforms if isinstance(transform, Compose) else [transform]
-    for step in transforms:
-        if isinstance(step, Resize) and step.size is not None:
-            size = list(step.size)
-            return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
-    msg = f"{type(model).__name__}'s pre-processor has no fixed Resize: the teacher's image size is unknown."
-    raise ValueError(msg)
+    size = pre_processor_image_size(getattr(model, "pre_processor", None))
+    if size is None:
+        msg = f"{type(model).__name__}'s pre-processor has no fixed Resize: the teacher's image size is unknown."
+        raise ValueError(msg)
+    return size
 
 
 @torch.no_grad()

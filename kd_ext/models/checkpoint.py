@@ -6,7 +6,7 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from kd_ext.backbones import get_backbone_spec
-from kd_ext.models.image_checks import check_dataloader_images
+from kd_ext.models.image_checks import check_dataloader_images, evaluation_datasets
 
 CHECKPOINT_MODEL_KEY = "kd_ext_model"
 ARCHITECTURE_KEYS = ("backbone", "layers", "forward_student", "reverse_student", "attention", "fusion")
@@ -33,6 +33,24 @@ def teacher_pre_processor(backbone: str, image_size: tuple[int, int] | None = No
     )
 
 
+def pre_processor_image_size(pre_processor: object) -> tuple[int, int] | None:
+    """The ``(H, W)`` a pre-processor resizes images to, or ``None`` when it has no fixed ``Resize``.
+
+    Args:
+        pre_processor: An anomalib ``PreProcessor`` (or anything with a torchvision ``transform``), or ``None``.
+
+    Returns:
+        tuple[int, int] | None: The size.
+    """
+    transform = getattr(pre_processor, "transform", None)
+    transforms = transform.transforms if isinstance(transform, Compose) else [transform]
+    for step in transforms:
+        if isinstance(step, Resize) and step.size is not None:
+            size = list(step.size)
+            return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    return None
+
+
 class KDExtCheckpointMixin:
     """Tag checkpoints with the model class, refuse checkpoints of another model or architecture.
 
@@ -45,8 +63,9 @@ class KDExtCheckpointMixin:
     architecture_keys: tuple[str, ...] = ARCHITECTURE_KEYS
 
     def on_train_start(self) -> None:
-        """Check the training images."""
-        check_dataloader_images(self.trainer.train_dataloader)  # type: ignore[attr-defined]
+        """Check the training images and the validation and test images the run will read later."""
+        trainer = self.trainer  # type: ignore[attr-defined]
+        check_dataloader_images([trainer.train_dataloader, *evaluation_datasets(trainer)])
         super().on_train_start()  # type: ignore[misc]
 
     def on_test_start(self) -> None:

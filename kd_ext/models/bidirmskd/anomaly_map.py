@@ -31,9 +31,7 @@ class AnomalyMapGenerator(nn.Module):
         if fusion not in MAP_FUSIONS:
             msg = f"Unknown map fusion '{fusion}'; choose one of {MAP_FUSIONS}."
             raise ValueError(msg)
-        if sigma < 0:
-            msg = f"sigma must be >= 0 (0 disables smoothing), got {sigma}."
-            raise ValueError(msg)
+        kernels.validate_sigma(sigma)
         if backend not in kernels.BACKENDS:
             msg = f"Unknown kernel backend '{backend}'; choose one of {kernels.BACKENDS}."
             raise ValueError(msg)

@@ -18,8 +18,9 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from kd_ext.kernels import validate_sigma
 from kd_ext.models.base import KDExtModelMixin
-from kd_ext.models.checkpoint import teacher_pre_processor
+from kd_ext.models.checkpoint import pre_processor_image_size, teacher_pre_processor
 
 from .loss import BiDirMSKDLoss
 from .torch_model import BiDirMSKDModel
@@ -81,6 +82,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        validate_sigma(sigma, pre_processor_image_size(self.pre_processor))
         self.learning_rate = learning_rate
         self.model = BiDirMSKDModel(
             backbone=backbone,

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kd_ext import kernels
 from kd_ext.models.bidirmskd.anomaly_map import AnomalyMapGenerator, gaussian_blur
 
 GROUP_FUSIONS = ("mean", "max")
@@ -69,9 +70,7 @@ class MTHFAnomalyMap(nn.Module):
         if group_fusion not in GROUP_FUSIONS:
             msg = f"Unknown group_fusion '{group_fusion}'; choose one of {GROUP_FUSIONS}."
             raise ValueError(msg)
-        if sigma < 0:
-            msg = f"sigma must be >= 0 (0 disables smoothing), got {sigma}."
-            raise ValueError(msg)
+        kernels.validate_sigma(sigma)
         if not 0 < momentum <= 1:
             msg = f"momentum must be in (0, 1], got {momentum}."
             raise ValueError(msg)

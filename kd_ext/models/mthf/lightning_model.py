@@ -18,8 +18,9 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from kd_ext.kernels import validate_sigma
 from kd_ext.models.base import KDExtModelMixin
-from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, teacher_pre_processor
+from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, pre_processor_image_size, teacher_pre_processor
 
 from .loss import MTHFLoss
 from .torch_model import GROUPS, MTHFModel
@@ -93,6 +94,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        validate_sigma(sigma, pre_processor_image_size(self.pre_processor))
         if learning_rate <= 0:
             msg = f"learning_rate must be > 0, got {learning_rate}."
             raise ValueError(msg)
