@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,21 @@ def test_images_too_large_for_pillow_are_reported_not_raised(tmp_path: Path, mon
     assert "too large for Pillow" in failures[str(tmp_path / "huge.png")]
 
 
+def _folder_datamodule(root: Path) -> object:
+    from anomalib.data import Folder
+
+    return Folder(
+        name="tiny",
+        root=root,
+        normal_dir="train/good",
+        abnormal_dir="test/bad",
+        normal_test_dir="test/good",
+        train_batch_size=2,
+        eval_batch_size=2,
+        num_workers=0,
+    )
+
+
 def _folder_with_broken_test_image(root: Path, source: Path) -> tuple[Path, Path]:
     images = sorted((source / "train" / "good").glob("*.png"))
     for folder, chosen in (("train/good", images[:6]), ("test/good", images[6:8]), ("test/bad", images[8:10])):
@@ -109,22 +125,12 @@ def _folder_with_broken_test_image(root: Path, source: Path) -> tuple[Path, Path
 
 
 def test_broken_test_image_is_named_before_training(tmp_path: Path, hazelnut_root: Path) -> None:
-    from anomalib.data import Folder
     from anomalib.engine import Engine
 
     from kd_ext.models import BiDirMSKD
 
     root, broken = _folder_with_broken_test_image(tmp_path / "data", hazelnut_root / "hazelnut_toy")
-    datamodule = Folder(
-        name="broken",
-        root=root,
-        normal_dir="train/good",
-        abnormal_dir="test/bad",
-        normal_test_dir="test/good",
-        train_batch_size=2,
-        eval_batch_size=2,
-        num_workers=0,
-    )
+    datamodule = _folder_datamodule(root)
     model = BiDirMSKD(pre_trained=False, pre_processor=BiDirMSKD.configure_pre_processor((64, 64)), visualizer=False)
     engine = Engine(max_epochs=1, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"1 of \d+ images cannot be read") as error:
@@ -140,3 +146,25 @@ def test_bad_sigma_is_refused_by_the_constructor(model_name: str, sigma: float) 
 
     with pytest.raises(ValueError, match="sigma"):
         getattr(models, model_name)(pre_trained=False, sigma=sigma)
+
+
+@pytest.mark.parametrize("model_name", ["BiDirMSKD", "MTHF"])
+def test_training_without_a_logger_prints_no_spurious_warnings(
+    model_name: str, tmp_path: Path, hazelnut_root: Path
+) -> None:
+    from anomalib.engine import Engine
+
+    from kd_ext import models
+
+    root, broken = _folder_with_broken_test_image(tmp_path / "data", hazelnut_root / "hazelnut_toy")
+    broken.unlink()
+    cls = getattr(models, model_name)
+    model = cls(pre_trained=False, pre_processor=cls.configure_pre_processor((64, 64)), visualizer=False)
+    engine = Engine(max_epochs=1, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.fit(model, datamodule=_folder_datamodule(root))
+    messages = [str(warning.message) for warning in caught]
+    assert engine.trainer.global_step > 0
+    assert not [message for message in messages if "no logger configured" in message], messages
+    assert not [message for message in messages if "in eval mode at the start of training" in message], messages

@@ -5,6 +5,7 @@ AnomalibModule)``) rather than being an ``AnomalibModule`` subclass itself: anom
 and ``list_models`` only see *direct* subclasses of ``AnomalibModule``.
 """
 
+import warnings
 from typing import Any
 
 import torch
@@ -12,9 +13,12 @@ from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from kd_ext.export.mixin import KDExtExportMixin
 from kd_ext.models.checkpoint import KDExtCheckpointMixin, teacher_pre_processor
+
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
@@ -40,6 +44,14 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
         """
         return teacher_pre_processor(backbone, image_size)
 
+    def on_fit_start(self) -> None:
+        """Silence Lightning's warning about modules in eval mode: the frozen teacher stays in eval mode on purpose.
+
+        Its BatchNorm layers keep the statistics of its pretraining; every trainable module is in train mode.
+        """
+        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
+        super().on_fit_start()  # type: ignore[misc]
+
     def on_train_start(self) -> None:
         """Check the training images, then train in channels-last memory format.
 
@@ -61,14 +73,13 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
         return images.contiguous(memory_format=torch.channels_last)
 
     def log_loss_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> None:
-        """Log every loss term per epoch (``loss`` also on the progress bar)."""
+        """Log every loss term per epoch (``loss`` also on the progress bar; to the logger when there is one)."""
         for name, value in terms.items():
             self.log(  # type: ignore[attr-defined]
                 f"train_{name}",
                 value.item(),
                 on_epoch=True,
                 prog_bar=name == "loss",
-                logger=True,
                 batch_size=batch_size,
             )
 
