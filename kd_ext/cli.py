@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,20 +21,34 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
         help="score a folder of images with an exported OpenVINO IR",
         description=(
             "Score every image of IMAGES_DIR with an OpenVINO IR exported by anomalib or kd_ext and write "
-            "scores.csv, results.json, masks/ and overlays/ into OUT_DIR (written to a temporary folder and "
-            "renamed when complete)."
+            "scores.csv, results.json, masks/ and overlays/ into OUT_DIR. Results are written to a hidden "
+            "staging folder next to OUT_DIR and renamed when complete; the output location and output names are "
+            "checked before inference. Unreadable or too large images, and images without a defined value range "
+            "(floating point), are skipped and listed in skipped.csv. Ctrl-C and SIGTERM stop the run, clean up "
+            "and say what was left (exit 130 / 143); staging folders of stopped runs are removed by the next run "
+            "into the same OUT_DIR."
         ),
     )
     parser.add_argument("model", type=Path, help="the IR's .xml (its .bin next to it)")
     parser.add_argument("images_dir", type=Path, help="folder of images (.png, .jpg, .bmp, .tif, .webp)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist, see --overwrite)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="OUT_DIR",
+        help=(
+            "output folder (must not exist or be empty, see --overwrite); a symbolic link is kept and the folder "
+            "it points to receives the results"
+        ),
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
         default=1,
         help=(
             "images per inference request (default 1: several parallel requests keep the CPU busy, and the peak "
-            "memory is a third of batch 8's; see benchmarks/results/edge.md)"
+            "memory is a third of batch 8's; see benchmarks/results/edge.md). An IR with a static batch uses its "
+            "own; a short last batch is padded"
         ),
     )
     parser.add_argument("--device", default="CPU", help="OpenVINO device (default CPU)")
@@ -50,13 +65,77 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--recursive", action="store_true", help="include sub-folders")
     parser.add_argument("--no-masks", action="store_true", help="do not write masks/")
     parser.add_argument("--no-overlays", action="store_true", help="do not write overlays/")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR once the new results are complete")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=(
+            "replace OUT_DIR once the new results are complete: the previous folder is moved aside, the new one "
+            "renamed in, then the previous one deleted"
+        ),
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=None,
+        help=(
+            "skip images with more pixels (checked from the file header, before decoding); replaces Pillow's "
+            "decompression-bomb limit (default: Pillow's, about 179 million pixels)"
+        ),
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run_infer)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"must be a positive integer, got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _run_infer(args: argparse.Namespace) -> int:
-    from kd_ext.edge import EdgeModel, score_folder  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    from kd_ext.edge import EdgeInterruptedError, terminate_as_interrupt  # noqa: PLC0415
+
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    if args.max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = None  # --max-pixels decides instead (checked per image by load_image)
+    stage = ["loading the model"]
+    try:
+        with terminate_as_interrupt():
+            return _infer(args, stage)
+    except EdgeInterruptedError as error:
+        sys.stderr.write(f"kd-ext infer: {error}\n")
+        return error.exit_code
+    except KeyboardInterrupt as error:  # outside score_folder's own clean-up
+        number = getattr(error, "signal_number", signal.SIGINT)
+        name = signal.Signals(number).name
+        sys.stderr.write(f"kd-ext infer: interrupted by {name}: {_left_after(stage[0], args)}.\n")
+        return 128 + number
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _left_after(stage: str, args: argparse.Namespace) -> str:
+    """What an interruption outside :func:`kd_ext.edge.score_folder`'s clean-up left, for each stage of a run."""
+    if stage == "loading the model":
+        return "no output was written"
+    if stage == "done":
+        return f"the results are complete in {args.out}"
+    return (  # a second interrupt while score_folder was cleaning up, or one before it wrote anything
+        f"check {args.out} (the previous results, the new complete results, or nothing); a hidden "
+        f".{args.out.name}.partial-<pid> folder next to it may hold the rest (the previous results in its old/), "
+        f"which the next run into {args.out} restores or removes"
+    )
+
+
+def _infer(args: argparse.Namespace, stage: list[str]) -> int:
+    from kd_ext.edge import EdgeModel, score_folder, text_name  # noqa: PLC0415
 
     model = EdgeModel(
         args.model,
@@ -73,6 +152,7 @@ def _run_infer(args: argparse.Namespace) -> int:
             f"model {info['model']} (exported {info['export_precision']}), inference precision "
             f"{info['inference_precision']} (hint {info['precision_hint']}), {info['num_requests']} requests\n"
         )
+    stage[0] = "scoring"
     report = score_folder(
         model,
         args.images_dir,
@@ -82,11 +162,13 @@ def _run_infer(args: argparse.Namespace) -> int:
         masks=not args.no_masks,
         overlays=not args.no_overlays,
         overwrite=args.overwrite,
+        max_pixels=args.max_pixels,
         progress=None if args.quiet else sys.stderr,
     )
+    stage[0] = "done"
     anomalous = sum(row["label"] for row in report.rows)
     summary = {
-        "out": str(report.out_dir),
+        "out": text_name(report.out_dir),
         "scored": len(report.rows),
         "anomalous": anomalous,
         "skipped": len(report.skipped),

@@ -61,9 +61,8 @@ def ir(tmp_path: Path) -> Path:
     return anomaly_ir(tmp_path / "model" / "model.xml")
 
 
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    folder = tmp_path / "images"
+def sample_images(folder: Path) -> Path:
+    """Five readable images (gray, RGBA, larger JPEG, two anomalous) and a corrupt one."""
     write_image(folder / "a_normal.png", 20)
     write_image(folder / "b_anomalous.png", 200)
     write_image(folder / "c_gray.png", 20, mode="L")
@@ -71,6 +70,11 @@ def images(tmp_path: Path) -> Path:
     write_image(folder / "e_rgba.png", 20, mode="RGBA")
     (folder / "f_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     return folder
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return sample_images(tmp_path / "images")
 
 
 def test_import_is_torch_free() -> None:

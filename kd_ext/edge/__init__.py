@@ -25,18 +25,33 @@ Example:
     >>> report = score_folder(model, "images/", "out/")  # doctest: +SKIP
 """
 
-from .errors import EdgeError, EdgeInputError, EdgeModelError
-from .folder import FolderReport, list_images, load_image, score_folder
+from .errors import EdgeError, EdgeInputError, EdgeInterruptedError, EdgeModelError, TerminationSignal
+from .folder import (
+    FolderReport,
+    list_images,
+    load_image,
+    remove_stale_staging,
+    score_folder,
+    terminate_as_interrupt,
+    text_name,
+    to_rgb,
+)
 from .runtime import EdgeModel, Prediction
 
 __all__ = [
     "EdgeError",
     "EdgeInputError",
+    "EdgeInterruptedError",
     "EdgeModel",
     "EdgeModelError",
     "FolderReport",
     "Prediction",
+    "TerminationSignal",
     "list_images",
     "load_image",
+    "remove_stale_staging",
     "score_folder",
+    "terminate_as_interrupt",
+    "text_name",
+    "to_rgb",
 ]

@@ -1,5 +1,9 @@
 """Errors of the edge runtime, with messages meant for the person running it."""
 
+from __future__ import annotations
+
+import signal
+
 
 class EdgeError(Exception):
     """Base class of the edge runtime's errors."""
@@ -11,3 +15,33 @@ class EdgeModelError(EdgeError):
 
 class EdgeInputError(EdgeError):
     """The images or the output folder cannot be used."""
+
+
+class EdgeInterruptedError(EdgeError):
+    """A run was stopped by a signal (Ctrl-C, SIGTERM); the message says what was left where.
+
+    Args:
+        message: What was interrupted and what is left on disk.
+        signal_number: The signal that stopped the run.
+    """
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signal_number = int(signal_number)
+
+    @property
+    def exit_code(self) -> int:
+        """Shell convention for a process stopped by a signal: ``128 + signal number`` (130 for Ctrl-C)."""
+        return 128 + self.signal_number
+
+
+class TerminationSignal(KeyboardInterrupt):
+    """A termination signal (SIGTERM) raised as an exception, so that a run cleans up as it does on Ctrl-C.
+
+    Args:
+        signal_number: The signal received.
+    """
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = int(signal_number)

@@ -13,6 +13,7 @@ A cross-task student's IR serves several tasks from one trunk pass: its outputs 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -57,6 +58,21 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def openvino_message(error: BaseException) -> str:
+    """OpenVINO's error text without its source-location lines (``Exception from src/...:84:``, ``Check ... at``).
+
+    Args:
+        error: An exception raised by OpenVINO.
+
+    Returns:
+        str: The lines that describe the problem, joined by spaces (the whole text if nothing else is left).
+    """
+    lines = [line.strip() for line in str(error).splitlines()]
+    location = re.compile(r"^(Exception from \S+:\d+:|Check '.*' failed at \S+:\d+:)$")
+    useful = [line for line in lines if line and not location.match(line)]
+    return " ".join(useful) or " ".join(line for line in lines if line)
 
 
 def _rt_info(model: ov.Model, key: str) -> str | None:
@@ -133,7 +149,7 @@ class EdgeModel:
         try:
             self.compiled = self.core.compile_model(self.model, device, config)
         except RuntimeError as error:
-            msg = f"OpenVINO could not compile {self.xml_path} for {device} with {config}: {error}"
+            msg = f"OpenVINO could not compile {self.xml_path} for {device} with {config}: {openvino_message(error)}"
             raise EdgeModelError(msg) from error
         self.precision_hint = precision_hint
         used = self.compiled.get_property("INFERENCE_PRECISION_HINT")
@@ -160,7 +176,7 @@ class EdgeModel:
         except RuntimeError as error:
             msg = (
                 f"Could not read the IR {self.xml_path} with weights {self.bin_path.name} (corrupt file, or .xml and "
-                f".bin from different exports?): {str(error).strip().splitlines()[0]}"
+                f".bin from different exports?): {openvino_message(error)}"
             )
             raise EdgeModelError(msg) from error
         expected = _rt_info(model, "weights_sha256")
@@ -226,7 +242,12 @@ class EdgeModel:
             "outputs": sorted(self.output_names & {"pred_score", "pred_label", "anomaly_map", "pred_mask"}),
         }
 
-    def _check_batch(self, images: np.ndarray) -> np.ndarray:
+    def _check_batch(self, images: np.ndarray) -> tuple[np.ndarray, int]:
+        """Validate a batch and, for an IR with a static batch, pad a short one by repeating its last image.
+
+        Returns:
+            tuple: ``(images to infer, number of real images)``; outputs past that number are padding.
+        """
         images = np.ascontiguousarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.input_size:
             msg = (
@@ -234,12 +255,23 @@ class EdgeModel:
                 f"{images.shape}; use kd_ext.edge.load_image to read and resize files."
             )
             raise EdgeInputError(msg)
-        if self.batch_size is not None and images.shape[0] != self.batch_size:
-            msg = f"{self.xml_path.name} has a static batch of {self.batch_size}; got {images.shape[0]} images."
+        count = images.shape[0]
+        if count == 0:
+            msg = "Got an empty batch; pass at least one image."
             raise EdgeInputError(msg)
-        return images
+        if self.batch_size is not None and count > self.batch_size:
+            msg = (
+                f"{self.xml_path.name} has a static batch of {self.batch_size}; got {count} images. Pass at most "
+                f"{self.batch_size} images per batch."
+            )
+            raise EdgeInputError(msg)
+        if self.batch_size is not None and count < self.batch_size:
+            padding = np.repeat(images[-1:], self.batch_size - count, axis=0)
+            images = np.ascontiguousarray(np.concatenate([images, padding]))
+        return images, count
 
-    def _prediction(self, outputs: dict[str, np.ndarray]) -> Prediction:
+    def _prediction(self, outputs: dict[str, np.ndarray], count: int) -> Prediction:
+        outputs = {name: value[:count] if value.ndim else value for name, value in outputs.items()}
         score = outputs["pred_score"].reshape(-1).astype(np.float32)
         anomaly_map = outputs["anomaly_map"].astype(np.float32)
         anomaly_map = anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:])
@@ -267,21 +299,23 @@ class EdgeModel:
         """Score one batch synchronously.
 
         Args:
-            images: ``float32`` ``[N, 3, H, W]`` RGB in ``[0, 1]`` at :attr:`input_size`.
+            images: ``float32`` ``[N, 3, H, W]`` RGB in ``[0, 1]`` at :attr:`input_size` (for an IR with a static
+                batch, at most that many; a shorter batch is padded and the padding's outputs dropped).
 
         Returns:
-            Prediction: Scores, labels, maps and masks.
+            Prediction: Scores, labels, maps and masks of the ``N`` images.
         """
-        images = self._check_batch(images)
+        images, count = self._check_batch(images)
         if self._request is None:
             self._request = self.compiled.create_infer_request()
         self._request.infer({0: images})
-        return self._prediction(self._outputs(self._request))
+        return self._prediction(self._outputs(self._request), count)
 
     def iter_predict(self, batches: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, Prediction]]:
         """Score batches with an ``AsyncInferQueue``, yielding results in input order.
 
-        Reading the next batch (the caller's iterator) overlaps with inference of the previous ones.
+        Reading the next batch (the caller's iterator) overlaps with inference of the previous ones. With a static
+        batch IR, a short batch (typically the last) is padded as in :meth:`predict`.
 
         Args:
             batches: ``(key, images)`` pairs; ``key`` is handed back with the batch's prediction.
@@ -306,6 +340,7 @@ class EdgeModel:
 
         queue.set_callback(on_done)
         keys: list[Any] = []
+        counts: list[int] = []
         next_index = 0
 
         def ready() -> Iterator[tuple[Any, Prediction]]:
@@ -317,13 +352,14 @@ class EdgeModel:
                     outputs = done.pop(next_index, None)
                 if outputs is None:
                     return
-                yield keys[next_index], self._prediction(outputs)
+                yield keys[next_index], self._prediction(outputs, counts[next_index])
                 keys[next_index] = None
                 next_index += 1
 
         for key, images in batches:
-            checked = self._check_batch(images)
+            checked, count = self._check_batch(images)
             keys.append(key)
+            counts.append(count)
             queue.start_async({0: checked}, userdata=len(keys) - 1)
             yield from ready()
         queue.wait_all()
