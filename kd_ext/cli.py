@@ -238,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments (``sys.argv[1:]`` by default).
 
     Returns:
-        int: Exit status: 0 on success, 2 for bad input (message on stderr).
+        int: Exit status: 0 on success, 2 for bad input (message on stderr), 130 after Ctrl-C and 143 after
+        SIGTERM (``infer`` handles both and says what it left; ``distill`` writes ``report.json`` last, so an
+        output folder without it is an unfinished run).
     """
     args = build_parser().parse_args(argv)
     from kd_ext.edge.errors import EdgeError  # noqa: PLC0415
@@ -249,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"kd-ext {args.command}: error: {error}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write(f"kd-ext {args.command}: interrupted; nothing was left half-written.\n")
+        sys.stderr.write(
+            f"kd-ext {args.command}: interrupted; an output folder without report.json is an unfinished run.\n"
+        )
         return 130
 
 
