@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
+#include <memory>
+#include <new>
+#include <string>
 #include <vector>
 
 #include "anomaly_map.h"
@@ -102,18 +104,6 @@ struct AxisTaps {
   }
 };
 
-// Max of a row with NaN propagation (any NaN -> NaN).
-float row_max(const float* row, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  int nan_count = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = row[i];
-    m = v > m ? v : m;
-    nan_count += (v != v);
-  }
-  return nan_count ? std::numeric_limits<float>::quiet_NaN() : m;
-}
-
 // dst[x] = sum_j taps[j] * padded[x + j]: horizontal pass over a reflect-padded row.
 KD_MULTIVERSION void hblur_row(const float* __restrict padded, const float* __restrict taps, int num_taps,
                                int64_t width, float* __restrict dst) {
@@ -154,10 +144,30 @@ struct Plan {
   bool want_max;
 };
 
+// A float buffer that is not zero-filled: pages are only committed when a thread writes them.
+using Buffer = std::unique_ptr<float[]>;
+
+Buffer allocate(int64_t n) { return Buffer(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]); }
+
 // Per-thread work buffers: the padded row and one interpolated low-resolution row.
 struct RowBuffers {
-  std::vector<float> padded, lowrow;
-  explicit RowBuffers(const Plan& plan) : padded(plan.width + 2 * plan.radius), lowrow(plan.max_low_width) {}
+  Buffer padded, lowrow;
+  static int64_t floats(const Plan& plan) { return plan.width + 2 * plan.radius + plan.max_low_width; }
+  explicit RowBuffers(const Plan& plan)
+      : padded(allocate(plan.width + 2 * plan.radius)), lowrow(allocate(plan.max_low_width)) {}
+};
+
+// Per-image work buffers: the low-resolution distances, the horizontally blurred plane and the
+// row maxima.
+struct ImageBuffers {
+  Buffer dist, scratch, rmax;
+  static int64_t floats(const Plan& plan) {
+    return plan.dist_offset[plan.num_scales] + (plan.blur ? plan.plane : 0) + plan.height;
+  }
+  explicit ImageBuffers(const Plan& plan)
+      : dist(allocate(plan.dist_offset[plan.num_scales])),
+        scratch(allocate(plan.blur ? plan.plane : 0)),
+        rmax(allocate(plan.height)) {}
 };
 
 void run_distance_task(const Plan& plan, int64_t b, int64_t ti, float* dist) {
@@ -175,7 +185,7 @@ void fuse_row(const Plan& plan, int64_t y, const float* dist, RowBuffers& buf, f
               float* rmax) {
   const int fusion = plan.params->fusion;
   const int64_t width = plan.width;
-  float* acc = buf.padded.data() + plan.radius;
+  float* acc = buf.padded.get() + plan.radius;
   const float init = math::fuse_init(fusion);
   for (int64_t x = 0; x < width; ++x) acc[x] = init;
   for (int k = 0; k < plan.num_scales; ++k) {
@@ -186,7 +196,7 @@ void fuse_row(const Plan& plan, int64_t y, const float* dist, RowBuffers& buf, f
     const float* r0 = d + static_cast<int64_t>(ty.i0[y]) * sv.width;
     const float* r1 = d + static_cast<int64_t>(ty.i1[y]) * sv.width;
     const float wy0 = ty.l0[y], wy1 = ty.l1[y];
-    float* low = buf.lowrow.data();
+    float* low = buf.lowrow.get();
     for (int64_t j = 0; j < sv.width; ++j) low[j] = r0[j] * wy0 + r1[j] * wy1;
     const float weight = plan.weights[k];
     const int* xi0 = tx.i0.data();
@@ -204,27 +214,27 @@ void fuse_row(const Plan& plan, int64_t y, const float* dist, RowBuffers& buf, f
   if (!plan.blur) {
     float* dst = out_image + y * width;
     std::memcpy(dst, acc, sizeof(float) * width);
-    if (plan.want_max) rmax[y] = row_max(dst, width);
+    if (plan.want_max) rmax[y] = max_or_nan(dst, width);
     return;
   }
   for (int j = 1; j <= plan.radius; ++j) {
     acc[-j] = acc[j];
     acc[width - 1 + j] = acc[width - 1 - j];
   }
-  hblur_row(buf.padded.data(), plan.taps.data(), 2 * plan.radius + 1, width, scratch + y * width);
+  hblur_row(buf.padded.get(), plan.taps.data(), 2 * plan.radius + 1, width, scratch + y * width);
 }
 
 // Phase C for output row y.
 void blur_row(const Plan& plan, int64_t y, const float* scratch, float* out_image, float* rmax) {
   float* dst = out_image + y * plan.width;
   vblur_row(scratch, plan.height, plan.width, y, plan.taps.data(), plan.radius, dst);
-  if (plan.want_max) rmax[y] = row_max(dst, plan.width);
+  if (plan.want_max) rmax[y] = max_or_nan(dst, plan.width);
 }
 
-}  // namespace
-
-void anomaly_map_cpu(const std::vector<ScaleView>& scales, int64_t batch, const MapParams& params, float* out,
-                     float* scores) {
+// The kernel proper; throws std::bad_alloc when the working memory cannot be allocated (always
+// before any thread starts on the images).
+void run_anomaly_map(const std::vector<ScaleView>& scales, int64_t batch, const MapParams& params, float* out,
+                     float* scores, int64_t* workspace_bytes) {
   Plan plan;
   plan.scales = &scales;
   plan.params = &params;
@@ -233,78 +243,107 @@ void anomaly_map_cpu(const std::vector<ScaleView>& scales, int64_t batch, const 
   plan.width = params.out_w;
   plan.plane = plan.height * plan.width;
   plan.blur = params.sigma > 0.0;
-  plan.taps = plan.blur ? gaussian_kernel_1d(params.sigma) : std::vector<float>{};
   plan.radius = plan.blur ? gaussian_radius(params.sigma) : 0;
+  plan.dist_offset.assign(plan.num_scales + 1, 0);
+  for (int k = 0; k < plan.num_scales; ++k) {
+    const int64_t hw = scales[k].height * scales[k].width;
+    plan.dist_offset[k + 1] = plan.dist_offset[k] + hw;
+    plan.max_low_width = std::max(plan.max_low_width, scales[k].width);
+  }
+  const int threads = max_threads();
+  // Enough images: one whole image per claim and per-worker image buffers; otherwise each image
+  // is split over the threads and shares one set of image buffers.
+  const bool whole_images = batch >= kImagesPerThread * threads || threads == 1;
+  const int image_sets = whole_images ? threads : 1;
+  *workspace_bytes = static_cast<int64_t>(sizeof(float)) *
+                     (threads * RowBuffers::floats(plan) + image_sets * ImageBuffers::floats(plan) +
+                      4 * static_cast<int64_t>(plan.num_scales) * (plan.height + plan.width));  // AxisTaps
+
+  // All working memory is allocated here, before the parallel sections.
+  plan.taps = plan.blur ? gaussian_kernel_1d(params.sigma) : std::vector<float>{};
   plan.xtaps.resize(plan.num_scales);
   plan.ytaps.resize(plan.num_scales);
-  plan.dist_offset.assign(plan.num_scales + 1, 0);
   for (int k = 0; k < plan.num_scales; ++k) {
     const ScaleView& sv = scales[k];
     plan.xtaps[k].build(plan.width, sv.width, params.align_corners);
     plan.ytaps[k].build(plan.height, sv.height, params.align_corners);
     const int64_t hw = sv.height * sv.width;
-    plan.dist_offset[k + 1] = plan.dist_offset[k] + hw;
-    plan.max_low_width = std::max(plan.max_low_width, sv.width);
     for (int64_t p0 = 0; p0 < hw; p0 += kBlock) plan.tasks.push_back({k, p0, std::min(kBlock, hw - p0)});
   }
   plan.weights.assign(plan.num_scales, 1.0f);
   if (params.fusion == math::kWeighted) plan.weights = params.weights;
   plan.want_max = scores != nullptr && params.score_mode == math::kScoreMax;
   const int64_t num_tasks = static_cast<int64_t>(plan.tasks.size());
-  const int64_t dist_size = plan.dist_offset[plan.num_scales];
-  const int threads = max_threads();
-
-  // Per-worker buffers (parallel_for hands each running thread its own worker id).
-  std::vector<RowBuffers> bufs;
+  std::vector<RowBuffers> bufs;  // per worker (parallel_for hands each running thread its own id)
   bufs.reserve(threads);
   for (int w = 0; w < threads; ++w) bufs.emplace_back(plan);
+  std::vector<ImageBuffers> images;
+  images.reserve(image_sets);
+  for (int w = 0; w < image_sets; ++w) images.emplace_back(plan);
 
-  if (batch >= kImagesPerThread * threads || threads == 1) {
-    // Enough images: one whole image per claim, no synchronisation inside an image; per-worker
-    // distance and scratch planes stay cache resident.
-    std::vector<std::vector<float>> dists(threads), scratches(threads), rmaxes(threads);
+  if (whole_images) {
+    // No synchronisation inside an image; per-worker distance and scratch planes stay cache resident.
     parallel_for(batch, [&](int64_t b, int w) {
-      std::vector<float>& dist = dists[w];
-      std::vector<float>& scratch = scratches[w];
-      std::vector<float>& rmax = rmaxes[w];
-      dist.resize(dist_size);
-      scratch.resize(plan.blur ? plan.plane : 0);
-      rmax.resize(plan.height);
+      float* dist = images[w].dist.get();
+      float* scratch = images[w].scratch.get();
+      float* rmax = images[w].rmax.get();
       float* out_image = out + b * plan.plane;
-      for (int64_t ti = 0; ti < num_tasks; ++ti) run_distance_task(plan, b, ti, dist.data());
-      for (int64_t y = 0; y < plan.height; ++y) {
-        fuse_row(plan, y, dist.data(), bufs[w], scratch.data(), out_image, rmax.data());
-      }
+      for (int64_t ti = 0; ti < num_tasks; ++ti) run_distance_task(plan, b, ti, dist);
+      for (int64_t y = 0; y < plan.height; ++y) fuse_row(plan, y, dist, bufs[w], scratch, out_image, rmax);
       if (plan.blur) {
-        for (int64_t y = 0; y < plan.height; ++y) blur_row(plan, y, scratch.data(), out_image, rmax.data());
+        for (int64_t y = 0; y < plan.height; ++y) blur_row(plan, y, scratch, out_image, rmax);
       }
-      if (plan.want_max) scores[b] = row_max(rmax.data(), plan.height);
+      if (plan.want_max) scores[b] = max_or_nan(rmax, plan.height);
     });
   } else {
     // Few images: split each image over the threads (distance tasks, then row chunks, then row
     // chunks); each stage waits only for chunks already claimed.
-    std::vector<float> dist(dist_size), scratch(plan.blur ? plan.plane : 0), rmax(plan.height);
+    float* dist = images[0].dist.get();
+    float* scratch = images[0].scratch.get();
+    float* rmax = images[0].rmax.get();
     const int64_t row_chunks = (plan.height + kRowChunk - 1) / kRowChunk;
     for (int64_t b = 0; b < batch; ++b) {
       float* out_image = out + b * plan.plane;
-      parallel_for(num_tasks, [&](int64_t ti, int) { run_distance_task(plan, b, ti, dist.data()); });
+      parallel_for(num_tasks, [&](int64_t ti, int) { run_distance_task(plan, b, ti, dist); });
       parallel_for(row_chunks, [&](int64_t chunk, int w) {
         const int64_t end = std::min(plan.height, (chunk + 1) * kRowChunk);
         for (int64_t y = chunk * kRowChunk; y < end; ++y) {
-          fuse_row(plan, y, dist.data(), bufs[w], scratch.data(), out_image, rmax.data());
+          fuse_row(plan, y, dist, bufs[w], scratch, out_image, rmax);
         }
       });
       if (plan.blur) {
         parallel_for(row_chunks, [&](int64_t chunk, int) {
           const int64_t end = std::min(plan.height, (chunk + 1) * kRowChunk);
-          for (int64_t y = chunk * kRowChunk; y < end; ++y) blur_row(plan, y, scratch.data(), out_image, rmax.data());
+          for (int64_t y = chunk * kRowChunk; y < end; ++y) blur_row(plan, y, scratch, out_image, rmax);
         });
       }
-      if (plan.want_max) scores[b] = row_max(rmax.data(), plan.height);
+      if (plan.want_max) scores[b] = max_or_nan(rmax, plan.height);
     }
   }
   if (scores != nullptr && params.score_mode == math::kScoreTopK) {
     image_score_cpu(out, batch, plan.plane, params.score_mode, params.top_k, scores);
+  }
+}
+
+}  // namespace
+
+std::string out_of_memory_message(const char* what, int64_t workspace_bytes, int64_t batch, int64_t out_h,
+                                  int64_t out_w) {
+  const auto mib = [](int64_t bytes) { return std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB"; };
+  const int64_t output_bytes = batch * out_h * out_w * static_cast<int64_t>(sizeof(float));
+  return std::string("out of memory in ") + what + ": " + std::to_string(batch) + " anomaly maps of " +
+         std::to_string(out_h) + "x" + std::to_string(out_w) + " need " + mib(output_bytes) + " of output plus about " +
+         mib(workspace_bytes) + " of working memory; pass a smaller batch or a smaller output_size";
+}
+
+void anomaly_map_cpu(const std::vector<ScaleView>& scales, int64_t batch, const MapParams& params, float* out,
+                     float* scores) {
+  int64_t workspace_bytes = 0;
+  try {
+    run_anomaly_map(scales, batch, params, out, scores, &workspace_bytes);
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemory(out_of_memory_message("the CPU anomaly-map kernel", workspace_bytes, batch, params.out_h,
+                                            params.out_w));
   }
 }
 

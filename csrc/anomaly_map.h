@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace kd_ext {
@@ -28,18 +30,36 @@ struct MapParams {
   int64_t top_k = 0;           // for kScoreTopK
 };
 
-// CPU (OpenMP) implementation. `out` is contiguous [batch, out_h, out_w]; `scores` is [batch]
-// and written only when params.score_mode != kScoreNone. Arguments are validated by the caller.
+// A kernel could not allocate its working memory; what() names the sizes and the fix. The
+// bindings turn it into Python's MemoryError.
+class OutOfMemory : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The OutOfMemory message for `what` (e.g. "the CPU anomaly-map kernel"): output and working
+// memory of a batch of out_h x out_w maps, and the fix (smaller batch or output size).
+std::string out_of_memory_message(const char* what, int64_t workspace_bytes, int64_t batch, int64_t out_h,
+                                  int64_t out_w);
+
+// CPU implementation. `out` is contiguous [batch, out_h, out_w]; `scores` is [batch] and written
+// only when params.score_mode != kScoreNone. Arguments are validated by the caller. All working
+// memory is allocated before the threads start; throws OutOfMemory when it cannot be.
 void anomaly_map_cpu(const std::vector<ScaleView>& scales, int64_t batch, const MapParams& params, float* out,
                      float* scores);
 
+// Maximum of n floats, NaN when any of them is NaN.
+float max_or_nan(const float* values, int64_t n);
+
 // Image score of existing maps [batch, hw] (max or mean of the top_k largest); NaN propagates.
+// Throws OutOfMemory when the top-k working copies cannot be allocated.
 void image_score_cpu(const float* maps, int64_t batch, int64_t hw, int score_mode, int64_t top_k, float* scores);
 
 #ifdef KD_EXT_WITH_CUDA
 // CUDA implementation: all pointers are device pointers on the current device; work is queued on
 // `stream` (a cudaStream_t, 0 for the legacy default stream). Throws std::runtime_error on CUDA
-// errors. At most kMaxCudaScales scales.
+// errors and OutOfMemory when the device memory for its working buffers cannot be allocated. At
+// most kMaxCudaScales scales.
 constexpr int kMaxCudaScales = 8;
 void anomaly_map_cuda(const std::vector<ScaleView>& scales, int64_t batch, const MapParams& params, float* out,
                       float* scores, void* stream);

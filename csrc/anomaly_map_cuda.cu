@@ -260,12 +260,20 @@ void anomaly_map_cuda(const std::vector<ScaleView>& scales, int64_t batch, const
     sc.weight[k] = params.fusion == km::kWeighted ? params.weights[k] : 1.0f;
     image_stride += scales[k].height * scales[k].width;
   }
-  // Scratch: taps | distances [batch, image_stride] | horizontally blurred plane [batch, plane].
+  // Scratch (one stream-ordered allocation; failure raises OutOfMemory before any launch):
+  // taps | distances [batch, image_stride] | horizontally blurred plane [batch, plane].
   const size_t taps_bytes = ((taps.size() * sizeof(float) + 255) / 256) * 256;
   const size_t dist_bytes = ((static_cast<size_t>(batch * image_stride) * sizeof(float) + 255) / 256) * 256;
   const size_t tmp_bytes = blur ? static_cast<size_t>(batch * plane) * sizeof(float) : 0;
+  const size_t scratch_bytes = taps_bytes + dist_bytes + tmp_bytes;
   void* scratch = nullptr;
-  check(cudaMallocAsync(&scratch, taps_bytes + dist_bytes + tmp_bytes, stream), "cudaMallocAsync");
+  const cudaError_t alloc = cudaMallocAsync(&scratch, scratch_bytes, stream);
+  if (alloc == cudaErrorMemoryAllocation) {
+    cudaGetLastError();  // not sticky; clear it so the next call starts clean
+    throw OutOfMemory(out_of_memory_message("the CUDA anomaly-map kernel", static_cast<int64_t>(scratch_bytes), batch,
+                                            params.out_h, params.out_w));
+  }
+  check(alloc, "cudaMallocAsync");
   auto* taps_dev = static_cast<float*>(scratch);
   auto* dist = reinterpret_cast<float*>(static_cast<char*>(scratch) + taps_bytes);
   auto* tmp = reinterpret_cast<float*>(static_cast<char*>(scratch) + taps_bytes + dist_bytes);

@@ -12,6 +12,10 @@ std::vector<float> gaussian_kernel_1d(double sigma) {
   if (!(sigma > 0.0) || !std::isfinite(sigma)) {
     throw std::invalid_argument("sigma must be a finite number > 0, got " + std::to_string(sigma));
   }
+  if (4.0 * sigma + 0.5 >= static_cast<double>(kMaxGaussianRadius)) {
+    throw std::invalid_argument("sigma=" + std::to_string(sigma) + " gives a blur radius above " +
+                                std::to_string(kMaxGaussianRadius) + "; use a smaller sigma");
+  }
   const int radius = gaussian_radius(sigma);
   std::vector<double> taps(2 * radius + 1);
   double total = 0.0;

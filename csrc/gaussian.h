@@ -5,10 +5,15 @@
 
 namespace kd_ext {
 
+// Bound on the radius gaussian_kernel_1d builds: a map's smaller side is below 2^15 under the
+// pixel cap (H * W < 2^30), and the radius must be smaller than that side.
+constexpr int kMaxGaussianRadius = 1 << 15;
+
 // Kernel radius for a given sigma: floor(4*sigma + 0.5), as anomalib's anomaly-map generators use.
 int gaussian_radius(double sigma);
 
-// Normalised 1-D Gaussian taps of length 2*radius+1. Throws std::invalid_argument for sigma <= 0.
+// Normalised 1-D Gaussian taps of length 2*radius+1. Throws std::invalid_argument for sigma <= 0,
+// non-finite sigma or a radius of kMaxGaussianRadius or more.
 std::vector<float> gaussian_kernel_1d(double sigma);
 
 }  // namespace kd_ext

@@ -2,21 +2,30 @@
 //
 // Torch-free: CPU inputs arrive through the buffer protocol (numpy arrays; a torch CPU tensor's
 // .numpy() view is zero-copy), CUDA inputs through __cuda_array_interface__ (torch, cupy, numba).
-// Every argument is validated here; bad input raises ValueError/TypeError, never crashes.
+// Every argument is validated here; bad input raises ValueError/TypeError, never crashes. The
+// user-facing option rules (sigma, output size, weights) live in kd_ext/kernels/_options.py and
+// run before dispatch; the checks here re-state only the bounds this code's memory safety needs
+// (MAX_MAP_PIXELS, blur radius below the map size), so a direct call cannot crash either.
+// Out of memory raises MemoryError naming the sizes and the fix.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <new>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "anomaly_map.h"
 #include "gaussian.h"
 #include "kd_math.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 
@@ -207,7 +216,10 @@ Prepared prepare(const std::vector<ArrayView>& teacher, const std::vector<ArrayV
   if (out_h <= 0 || out_w <= 0) {
     value_error("output_size must be positive, got (" + std::to_string(out_h) + ", " + std::to_string(out_w) + ")");
   }
-  if (out_h >= kMaxDim || out_w >= kMaxDim || out_h * out_w >= kMaxDim) value_error("output_size is too large");
+  if (out_h >= kMaxDim || out_w >= kMaxDim || out_h * out_w >= kMaxDim) {
+    value_error("output_size (" + std::to_string(out_h) + ", " + std::to_string(out_w) + ") is too large: at most " +
+                std::to_string(kMaxDim - 1) + " pixels per map; use a smaller output_size");
+  }
   p.params.out_h = out_h;
   p.params.out_w = out_w;
   if (p.params.fusion == kd_ext::math::kWeighted) {
@@ -358,10 +370,37 @@ void image_score_cuda_py(const py::object& maps_obj, const py::object& scores_ob
 }
 #endif
 
+// Test hook for parallel_for's exception handling: runs n calls in which the thread with worker
+// id `throwing_worker` throws std::bad_alloc (the others wait up to 2 s for it to start, once).
+// Raises MemoryError when it threw; returns the number of calls otherwise (no such worker ran).
+int64_t parallel_for_probe(int64_t n, int throwing_worker) {
+  py::gil_scoped_release release;
+  std::atomic<bool> thrown{false}, waited{false};
+  std::atomic<int64_t> calls{0};
+  kd_ext::parallel_for(n, [&](int64_t, int worker) {
+    calls.fetch_add(1);
+    if (worker == throwing_worker) {
+      thrown = true;
+      throw std::bad_alloc();
+    }
+    if (waited.exchange(true)) return;
+    for (int i = 0; i < 2000 && !thrown; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  return calls.load();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "kd_ext native kernels (torch-free; float32 CPU, CUDA when built with it).";
+  py::register_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const kd_ext::OutOfMemory& oom) {
+      PyErr_SetString(PyExc_MemoryError, oom.what());
+    }
+  });
+  m.attr("MAX_MAP_PIXELS") = kMaxDim - 1;
   m.def("build_info", &build_info, "Features this build was compiled with.");
   m.def("gaussian_kernel_1d", &gaussian_kernel_1d_py, py::arg("sigma"),
         "Normalised 1-D Gaussian taps, size 2*floor(4*sigma+0.5)+1 (sigma > 0).");
@@ -372,6 +411,8 @@ PYBIND11_MODULE(_native, m) {
         "from lists of C-contiguous float32 [B, C_k, H_k, W_k] arrays.");
   m.def("image_score", &image_score_py, py::arg("anomaly_map"), py::arg("mode") = "max", py::arg("top_k") = 1,
         "Image scores [B] of float32 maps [B, 1, H, W]: 'max' or 'topk' (mean of the top_k largest).");
+  m.def("_parallel_for_probe", &parallel_for_probe, py::arg("n"), py::arg("throwing_worker"),
+        "Test hook: parallel_for with one worker throwing std::bad_alloc (MemoryError when it ran).");
 #ifdef KD_EXT_WITH_CUDA
   m.def("cuda_device_count", &kd_ext::cuda_device_count, "Visible CUDA devices (0 without a driver/GPU).");
   m.def("anomaly_map_cuda", &anomaly_map_cuda_py, py::arg("teacher_features"), py::arg("student_features"),

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -23,20 +25,37 @@ struct Job {
   std::atomic<int64_t> next{0};
   std::atomic<int> next_worker{1};  // worker ids handed to helpers (0 is the caller)
   int max_workers = 1;
+  std::mutex error_mu;
+  std::exception_ptr error;  // first exception thrown by fn, re-thrown by the caller after the join
 };
 
-void run_chunks(Job* job, int worker) {
-  for (;;) {
-    const int64_t i = job->next.fetch_add(1, std::memory_order_relaxed);
-    if (i >= job->n) return;
-    (*job->fn)(i, worker);
+// Claims and runs chunks until none is left. Never throws: the first exception of fn is kept in
+// the job and stops further claims, so every thread leaves the job normally.
+void run_chunks(Job* job, int worker) noexcept {
+  try {
+    for (;;) {
+      const int64_t i = job->next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= job->n) return;
+      (*job->fn)(i, worker);
+    }
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(job->error_mu);
+    if (!job->error) job->error = std::current_exception();
+    job->next.store(job->n, std::memory_order_relaxed);
   }
 }
 
 class Pool {
  public:
+  // Starts up to `helpers` threads; when the system refuses more (out of memory or thread
+  // limits), the pool works with those it got.
   explicit Pool(int helpers) : pid_(getpid()) {
-    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { worker_loop(); });
+    try {
+      threads_.reserve(helpers);
+      for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { worker_loop(); });
+    } catch (const std::system_error&) {
+    } catch (const std::bad_alloc&) {
+    }
   }
   ~Pool() {
     {
@@ -53,7 +72,8 @@ class Pool {
 
   int size() const { return static_cast<int>(threads_.size()) + 1; }
 
-  // Returns false when the pool cannot be used (busy with another call, or after fork()).
+  // Returns false when the pool cannot be used (busy with another call, or after fork()). The job
+  // is unregistered before returning; exceptions stay in job->error.
   bool run(Job* job) {
     if (getpid() != pid_) return false;
     std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
@@ -122,18 +142,19 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int)>& fn) {
   Job job;
   job.fn = &fn;
   job.n = n;
+  bool ran = false;
   if (threads > 1 && n > 1) {
     static thread_local bool in_pool_call = false;
     if (!in_pool_call) {
       in_pool_call = true;
       Pool* p = get_pool(threads);
       job.max_workers = std::min(threads, p->size());
-      const bool ran = p->run(&job);
+      ran = p->run(&job);
       in_pool_call = false;
-      if (ran) return;
     }
   }
-  run_chunks(&job, 0);  // inline (single thread, nested, busy pool, or after fork)
+  if (!ran) run_chunks(&job, 0);  // inline (single thread, nested, busy pool, or after fork)
+  if (job.error) std::rethrow_exception(job.error);
 }
 
 }  // namespace kd_ext

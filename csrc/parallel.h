@@ -18,7 +18,9 @@ int max_threads();
 
 // Calls fn(index, worker) for every index in [0, n), worker in [0, max_threads()) identifying the
 // thread (for per-thread buffers; two concurrent calls of fn never share a worker id). Returns
-// when all calls are done. fn must not throw.
+// when all calls are done. When fn throws, no further indices are started, the threads that are
+// running finish their current call, and the first exception is re-thrown here after the join;
+// the pool is then ready for the next call.
 void parallel_for(int64_t n, const std::function<void(int64_t, int)>& fn);
 
 }  // namespace kd_ext

@@ -79,3 +79,33 @@ def test_cuda_respects_current_stream_and_rejects_mixing() -> None:
     np.testing.assert_allclose(maps.cpu().numpy(), expected.numpy(), atol=ATOL)
     with pytest.raises(ValueError, match="one device"):
         kernels.anomaly_map([teacher[0]], [student[0].cpu()], (32, 32), sigma=1.0)
+
+
+def test_cuda_output_size_cap_is_the_shared_rule() -> None:
+    teacher = [torch.randn(1, 4, 8, 8).cuda()]
+    with pytest.raises(ValueError, match="pixels per map"):
+        kernels.anomaly_map(teacher, teacher, 100_000, sigma=0.0, backend="native")
+
+
+def test_cuda_out_of_memory_raises_memory_error_and_next_call_works() -> None:
+    """The maps fit in device memory, the kernel's working buffers do not: MemoryError, then recovery."""
+    batch, size = 4, (4096, 4096)
+    gen = torch.Generator().manual_seed(3)
+    teacher = [torch.randn(batch, 4, 16, 16, generator=gen).cuda()]
+    student = [torch.randn(batch, 4, 16, 16, generator=gen).cuda()]
+    expected = kernels.anomaly_map(teacher, student, (64, 64), sigma=1.0, backend="native")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    output = batch * size[0] * size[1] * 4
+    free, _ = torch.cuda.mem_get_info()
+    if free < output + 256 * 2**20:
+        pytest.skip("not enough free device memory to set up the case")
+    blocker = torch.empty(free - output - 64 * 2**20, dtype=torch.uint8, device="cuda")
+    try:
+        with pytest.raises(MemoryError, match=r"CUDA anomaly-map kernel.*smaller batch"):
+            kernels.anomaly_map(teacher, student, size, sigma=1.0, backend="native")
+    finally:
+        del blocker
+        torch.cuda.empty_cache()
+    again = kernels.anomaly_map(teacher, student, (64, 64), sigma=1.0, backend="native")
+    assert torch.equal(again, expected)

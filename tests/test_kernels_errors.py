@@ -1,7 +1,9 @@
 """Bad input raises a clear Python exception (never a crash); fuzzing of the raw binding."""
 
+import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -38,6 +40,8 @@ T, S = _feats()
         (lambda: kernels.anomaly_map(T, [s.numpy() for s in S], 32), TypeError, "do not mix"),
         (lambda: kernels.anomaly_map(T, S, 32, sigma=-1.0), ValueError, "sigma"),
         (lambda: kernels.anomaly_map(T, S, 32, sigma=float("nan")), ValueError, "sigma"),
+        (lambda: kernels.anomaly_map(T, S, 32, sigma=float("inf")), ValueError, "sigma"),
+        (lambda: kernels.anomaly_map(T, S, 32, sigma="4"), TypeError, "sigma"),
         (lambda: kernels.anomaly_map(T, S, 16, sigma=4.0), ValueError, "blur radius"),
         (lambda: kernels.anomaly_map(T, S, 0), ValueError, "positive"),
         (lambda: kernels.anomaly_map(T, S, (-5, 32)), ValueError, "positive"),
@@ -48,6 +52,8 @@ T, S = _feats()
         (lambda: kernels.anomaly_map(T, S, 32, fusion="weighted"), ValueError, "weights"),
         (lambda: kernels.anomaly_map(T, S, 32, weights=[1.0]), ValueError, "one entry per scale"),
         (lambda: kernels.anomaly_map(T, S, 32, fusion="product", weights=[1.0, 2.0]), ValueError, "weights"),
+        (lambda: kernels.anomaly_map(T, S, 32, fusion="weighted", weights=[1.0, "a"]), TypeError, "numbers"),
+        (lambda: kernels.anomaly_map(T, S, 32, fusion="weighted", weights="12"), TypeError, "sequence"),
         (lambda: kernels.anomaly_map(T, S, 32, backend="gpu"), ValueError, "backend"),
         (lambda: kernels.anomaly_map_and_score(T, S, 32, sigma=1.0, score="topk"), TypeError, "top_k"),
         (lambda: kernels.anomaly_map_and_score(T, S, 32, sigma=1.0, score="topk", top_k=0), ValueError, "top_k"),
@@ -65,6 +71,176 @@ T, S = _feats()
 def test_bad_calls_raise_clear_errors(call, error, match) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+# --------------------------------------------------------------------------- one rule per option, every backend
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ([float("nan"), 1.0], "finite"),
+        ([1.0, float("inf")], "finite"),
+        ([-float("inf"), 1.0], "finite"),
+        ([0.0, 0.0], "all zero"),
+    ],
+)
+@pytest.mark.parametrize("fusion", ["weighted", "sum"])
+def test_non_finite_or_all_zero_weights_are_refused(backend, weights, match, fusion) -> None:
+    with pytest.raises(ValueError, match=match):
+        kernels.anomaly_map(T, S, 32, fusion=fusion, weights=weights, sigma=1.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("size", [100_000, (2**15, 2**15), (1, 2**30), (2**31, 1)])
+def test_output_size_cap_is_one_rule_for_every_backend(backend, size) -> None:
+    """The reference backend used to try to allocate 40 GB for a 100000x100000 map."""
+    with pytest.raises(ValueError, match="pixels per map"):
+        kernels.anomaly_map(T, S, size, sigma=0.0, backend=backend)
+    with pytest.raises(ValueError, match="pixels per map"):
+        kernels.anomaly_map_and_score(T, S, size, sigma=0.0, backend=backend)
+
+
+def test_largest_map_size_is_accepted_by_the_size_rule() -> None:
+    from kd_ext.kernels._options import validate_output_size
+
+    assert validate_output_size((1, kernels.MAX_MAP_PIXELS)) == (1, kernels.MAX_MAP_PIXELS)
+    assert validate_output_size(32767) == (32767, 32767)
+    with pytest.raises(ValueError, match="pixels per map"):
+        validate_output_size((1, kernels.MAX_MAP_PIXELS + 1))
+
+
+@pytest.mark.parametrize("sigma", [0, 0.0, 1, 2.5, np.float32(4.0), np.int64(3)])
+def test_validate_sigma_returns_float(sigma) -> None:
+    value = kernels.validate_sigma(sigma)
+    assert isinstance(value, float)
+    assert value == float(sigma)
+    assert kernels.validate_sigma(sigma, (64, 48)) == value
+
+
+@pytest.mark.parametrize("sigma", [float("nan"), float("inf"), -float("inf"), -1.0, -1e-9, np.float32("nan")])
+@pytest.mark.parametrize("map_size", [None, (256, 256)])
+def test_validate_sigma_refuses_non_finite_and_negative(sigma, map_size) -> None:
+    with pytest.raises(ValueError, match=r"sigma must be >= 0 and finite"):
+        kernels.validate_sigma(sigma, map_size)
+
+
+@pytest.mark.parametrize("sigma", [True, "4", None, [4.0], torch.tensor(4.0)])
+def test_validate_sigma_refuses_non_numbers(sigma) -> None:
+    with pytest.raises(TypeError, match="sigma must be a number"):
+        kernels.validate_sigma(sigma)
+
+
+def test_validate_sigma_radius_must_fit_the_map() -> None:
+    # radius floor(4 * sigma + 0.5) < min(H, W): for 16 pixels sigma must stay below 3.875.
+    assert kernels.validate_sigma(3.874, (16, 40)) == 3.874
+    with pytest.raises(ValueError, match=r"blur radius of 16 .*\(16, 40\).*sigma < 3\.875"):
+        kernels.validate_sigma(3.875, (16, 40))
+    with pytest.raises(ValueError, match="blur radius"):
+        kernels.validate_sigma(1e30, (256, 256))
+    assert kernels.validate_sigma(1e30) == 1e30  # no map size, no radius check
+    assert kernels.validate_sigma(0.0, (1, 1)) == 0.0  # no smoothing fits any map
+
+
+@pytest.mark.parametrize(("map_size", "error"), [((16,), TypeError), ((16.0, 16), TypeError), ((0, 16), ValueError)])
+def test_validate_sigma_checks_map_size(map_size, error) -> None:
+    with pytest.raises(error, match="map_size"):
+        kernels.validate_sigma(1.0, map_size)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_kernels_refuse_sigma_with_the_validate_sigma_message(backend) -> None:
+    with pytest.raises(ValueError) as expected:
+        kernels.validate_sigma(4.0, (16, 20))
+    with pytest.raises(ValueError) as raised:
+        kernels.anomaly_map(T, S, (16, 20), sigma=4.0, backend=backend)
+    assert str(raised.value) == str(expected.value)
+
+
+# --------------------------------------------------------------------------- out of memory
+
+# Batch 8 of 4096x4096 maps: the 512 MiB output fits under the address-space limit set below, the
+# working planes (64 MiB per thread) do not. The first call (before the limit) starts the
+# thread pool, so the limit is relative to what the process already uses.
+_OOM_SCRIPT = textwrap.dedent(
+    """
+    import resource
+    import numpy as np
+    from kd_ext import kernels
+
+    batch, height, width = 8, 4096, 4096
+    rng = np.random.default_rng(0)
+    teacher = [rng.standard_normal((batch, 4, 16, 16), dtype=np.float32)]
+    student = [rng.standard_normal((batch, 4, 16, 16), dtype=np.float32)]
+    expected = kernels.anomaly_map(teacher, student, (64, 64), sigma=1.0, backend="native")
+
+    def address_space():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+
+    output = batch * height * width * 4
+    limit = address_space() + output + 32 * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    try:
+        kernels.anomaly_map(teacher, student, (height, width), sigma=1.0, backend="native")
+    except MemoryError as error:
+        print("MEMORYERROR", error, flush=True)
+    else:
+        print("NO ERROR", flush=True)
+    again = kernels.anomaly_map(teacher, student, (64, 64), sigma=1.0, backend="native")
+    print("NEXT CALL", bool(np.array_equal(again, expected)), flush=True)
+    """
+)
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_AS and /proc/self/status")
+def test_out_of_memory_raises_memory_error_and_next_call_works() -> None:
+    proc = _run_python(_OOM_SCRIPT)
+    assert proc.returncode == 0, f"kernel process died (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("MEMORYERROR"), proc.stdout
+    assert "8 anomaly maps of 4096x4096" in lines[0]
+    assert "smaller batch" in lines[0]
+    assert "output_size" in lines[0]
+    assert lines[1] == "NEXT CALL True"
+
+
+_PARALLEL_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    from kd_ext import _native, kernels
+
+    rng = np.random.default_rng(0)
+    teacher = [rng.standard_normal((9, 4, 8, 8), dtype=np.float32)]
+    student = [rng.standard_normal((9, 4, 8, 8), dtype=np.float32)]
+    expected = kernels.anomaly_map(teacher, student, (40, 40), sigma=1.0, backend="native")
+    raised = {0: 0, 1: 0}
+    for worker in raised:
+        for _ in range(10):
+            try:
+                _native._parallel_for_probe(64, worker)
+            except MemoryError:
+                raised[worker] += 1
+            again = kernels.anomaly_map(teacher, student, (40, 40), sigma=1.0, backend="native")
+            assert np.array_equal(again, expected)
+    print(raised[0], raised[1], flush=True)
+    """
+)
+
+
+def test_exception_in_a_worker_thread_reaches_python_and_pool_recovers() -> None:
+    """Worker 0 is the calling thread, worker 1 a pool helper; either one throwing must not abort."""
+    proc = _run_python(_PARALLEL_SCRIPT)
+    assert proc.returncode == 0, f"process died (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    from_caller, from_helper = (int(v) for v in proc.stdout.split())
+    assert from_caller == 10
+    assert from_helper >= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device in this session")

@@ -32,6 +32,8 @@ def cases(draw: st.DrawFn) -> dict:
         sigma = 0.0
     fusion = draw(st.sampled_from(["sum", "mean", "product", "weighted"]))
     weights = [draw(st.floats(-2, 2, allow_nan=False)) for _ in range(num_scales)] if fusion == "weighted" else None
+    if weights is not None and not any(weights):
+        weights[0] = 1.0  # all-zero weights are refused (every map would be zero)
     return {
         "batch": draw(st.integers(1, 3)),
         "shapes": shapes,
@@ -60,6 +62,18 @@ def test_native_matches_reference(case: dict) -> None:
     ref_maps, ref_scores = kernels.anomaly_map_and_score(teacher, student, case["out"], backend="reference", **options)
     assert maps.shape == (case["batch"], 1, *case["out"])
     assert maps.dtype == torch.float32
+    assert (maps - ref_maps).abs().max().item() <= ATOL
+    assert (scores - ref_scores).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+@pytest.mark.parametrize("score", ["max", "topk"])
+def test_native_matches_reference_split_and_whole_image_paths(batch: int, score: str) -> None:
+    """Batch 1 splits each image over the threads; batch 9 hands out whole images (<= 2 threads)."""
+    teacher, student = _features(np.random.default_rng(7), batch, [(6, 9, 10), (12, 5, 5)])
+    options = {"sigma": 2.0, "score": score, "top_k": 20 if score == "topk" else None}
+    maps, scores = kernels.anomaly_map_and_score(teacher, student, (70, 66), backend="native", **options)
+    ref_maps, ref_scores = kernels.anomaly_map_and_score(teacher, student, (70, 66), backend="reference", **options)
     assert (maps - ref_maps).abs().max().item() <= ATOL
     assert (scores - ref_scores).abs().max().item() <= ATOL
 

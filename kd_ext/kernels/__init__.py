@@ -8,6 +8,8 @@ smoothing (reflect) and the image score (max or mean of top-k).
 Backends: the torch-free native kernels in ``kd_ext._native`` (OpenMP CPU; CUDA when built with a
 CUDA toolkit) and a pure-torch reference (:mod:`kd_ext.kernels.reference`) used for export, for
 autograd and as the fallback. Numpy inputs give numpy outputs and need no torch on the native path.
+Every backend accepts and refuses the same options (:func:`validate_sigma`, at most
+:data:`MAX_MAP_PIXELS` pixels per map); models check their ``sigma`` with :func:`validate_sigma`.
 
 Example:
     >>> from kd_ext import kernels
@@ -29,12 +31,14 @@ from kd_ext.kernels._api import (
     image_score,
     native_available,
 )
+from kd_ext.kernels._options import MAX_MAP_PIXELS, validate_sigma
 from kd_ext.kernels.native import build_info
 
 __all__ = [
     "BACKENDS",
     "DISTANCES",
     "FUSIONS",
+    "MAX_MAP_PIXELS",
     "SCORE_MODES",
     "Backend",
     "anomaly_map",
@@ -43,4 +47,5 @@ __all__ = [
     "cuda_available",
     "image_score",
     "native_available",
+    "validate_sigma",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -10,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kd_ext.kernels import native
+from kd_ext.kernels._options import validate_output_size, validate_sigma, validate_weights
 
 Backend = Literal["auto", "native", "reference"]
 Array = Any  # numpy.ndarray or torch.Tensor
@@ -83,62 +83,10 @@ def _contiguous(value: Array) -> Array:
     return value.contiguous()
 
 
-def _output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(output_size, (int, np.integer)) and not isinstance(output_size, bool):
-        size = (int(output_size), int(output_size))
-    elif (
-        isinstance(output_size, Sequence)
-        and len(output_size) == 2
-        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in output_size)
-    ):
-        size = (int(output_size[0]), int(output_size[1]))
-    else:
-        msg = f"output_size must be an int or a pair of ints (H, W), got {output_size!r}"
-        raise TypeError(msg)
-    if size[0] <= 0 or size[1] <= 0:
-        msg = f"output_size must be positive, got {size}"
-        raise ValueError(msg)
-    return size
-
-
-def _check_sigma(sigma: float, size: tuple[int, int]) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)):
-        msg = f"sigma must be a number, got {type(sigma).__name__}"
-        raise TypeError(msg)
-    sigma = float(sigma)
-    if not math.isfinite(sigma) or sigma < 0:
-        msg = f"sigma must be a finite number >= 0 (0 disables smoothing), got {sigma}"
-        raise ValueError(msg)
-    radius = math.floor(4.0 * sigma + 0.5) if sigma > 0 else 0
-    if radius >= min(size):
-        msg = (
-            f"sigma={sigma} gives a blur radius of {radius}, which must be smaller than the output height and "
-            f"width {size} for reflect padding; use a larger output_size or a smaller sigma"
-        )
-        raise ValueError(msg)
-    return sigma
-
-
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
     if value not in choices:
         msg = f"{what} must be one of {choices}, got {value!r}"
         raise ValueError(msg)
-
-
-def _check_weights(fusion: str, weights: Sequence[float] | None, num_scales: int) -> list[float] | None:
-    if weights is None:
-        if fusion == "weighted":
-            msg = f"fusion='weighted' needs weights, one per scale ({num_scales})"
-            raise ValueError(msg)
-        return None
-    if fusion not in {"sum", "weighted"}:
-        msg = f"weights are only used with fusion='weighted' (or 'sum'), got fusion={fusion!r}"
-        raise ValueError(msg)
-    values = [float(w) for w in weights]
-    if len(values) != num_scales:
-        msg = f"weights must have one entry per scale ({num_scales}), got {len(values)}"
-        raise ValueError(msg)
-    return values
 
 
 def _check_top_k(mode: str, top_k: int | None, size: int) -> int:
@@ -304,13 +252,14 @@ def _run(
     top_k: int | None,
     backend: str,
 ) -> tuple[Array, Array | None]:
-    teachers, students, kind, device = _check_features(teacher_features, student_features)
-    size = _output_size(output_size)
+    # The option rules of _options, the same for every backend, before any backend allocates.
+    size = validate_output_size(output_size)
+    sigma = validate_sigma(sigma, size)
     _check_choice(distance, DISTANCES, "distance")
     _check_choice(fusion, FUSIONS, "fusion")
-    weight_list = _check_weights(fusion, weights, len(teachers))
+    teachers, students, kind, device = _check_features(teacher_features, student_features)
+    weight_list = validate_weights(fusion, weights, len(teachers))
     native_fusion = "weighted" if weight_list is not None else fusion
-    sigma = _check_sigma(sigma, size)
     k = _check_top_k(score, top_k, size[0] * size[1]) if score != "none" else 1
     if not isinstance(align_corners, (bool, np.bool_)):
         msg = f"align_corners must be a bool, got {type(align_corners).__name__}"
@@ -407,13 +356,16 @@ def anomaly_map(
     Args:
         teacher_features: Per-scale teacher features.
         student_features: Per-scale student features, same shapes as the teacher's.
-        output_size: ``(H, W)`` of the maps, or one int for square maps.
+        output_size: ``(H, W)`` of the maps, or one int for square maps; at most
+            :data:`MAX_MAP_PIXELS` pixels per map on every backend.
         distance: ``"cosine"`` (``1 - cos``, eps 1e-8 per norm) or ``"l2"`` (STFPM
             ``0.5 * |t/|t| - s/|s||^2``).
         fusion: ``"sum"``, ``"mean"``, ``"product"`` or ``"weighted"``.
-        weights: Per-scale weights, a weighted sum (``fusion="weighted"``, or ``"sum"`` with weights).
+        weights: Per-scale weights, a weighted sum (``fusion="weighted"``, or ``"sum"`` with weights):
+            one finite number per scale, not all zero.
         align_corners: ``align_corners`` of the bilinear upsampling (as ``F.interpolate``).
-        sigma: Gaussian sigma; ``0`` disables smoothing. The radius must be below ``H`` and ``W``.
+        sigma: Gaussian sigma; ``0`` disables smoothing. Checked by :func:`validate_sigma`: finite,
+            ``>= 0``, and the radius must be below ``H`` and ``W``.
         backend: ``"auto"`` (native kernels for CPU float32 — or CUDA when built with CUDA — and
             the torch reference while tracing/exporting/compiling or when autograd is needed),
             ``"native"`` (fail rather than fall back) or ``"reference"`` (pure torch).
@@ -423,8 +375,10 @@ def anomaly_map(
 
     Raises:
         TypeError: Wrong container/array types or dtypes.
-        ValueError: Inconsistent shapes, empty inputs, bad sizes, sigma or option names.
+        ValueError: Inconsistent shapes, empty inputs, bad sizes, sigma, weights or option names.
         RuntimeError: ``backend="native"`` when the native kernels cannot be used.
+        MemoryError: The native kernels cannot allocate the maps or their working memory (the
+            message names the sizes; use a smaller batch or output_size).
 
     Example:
         >>> import numpy as np
@@ -488,8 +442,9 @@ def anomaly_map_and_score(
 
     Raises:
         TypeError: Wrong container/array types or dtypes.
-        ValueError: Inconsistent shapes, empty inputs, bad sizes, sigma, options or top_k.
+        ValueError: Inconsistent shapes, empty inputs, bad sizes, sigma, weights, options or top_k.
         RuntimeError: ``backend="native"`` when the native kernels cannot be used.
+        MemoryError: The native kernels cannot allocate the maps or their working memory.
     """
     _check_choice(score, SCORE_MODES, "score mode")
     maps, scores = _run(

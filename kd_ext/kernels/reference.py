@@ -11,11 +11,12 @@ The functions here assume validated arguments; use :mod:`kd_ext.kernels` for che
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch.nn import functional as F  # noqa: N812
+
+from kd_ext.kernels._options import gaussian_radius
 
 __all__ = [
     "anomaly_map",
@@ -26,18 +27,6 @@ __all__ = [
     "gaussian_taps",
     "image_score",
 ]
-
-
-def gaussian_radius(sigma: float) -> int:
-    """Return the blur radius ``floor(4 * sigma + 0.5)`` (kernel size ``2 * radius + 1``).
-
-    Args:
-        sigma: Standard deviation of the Gaussian, ``>= 0``.
-
-    Returns:
-        The radius in pixels (0 for ``sigma == 0``).
-    """
-    return math.floor(4.0 * sigma + 0.5) if sigma > 0 else 0
 
 
 def gaussian_taps(sigma: float, device: torch.device | None = None) -> torch.Tensor:
