@@ -6,6 +6,7 @@ and ``list_models`` only see *direct* subclasses of ``AnomalibModule``.
 """
 
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -66,6 +67,51 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
         """Return to the default memory layout (inference, export and the kernels read NCHW)."""
         self.model.to(memory_format=torch.contiguous_format)
         super().on_train_end()  # type: ignore[misc]
+
+    def on_validation_start(self) -> None:
+        """Fit what the model fits on normal training images (a prior, map statistics) before scoring."""
+        self.calibrate_on_training_images()
+        super().on_validation_start()  # type: ignore[misc]
+
+    def on_test_start(self) -> None:
+        """Check the test images, then calibrate on normal training images if training changed the model."""
+        super().on_test_start()  # type: ignore[misc]
+        self.calibrate_on_training_images()
+
+    def on_predict_start(self) -> None:
+        """Check the images to predict, then calibrate on normal training images if training changed the model."""
+        super().on_predict_start()  # type: ignore[misc]
+        self.calibrate_on_training_images()
+
+    def calibrate_on_training_images(self) -> None:
+        """Run the torch model's ``calibrate`` on the normal training images when training has made it stale.
+
+        The images come from the trainer's datamodule (or its training loader), pre-processed as in training.
+
+        Raises:
+            RuntimeError: If the model needs calibration and the trainer has no training images.
+        """
+        if not getattr(self.model, "needs_calibration", False):
+            return
+        trainer = self.trainer  # type: ignore[attr-defined]
+        datamodule = getattr(trainer, "datamodule", None)
+        loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
+        if loader is None:
+            msg = (
+                f"{type(self).__name__} was trained in this process but the trainer has no training images to fit "
+                "its normal statistics on: score with the same datamodule it was trained with."
+            )
+            raise RuntimeError(msg)
+        transform = self.pre_processor.transform if self.pre_processor is not None else None  # type: ignore[attr-defined]
+        device = self.device  # type: ignore[attr-defined]
+
+        def batches() -> Iterator[torch.Tensor]:
+            for batch in loader:
+                images = batch.image.to(device)
+                yield transform(images) if transform is not None else images
+
+        with torch.inference_mode(False), torch.no_grad():
+            self.model.calibrate(batches)
 
     @staticmethod
     def training_input(images: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from kd_ext.backbones import get_backbone_spec
 from kd_ext.models.image_checks import check_dataloader_images, evaluation_datasets
 
 CHECKPOINT_MODEL_KEY = "kd_ext_model"
-ARCHITECTURE_KEYS = ("backbone", "layers", "forward_student", "reverse_student", "attention", "fusion")
+ARCHITECTURE_KEYS = ("backbone", "layers", "forward_student", "reverse_student", "attention", "fusion", "prior")
 
 
 def teacher_pre_processor(backbone: str, image_size: tuple[int, int] | None = None) -> PreProcessor:

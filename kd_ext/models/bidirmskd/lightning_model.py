@@ -49,6 +49,8 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         learning_rate: Adam learning rate.
         kernel_backend: Anomaly-map kernel at inference: ``"auto"`` (fused native kernel when available),
             ``"native"`` or ``"reference"`` (pure torch). Export always traces the torch reference.
+        prior: Fuse a normal-feature prior (a per-location Gaussian of the teacher's deep features, fitted on
+            the normal training images) into the anomaly map.
         pre_processor: Pre-processor; ``True`` resizes to 256x256 and normalises as the teacher expects.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default.
@@ -69,6 +71,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         score_mode: str = "max",
         learning_rate: float = 0.005,
         kernel_backend: str = "auto",
+        prior: bool = False,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -96,6 +99,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
             sigma=sigma,
             score_mode=score_mode,
             kernel_backend=kernel_backend,
+            prior=prior,
         )
         self.loss = BiDirMSKDLoss()
 

@@ -5,18 +5,27 @@ student that regresses the teacher's multi-scale features from the image (STFPM-
 attention in each stage); a reverse student that reconstructs them from a one-class bottleneck
 embedding (RD4AD-like); and a feature-fusion residual module that feeds the forward student's
 multi-scale features into the reverse student's bottleneck.
+
+With ``prior=True`` a normal-feature prior (a per-location Gaussian of the teacher's deep features on the
+normal training images, :class:`~kd_ext.models.components.NormalFeaturePrior`) is fused into the map: the
+distillation map and the prior's Mahalanobis map are standardised with their statistics on normal training
+images and averaged. Distillation finds local defects a student cannot imitate; the prior finds anomalies made
+of normal-looking parts (missing, misplaced or bent components).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from anomalib.data import InferenceBatch
 
 from kd_ext.backbones import get_backbone_spec
 from kd_ext.backbones.registry import resolve_layers
+from kd_ext.kernels.reference import image_score
 from kd_ext.models.components import (
     FeatureFusionResidual,
     FrozenTeacherModel,
+    MapStandardiser,
+    NormalFeaturePrior,
     OneClassBottleneck,
     ReverseDecoder,
     build_forward_student,
@@ -76,6 +85,8 @@ class BiDirMSKDModel(FrozenTeacherModel):
         top_k_ratio: Fraction of pixels averaged by ``"topk"``.
         kernel_backend: Anomaly-map kernel: ``"auto"`` (fused native kernel at inference when the extension is
             available, torch reference while exporting), ``"native"`` or ``"reference"`` (force pure torch).
+        prior: Fuse a normal-feature prior of the teacher's two deepest levels into the map (fitted on the
+            normal training images by :meth:`calibrate`).
     """
 
     def __init__(
@@ -92,6 +103,7 @@ class BiDirMSKDModel(FrozenTeacherModel):
         score_mode: str = "max",
         top_k_ratio: float = 0.01,
         kernel_backend: str = "auto",
+        prior: bool = False,
     ) -> None:
         super().__init__()
         if not (forward_student or reverse_student):
@@ -130,6 +142,9 @@ class BiDirMSKDModel(FrozenTeacherModel):
             if fusion:
                 self.fusion = FeatureFusionResidual(channels, strides, embedding_channels)
         self.anomaly_map_generator = AnomalyMapGenerator(fusion=map_fusion, sigma=sigma, backend=kernel_backend)
+        self.prior = NormalFeaturePrior(levels=(-2, -1) if len(self.layers) > 1 else (-1,)) if prior else None
+        self.standardiser = MapStandardiser(num_maps=2) if prior else None
+        self.needs_calibration = False
 
     def distill(
         self,
@@ -170,11 +185,59 @@ class BiDirMSKDModel(FrozenTeacherModel):
         """
         teacher, forward, reverse = self.distill(images)
         if self.training:
+            self.needs_calibration = self.prior is not None
             return teacher, forward, reverse
-        students = [student for student in (forward, reverse) if student is not None]
-        height, width = images.shape[-2:]
+        height, width = int(images.shape[-2]), int(images.shape[-1])
         top_k = None if self.score_mode == "max" else max(1, int(height * width * self.top_k_ratio))
-        anomaly_map, pred_score = self.anomaly_map_generator.map_and_score(
-            teacher, students, (height, width), self.score_mode, top_k
-        )
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        if self.prior is None or self.standardiser is None or not self.prior.fitted:
+            anomaly_map, pred_score = self.anomaly_map_generator.map_and_score(
+                teacher, self._students(forward, reverse), (height, width), self.score_mode, top_k
+            )
+            return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        anomaly_map = self.standardiser(self._maps(teacher, forward, reverse, (height, width)))
+        return InferenceBatch(pred_score=image_score(anomaly_map, self.score_mode, top_k), anomaly_map=anomaly_map)
+
+    @staticmethod
+    def _students(forward: list[torch.Tensor] | None, reverse: list[torch.Tensor] | None) -> list[list[torch.Tensor]]:
+        return [student for student in (forward, reverse) if student is not None]
+
+    def _maps(
+        self,
+        teacher: list[torch.Tensor],
+        forward: list[torch.Tensor] | None,
+        reverse: list[torch.Tensor] | None,
+        size: tuple[int, int],
+    ) -> list[torch.Tensor]:
+        """The distillation map and the prior's map, unstandardised."""
+        if self.prior is None:
+            msg = "This model has no prior (prior=False)."
+            raise RuntimeError(msg)
+        distillation = self.anomaly_map_generator(teacher, self._students(forward, reverse), size)
+        return [distillation, self.prior(teacher, size)]
+
+    @torch.no_grad()
+    def calibrate(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
+        """Fit the prior (once: the teacher is frozen) and the maps' normal statistics on normal training images.
+
+        Does nothing for a model without a prior. Runs in eval mode and restores the previous mode.
+
+        Args:
+            batches: Returns a fresh iterable of normalised normal training images ``[B, 3, H, W]`` each call
+                (it is iterated once or twice).
+        """
+        if self.prior is None or self.standardiser is None:
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            if not self.prior.fitted:
+                for images in batches():
+                    self.prior.accumulate(self.teacher(images))
+                self.prior.finalize()
+            for images in batches():
+                teacher, forward, reverse = self.distill(images)
+                self.standardiser.accumulate(self._maps(teacher, forward, reverse, tuple(images.shape[-2:])))
+            self.standardiser.finalize()
+        finally:
+            self.train(was_training)
+        self.needs_calibration = False

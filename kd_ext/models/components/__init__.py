@@ -1,9 +1,10 @@
-"""Building blocks shared by kd_ext models: attention, bottleneck, decoder, fusion, students, teacher."""
+"""Building blocks shared by kd_ext models: attention, bottleneck, decoder, fusion, prior, students, teacher."""
 
 from .attention import CBAM, ChannelAttention, SpatialAttention
 from .bottleneck import OneClassBottleneck
 from .decoder import ReverseDecoder
 from .fusion import FeatureFusionResidual
+from .prior import MapStandardiser, NormalFeaturePrior
 from .students import build_forward_student, build_teacher
 from .teacher import FrozenTeacherModel, level_strides, probe_levels, require_halving_strides
 
@@ -12,6 +13,8 @@ __all__ = [
     "ChannelAttention",
     "FeatureFusionResidual",
     "FrozenTeacherModel",
+    "MapStandardiser",
+    "NormalFeaturePrior",
     "OneClassBottleneck",
     "ReverseDecoder",
     "SpatialAttention",

@@ -1,0 +1,212 @@
+"""A normal-feature prior: a per-location Gaussian of the frozen teacher's deep features on normal images.
+
+Distillation maps find what a student cannot imitate; they are weakest where an anomaly is *made of normal-looking
+parts* (a missing, misplaced or bent component, an unusual layout), because every local patch still looks like
+something the student has learned. A statistics prior sees exactly that: at every location of the teacher's deepest
+levels it stores the mean and covariance of the normal training images' features (as PaDiM does) and scores a test
+feature by its Mahalanobis distance. The prior is fitted, not trained: one pass over the normal training images,
+after which its buffers are constants (saved in checkpoints, folded into exported graphs).
+
+:class:`MapStandardiser` puts maps that live on different scales (a distillation discrepancy and a Mahalanobis
+distance) on a common one, with statistics of the maps on normal training images, so that they can be fused with
+equal weights: no weight is chosen on test images.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+PRIOR_POOL = 3
+"""Side of the neighbourhood averaged into each location's feature (locally aware patches, as PatchCore)."""
+COVARIANCE_EPSILON = 0.01
+"""Ridge added to every covariance (PaDiM's regulariser)."""
+
+
+class NormalFeaturePrior(nn.Module):
+    """Per-location Gaussian of teacher features on normal images; Mahalanobis distance maps.
+
+    The selected levels are each averaged over a ``PRIOR_POOL``-sized neighbourhood, resized to the grid of the
+    deepest selected level and concatenated into one embedding per location. Fitting accumulates, per location,
+    the count, sum and sum of outer products of the embeddings (float64), then stores the mean and the inverse of
+    a shrunk covariance: ``(1 - a) * S + a * (trace(S) / D) * I + eps * I`` with ``a = D / (D + N)`` for ``N``
+    images and ``D`` channels, so that small training sets (fewer images than channels) give a well-conditioned
+    estimate without any tuning.
+
+    Args:
+        levels: Indices of the teacher levels used (deep levels; negative indices count from the deepest).
+
+    Example:
+        >>> prior = NormalFeaturePrior(levels=(-2, -1))
+        >>> features = [torch.rand(4, 8, 16, 16), torch.rand(4, 16, 8, 8)]
+        >>> prior.accumulate(features); prior.finalize()
+        >>> prior(features, (64, 64)).shape
+        torch.Size([4, 1, 64, 64])
+    """
+
+    def __init__(self, levels: Sequence[int] = (-2, -1)) -> None:
+        super().__init__()
+        if not levels:
+            msg = "The normal-feature prior needs at least one teacher level."
+            raise ValueError(msg)
+        self.levels = tuple(levels)
+        self.register_buffer("mean", torch.zeros(0))
+        self.register_buffer("precision", torch.zeros(0))
+        self._count = 0
+        self._sum: torch.Tensor | None = None
+        self._outer: torch.Tensor | None = None
+
+    @property
+    def fitted(self) -> bool:
+        """Whether :meth:`finalize` has stored a mean and precision."""
+        return self.mean.numel() > 0
+
+    def embed(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Locally averaged features of the selected levels on the deepest level's grid, ``[B, D, h, w]``."""
+        selected = [features[index] for index in self.levels]
+        grid = tuple(selected[-1].shape[-2:])
+        pooled = [
+            F.avg_pool2d(feature, PRIOR_POOL, stride=1, padding=PRIOR_POOL // 2, count_include_pad=False)
+            for feature in selected
+        ]
+        resized = [
+            feature if tuple(feature.shape[-2:]) == grid else F.adaptive_avg_pool2d(feature, grid) for feature in pooled
+        ]
+        return torch.cat(resized, dim=1)
+
+    def reset(self) -> None:
+        """Forget the fitted statistics and any accumulated sums."""
+        self._count, self._sum, self._outer = 0, None, None
+        self.mean = torch.zeros(0, device=self.mean.device)
+        self.precision = torch.zeros(0, device=self.precision.device)
+
+    @torch.no_grad()
+    def accumulate(self, features: Sequence[torch.Tensor]) -> None:
+        """Add the teacher features of a batch of normal images to the running sums.
+
+        Args:
+            features: Teacher features, one tensor per level (all levels of the model, shallow to deep).
+        """
+        embedding = self.embed(features).double()
+        batch, channels = embedding.shape[:2]
+        flat = embedding.flatten(2).permute(2, 0, 1)  # [L, B, D]
+        if self._sum is None:
+            self._sum = flat.new_zeros(flat.shape[0], channels)
+            self._outer = flat.new_zeros(flat.shape[0], channels, channels)
+        elif self._sum.shape != (flat.shape[0], channels):
+            msg = (
+                f"Images of one fit must share one size: the prior's grid is {tuple(self._sum.shape)} "
+                f"(locations, channels), this batch gives {(flat.shape[0], channels)}."
+            )
+            raise ValueError(msg)
+        self._count += batch
+        self._sum += flat.sum(dim=1)
+        self._outer += flat.transpose(1, 2) @ flat
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Turn the accumulated sums into the mean and the shrunk inverse covariance.
+
+        Raises:
+            RuntimeError: If nothing was accumulated.
+        """
+        if self._sum is None or self._outer is None or self._count < 1:
+            msg = "The normal-feature prior saw no normal images; accumulate training features before finalize()."
+            raise RuntimeError(msg)
+        count = self._count
+        mean = self._sum / count
+        covariance = self._outer / count - mean.unsqueeze(2) * mean.unsqueeze(1)
+        channels = mean.shape[1]
+        shrink = channels / (channels + count)
+        identity = torch.eye(channels, dtype=covariance.dtype, device=covariance.device)
+        scale = covariance.diagonal(dim1=1, dim2=2).mean(dim=1).view(-1, 1, 1)
+        shrunk = (1 - shrink) * covariance + shrink * scale * identity + COVARIANCE_EPSILON * identity
+        device = self.mean.device
+        self.mean = mean.float().to(device)
+        self.precision = torch.linalg.inv(shrunk).float().to(device)
+        self._count, self._sum, self._outer = 0, None, None
+
+    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Mahalanobis distance of every location to the normal Gaussian, upsampled to ``size``.
+
+        Args:
+            features: Teacher features, one tensor per level.
+            size: Output size ``(H, W)``.
+
+        Returns:
+            torch.Tensor: Distance maps ``[B, 1, H, W]``.
+
+        Raises:
+            RuntimeError: If the prior is not fitted, or the features' grid differs from the fitted one.
+        """
+        if not self.fitted:
+            msg = "The normal-feature prior is not fitted: train the model (or call calibrate) first."
+            raise RuntimeError(msg)
+        embedding = self.embed(features)
+        batch, channels, height, width = embedding.shape
+        if (height * width, channels) != tuple(self.mean.shape):
+            msg = (
+                f"The prior was fitted on a {tuple(self.mean.shape)} (locations, channels) grid but got "
+                f"{(height * width, channels)}: score images at the size the model was trained at."
+            )
+            raise RuntimeError(msg)
+        centred = embedding.flatten(2).permute(2, 0, 1) - self.mean.unsqueeze(1)  # [L, B, D]
+        distance = ((centred @ self.precision) * centred).sum(dim=2).clamp_min(0).sqrt()  # [L, B]
+        grid = distance.permute(1, 0).reshape(batch, 1, height, width)
+        return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args, **kwargs) -> None:
+        """Take the fitted buffers' shapes from the checkpoint (they are empty until fitted)."""
+        for name in ("mean", "precision"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class MapStandardiser(nn.Module):
+    """Standardise several anomaly maps with their normal-image statistics and average them.
+
+    Args:
+        num_maps: Number of maps fused.
+    """
+
+    def __init__(self, num_maps: int) -> None:
+        super().__init__()
+        self.register_buffer("map_mean", torch.zeros(num_maps))
+        self.register_buffer("map_std", torch.ones(num_maps))
+        self._moments: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def accumulate(self, maps: Sequence[torch.Tensor]) -> None:
+        """Add the maps of a batch of normal images to the running moments (count, sum, sum of squares)."""
+        moments = torch.stack(
+            [torch.stack([torch.tensor(float(m.numel())), m.double().sum().cpu(), m.double().square().sum().cpu()])
+             for m in maps]
+        )
+        self._moments = moments if self._moments is None else self._moments + moments
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Store the means and standard deviations of the accumulated maps.
+
+        Raises:
+            RuntimeError: If nothing was accumulated.
+        """
+        if self._moments is None:
+            msg = "No normal maps were accumulated; run accumulate() on training images first."
+            raise RuntimeError(msg)
+        count, total, squares = self._moments.unbind(dim=1)
+        mean = total / count
+        std = (squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-6)
+        self.map_mean.copy_(mean.float())
+        self.map_std.copy_(std.float())
+        self._moments = None
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean of the standardised maps ``[B, 1, H, W]``."""
+        stacked = torch.cat(list(maps), dim=1)
+        standardised = (stacked - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
+        return standardised.mean(dim=1, keepdim=True)

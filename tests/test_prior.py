@@ -1,0 +1,121 @@
+"""The normal-feature prior and its fusion into BiDirMSKD's map."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from kd_ext.models.bidirmskd.torch_model import BiDirMSKDModel
+from kd_ext.models.components import MapStandardiser, NormalFeaturePrior
+
+
+def _features(batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    return [torch.randn(batch, 6, 8, 8, generator=generator), torch.randn(batch, 10, 4, 4, generator=generator)]
+
+
+def test_prior_scores_an_outlier_location_highest() -> None:
+    generator = torch.Generator().manual_seed(0)
+    prior = NormalFeaturePrior(levels=(-2, -1))
+    for _ in range(5):
+        prior.accumulate(_features(16, generator))
+    prior.finalize()
+    test = _features(2, generator)
+    test[1][0, :, 1, 2] += 25.0  # one deep location of the first image far from every normal feature
+    maps = prior(test, (32, 32))
+    assert maps.shape == (2, 1, 32, 32)
+    peak = divmod(int(maps[0, 0].argmax()), 32)
+    # Deep grid 4x4 -> 32x32 pixels: the outlier at cell (1, 2) is pooled over cells (0..2, 1..3).
+    assert 0 <= peak[0] < 24 and 8 <= peak[1] < 32
+    assert maps[0].amax() > 2 * maps[1].amax()
+
+
+def test_prior_state_loads_into_an_unfitted_prior_and_refuses_other_grids() -> None:
+    generator = torch.Generator().manual_seed(1)
+    prior = NormalFeaturePrior()
+    prior.accumulate(_features(8, generator))
+    prior.finalize()
+    restored = NormalFeaturePrior()
+    assert not restored.fitted
+    restored.load_state_dict(prior.state_dict())
+    features = _features(3, generator)
+    torch.testing.assert_close(restored(features, (16, 16)), prior(features, (16, 16)), rtol=0, atol=0)
+    other = [torch.randn(1, 6, 16, 16), torch.randn(1, 10, 8, 8)]
+    with pytest.raises(RuntimeError, match="score images at the size the model was trained at"):
+        prior(other, (64, 64))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        NormalFeaturePrior()(features, (16, 16))
+
+
+def test_standardiser_gives_zero_mean_unit_std_on_its_own_maps() -> None:
+    generator = torch.Generator().manual_seed(2)
+    first, second = torch.rand(4, 1, 8, 8, generator=generator) * 5 + 3, torch.rand(4, 1, 8, 8, generator=generator)
+    standardiser = MapStandardiser(num_maps=2)
+    standardiser.accumulate([first, second])
+    standardiser.finalize()
+    torch.testing.assert_close(standardiser.map_mean, torch.stack([first.mean(), second.mean()]), rtol=1e-5, atol=1e-6)
+    std = torch.stack([first.std(unbiased=False), second.std(unbiased=False)])
+    torch.testing.assert_close(standardiser.map_std, std, rtol=1e-4, atol=1e-6)
+    fused = standardiser([first, second])
+    expected = ((first - first.mean()) / std[0] + (second - second.mean()) / std[1]) / 2
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
+    assert abs(float(fused.mean())) < 1e-5
+
+
+def test_bidirmskd_with_prior_calibrates_and_changes_the_map() -> None:
+    torch.manual_seed(0)
+    model = BiDirMSKDModel(pre_trained=False, prior=True)
+    images = torch.rand(4, 3, 64, 64)
+    model.train()
+    model(images)
+    assert model.needs_calibration
+    model.calibrate(lambda: [torch.rand(4, 3, 64, 64) for _ in range(2)])
+    assert not model.needs_calibration
+    assert model.prior is not None and model.prior.fitted
+    model.eval()
+    with torch.no_grad():
+        fused = model(images)
+        plain = model.anomaly_map_generator(*model.distill(images)[:1], [model.distill(images)[1]], (64, 64))
+    assert fused.anomaly_map.shape == (4, 1, 64, 64)
+    torch.testing.assert_close(fused.pred_score, fused.anomaly_map.flatten(1).amax(dim=1))
+    assert not torch.allclose(fused.anomaly_map, plain)
+
+
+def test_engine_fit_test_and_reload_with_prior(tmp_path: Path, hazelnut_root: Path) -> None:
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+
+    from kd_ext.models import BiDirMSKD
+
+    images = sorted((hazelnut_root / "hazelnut_toy" / "train" / "good").glob("*.png"))
+    for folder, chosen in (("train/good", images[:6]), ("test/good", images[6:8]), ("test/bad", images[8:10])):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for image in chosen:
+            Image.open(image).resize((64, 64)).save(tmp_path / "data" / folder / image.name)
+
+    def datamodule() -> Folder:
+        return Folder(
+            name="tiny",
+            root=tmp_path / "data",
+            normal_dir="train/good",
+            abnormal_dir="test/bad",
+            normal_test_dir="test/good",
+            train_batch_size=3,
+            eval_batch_size=3,
+            num_workers=0,
+        )
+
+    model = BiDirMSKD(pre_trained=False, prior=True, pre_processor=BiDirMSKD.configure_pre_processor((64, 64)))
+    engine = Engine(max_epochs=1, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
+    engine.fit(model, datamodule=datamodule())
+    assert model.model.prior.fitted and not model.model.needs_calibration
+    assert float(model.model.standardiser.map_std[1]) != 1.0
+    engine.test(model, datamodule=datamodule(), verbose=False)
+    checkpoint = tmp_path / "model.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    restored = BiDirMSKD.load_from_checkpoint(checkpoint, weights_only=True)
+    batch = torch.rand(2, 3, 64, 64)
+    model.model.eval()
+    restored.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored.model(batch).anomaly_map, model.model(batch).anomaly_map)
