@@ -1,38 +1,43 @@
-"""Accuracy benchmark: kd_ext models, their ablations and anomalib baselines on real data.
+"""Accuracy benchmark: kd_ext models, their ablations and anomalib baselines on the dev sets, over seeds.
 
-Every row trains and tests with the same teacher weights (offline EfficientNet-Lite0 ImageNet
-weights, same normalisation), data, image size (256x256) and epochs, through anomalib's ``Engine``.
-Results are merged into ``benchmarks/results/accuracy.json`` after each row (so partial runs keep
-what finished) and rendered to ``benchmarks/results/accuracy.md``.
+Every row trains and tests through anomalib's ``Engine`` with the same teacher (offline EfficientNet-Lite0
+ImageNet weights, same normalisation), image size (256x256), batch size, epochs and metrics (see ``DESCRIPTION``).
+Each trained row runs with 3 seeds; anomalib's Padim and Patchcore fit in one pass and run once. After every
+(row, set, seed) run its record is merged into ``benchmarks/results/accuracy.json`` and ``accuracy.md`` and
+``accuracy.png`` are re-rendered, so an interrupted run keeps what finished (``--resume`` skips it next time).
 
-Run (about an hour on 2 CPU cores):
-    python benchmarks/accuracy.py --epochs 20
-One row, one category:
-    python benchmarks/accuracy.py --rows BiDirMSKD --categories hazelnut_toy --epochs 2
+The dev suite (every row on bottle, hazelnut_toy, ucsd_ped2 and brain_mri; hours on 2 CPU cores):
+    nohup nice python benchmarks/accuracy.py --suite dev > accuracy.log 2>&1 &
+A subset:
+    python benchmarks/accuracy.py --sets hazelnut_toy --rows 'anomalib Padim' --seeds 0 --epochs 1
+Re-render the Markdown and the plot from the JSON:
+    python benchmarks/accuracy.py --render-only
+
+Rows are defined in ``ROWS`` only. A row named ``"<row> <variant>"`` is compared with ``<row>`` in the results;
+for ``"<row> no-<component>"`` the results say whether the component helps.
 """
 
 import argparse
 import ctypes
 import ctypes.util
-import json
+import datetime
+import importlib
+import logging
 import os
 import platform
 import shlex
+import shutil
+import statistics
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
-from anomalib.metrics import AUPRO, AUROC, Evaluator
-from anomalib.models import AnomalibModule, Padim, Patchcore, Stfpm
-from lightning.pytorch import seed_everything
-
-from kd_ext.backbones import create_backbone, no_pretrained_downloads
-from kd_ext.models import MTHF, BiDirMSKD
-from kd_ext.models.checkpoint import teacher_pre_processor
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy_report as report
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("KD_EXT_DATA", REPO.parent / "shared" / "data"))
@@ -40,26 +45,131 @@ RESULTS = REPO / "benchmarks" / "results"
 TEACHER = "efficientnet_lite0"
 TIMM_TEACHER = "tf_efficientnet_lite0"
 LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
-CATEGORIES = {"bottle": DATA / "mvtec_ad", "hazelnut_toy": DATA}
+
+PROTOCOL = "dev-1"  # a new id when the protocol changes: runs of other protocols leave the tables
+EPOCHS = 10
+SEEDS = (0, 1, 2)
+ONE_PASS_SEED = 0
+BATCH_SIZE = 8
+PED2_FRAME_STRIDE = 10
+RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "accuracy.json", "accuracy.md", "accuracy.png"
 
 
-def evaluator() -> Evaluator:
-    """Image AUROC, pixel AUROC and AUPRO up to 30 % FPR."""
-    return Evaluator(
-        test_metrics=[
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_"),
+class Lazy:
+    """A class imported on first call, so that ``--help``, ``--render-only`` and the tests need no torch."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args, **kwargs) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+
+MVTecAD = Lazy("anomalib.data", "MVTecAD")
+Folder = Lazy("anomalib.data", "Folder")
+VideoFrames = Lazy("kd_ext.data", "VideoFrames")
+BiDirMSKD = Lazy("kd_ext.models", "BiDirMSKD")
+MTHF = Lazy("kd_ext.models", "MTHF")
+
+# No validation loop runs (see DESCRIPTION). "same_as_test" keeps every training and test image where it is: anomalib's
+# Folder would otherwise move half of the test images into a validation set, VideoFrames 10 % of the training frames
+# (VideoFrames refuses "none"). The validation copy of the test set is never read.
+LOADING = {
+    "train_batch_size": BATCH_SIZE,
+    "eval_batch_size": BATCH_SIZE,
+    "num_workers": 0,
+    "val_split_mode": "same_as_test",
+}
+
+
+@dataclass(frozen=True)
+class DevSet:
+    """A data set of the suite.
+
+    Attributes:
+        folder: Folder that must exist for the set to run.
+        masks: Whether it has pixel masks (pixel metrics are computed only then).
+        datamodule: Builds its anomalib datamodule.
+    """
+
+    folder: Path
+    masks: bool
+    datamodule: Callable[[], Any]
+
+
+SETS = {
+    "bottle": DevSet(
+        DATA / "mvtec_ad" / "bottle", True, lambda: MVTecAD(root=DATA / "mvtec_ad", category="bottle", **LOADING)
+    ),
+    "hazelnut_toy": DevSet(DATA / "hazelnut_toy", True, lambda: MVTecAD(root=DATA, category="hazelnut_toy", **LOADING)),
+    "ucsd_ped2": DevSet(
+        DATA / "ucsd_ped2",
+        False,
+        lambda: VideoFrames(root=DATA / "ucsd_ped2", frame_stride=PED2_FRAME_STRIDE, **LOADING),
+    ),
+    "brain_mri": DevSet(
+        DATA / "brain_mri",
+        False,
+        lambda: Folder(
+            name="brain_mri",
+            root=DATA / "brain_mri",
+            normal_dir="train/good",
+            abnormal_dir="test/tumor",
+            normal_test_dir="test/good",
+            **LOADING,
+        ),
+    ),
+}
+SUITES = {"dev": tuple(SETS)}
+
+DESCRIPTION = (
+    f"Protocol `{PROTOCOL}`: every row trains and tests through anomalib's `Engine` with the same teacher "
+    "(EfficientNet-Lite0 with the offline ImageNet weights, frozen; mean = std = 0.5 normalisation), 256x256 images, "
+    f"batch {BATCH_SIZE}, {EPOCHS} epochs and seeds {', '.join(map(str, SEEDS))} for trained rows. anomalib Padim and "
+    f"Patchcore fit in one pass and run once (seed {ONE_PASS_SEED}: Padim's random feature subset and Patchcore's "
+    "coreset sampling are seeded, so a run is repeatable); their frozen teacher trains 0 parameters. No validation "
+    "loop runs and anomalib's post-processor neither normalises nor thresholds: the metrics rank the raw scores and "
+    "maps, so no test label (thresholds) and no clamping of normalised scores (ties) enters them. Image F1max is the "
+    "best F1 over all score thresholds. bottle and hazelnut_toy (MVTec AD layout, with masks): image AUROC, image "
+    "F1max, pixel AUROC and AUPRO integrated up to FPR 0.3, normalised. ucsd_ped2 and brain_mri have no masks: "
+    "image metrics only. ucsd_ped2 (`kd_ext.data.VideoFrames`): frame-level AUROC over all test frames pooled, "
+    f"reported as image AUROC; training on every {PED2_FRAME_STRIDE}th frame of each training clip "
+    f"(`frame_stride={PED2_FRAME_STRIDE}`: neighbouring frames are near duplicates, and the strided set is about as "
+    "large as bottle's), test frames never subsampled. brain_mri: anomalib's `Folder` (normal_dir `train/good`, "
+    "abnormal_dir `test/tumor`, normal_test_dir `test/good`), greyscale and mixed-size slices resized by the "
+    "pre-processor."
+)
+
+
+def evaluator(masks: bool = True) -> Any:
+    """Image AUROC and F1max; with masks also pixel AUROC and AUPRO up to 30 % FPR; all rank raw scores.
+
+    torchmetrics' ROC passes every batch that has a value outside [0, 1] through a sigmoid, which turns raw distances
+    into ties at 1.0 (AUROC 0.5): the AUROCs here skip it (``normalization=None``). anomalib's F1max and AUPRO rank
+    the values as they are.
+    """
+    from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Max
+
+    metrics = [
+        AUROC(fields=["pred_score", "gt_label"], prefix="image_", normalization=None),
+        F1Max(fields=["pred_score", "gt_label"], prefix="image_"),
+    ]
+    if masks:
+        metrics += [
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", normalization=None),
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", fpr_limit=0.3),
-        ],
-    )
+        ]
+    return Evaluator(test_metrics=metrics)
 
 
-def load_teacher_weights(extractor: torch.nn.Module) -> None:
+def load_teacher_weights(extractor: Any) -> None:
     """Load the offline ImageNet weights into a timm ``features_only`` EfficientNet-Lite0 and freeze it.
 
     No row trains its teacher; frozen, it also does not count as trainable parameters (built with
     ``pre_trained=False``, anomalib's Padim and Patchcore extractors would otherwise require gradients).
     """
+    from kd_ext.backbones import create_backbone
+
     source = create_backbone(TEACHER, pre_trained=True).state_dict()
     missing, _ = extractor.load_state_dict(source, strict=False)
     if missing:
@@ -69,17 +179,31 @@ def load_teacher_weights(extractor: torch.nn.Module) -> None:
 
 
 def common() -> dict:
+    """Constructor arguments every row shares: the teacher's pre-processor, MVTec metrics, no visualiser.
+
+    ``run`` replaces the evaluator with the set's and the post-processor with one that reports raw scores.
+    """
+    from kd_ext.models.checkpoint import teacher_pre_processor
+
     return {"pre_processor": teacher_pre_processor(TEACHER), "evaluator": evaluator(), "visualizer": False}
 
 
-def stfpm() -> AnomalibModule:
+def stfpm() -> Any:
+    from anomalib.models import Stfpm
+
+    from kd_ext.backbones import no_pretrained_downloads
+
     with no_pretrained_downloads():
         model = Stfpm(backbone=TIMM_TEACHER, layers=LAYERS, **common())
     load_teacher_weights(model.model.teacher_model.feature_extractor)
     return model
 
 
-def padim() -> AnomalibModule:
+def padim() -> Any:
+    from anomalib.models import Padim
+
+    from kd_ext.backbones import no_pretrained_downloads
+
     with no_pretrained_downloads():
         # anomalib knows the feature count only of its listed backbones; 100 random dims as for ResNet18.
         model = Padim(backbone=TIMM_TEACHER, layers=LAYERS, pre_trained=False, n_features=100, **common())
@@ -103,7 +227,11 @@ def fixed_mmap_threshold(threshold_bytes: int = 1 << 20) -> None:
     ctypes.CDLL(libc_name).mallopt(m_mmap_threshold, threshold_bytes)
 
 
-def patchcore() -> AnomalibModule:
+def patchcore() -> Any:
+    from anomalib.models import Patchcore
+
+    from kd_ext.backbones import no_pretrained_downloads
+
     fixed_mmap_threshold()
     with no_pretrained_downloads():
         model = Patchcore(backbone=TIMM_TEACHER, layers=["blocks.2", "blocks.4"], pre_trained=False, **common())
@@ -111,7 +239,7 @@ def patchcore() -> AnomalibModule:
     return model
 
 
-ROWS: dict[str, Callable[[], AnomalibModule]] = {
+ROWS: dict[str, Callable[[], Any]] = {
     "BiDirMSKD": lambda: BiDirMSKD(backbone=TEACHER, **common()),
     "BiDirMSKD forward-only": lambda: BiDirMSKD(backbone=TEACHER, reverse_student=False, fusion=False, **common()),
     "BiDirMSKD reverse-only": lambda: BiDirMSKD(
@@ -127,128 +255,293 @@ ROWS: dict[str, Callable[[], AnomalibModule]] = {
     "anomalib Padim": padim,
     "anomalib Patchcore": patchcore,
 }
-TRAINED_ROWS = {"anomalib Padim", "anomalib Patchcore"}  # one pass over the data: epochs do not apply
+ONE_PASS_ROWS = {"anomalib Padim", "anomalib Patchcore"}  # fit in one pass, deterministic: run once, no epochs
+ANCHORS = {"anomalib Stfpm", "anomalib Padim", "anomalib Patchcore"}
+TIME_REFERENCE = "anomalib Stfpm"  # training time per epoch is shown relative to this row
 
 
-def trainable_parameters(model: AnomalibModule) -> int:
+def trainable_parameters(model: Any) -> int:
     """Parameters updated by training (memory banks and Gaussian statistics are not parameters)."""
     return sum(parameter.numel() for parameter in model.model.parameters() if parameter.requires_grad)
 
 
-@torch.no_grad()
-def inference_ms_per_image(model: AnomalibModule, datamodule: MVTecAD, batch_size: int = 8) -> float:
-    """Mean wall time of pre-processing + model forward per test image (batch 8, after one warm-up)."""
-    model.eval()
-    images = [batch.image for batch in datamodule.test_dataloader()]
-    images = torch.cat(images)[: 8 * batch_size]
-    model(images[:batch_size])
-    start = time.perf_counter()
-    for index in range(0, len(images), batch_size):
-        model(images[index : index + batch_size])
-    return 1000 * (time.perf_counter() - start) / len(images)
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
-def run_row(name: str, category: str, epochs: int, workdir: Path) -> dict:
-    seed_everything(0, workers=True)
-    datamodule = MVTecAD(
-        root=CATEGORIES[category], category=category, train_batch_size=8, eval_batch_size=8, num_workers=0
-    )
-    model = ROWS[name]()
-    engine = Engine(
-        max_epochs=1 if name in TRAINED_ROWS else epochs,
-        default_root_dir=workdir / name.replace(" ", "_") / category,
-        logger=False,
-        accelerator="cpu",
-        devices=1,
-        # Validation only sets the post-processor's thresholds: once, after the last epoch, is enough.
-        check_val_every_n_epoch=1 if name in TRAINED_ROWS else epochs,
-    )
-    start = time.perf_counter()
-    engine.fit(model, datamodule=datamodule)
-    train_seconds = time.perf_counter() - start
-    metrics = engine.test(model, datamodule=datamodule, verbose=False)[0]
+def machine(device: str) -> dict:
+    """Where a run ran: device type, CPU model and cores, GPU, torch version and OS."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "model": name,
-        "category": category,
-        "epochs": 1 if name in TRAINED_ROWS else epochs,
-        "image_AUROC": metrics["image_AUROC"],
-        "pixel_AUROC": metrics["pixel_AUROC"],
-        "pixel_AUPRO": metrics["pixel_AUPRO"],
-        "train_seconds": round(train_seconds, 1),
-        "inference_ms_per_image": round(inference_ms_per_image(model, datamodule), 2),
-        "trainable_parameters": trainable_parameters(model),
+        "device": device,
+        "cpu": cpu_model(),
+        "cpu_cores": cores,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
     }
 
 
-def row_order(row: dict) -> tuple[str, int]:
-    return row["category"], list(ROWS).index(row["model"]) if row["model"] in ROWS else len(ROWS)
+def epoch_timer() -> Any:
+    """A Lightning callback recording the wall time of every training epoch in ``seconds``.
+
+    An epoch spans the training batches and the per-epoch hooks of other callbacks that run before it, but not the
+    model's own end-of-epoch fitting (Padim's Gaussian, Patchcore's coreset) nor checkpoint writing.
+    """
+    import torch
+    from lightning.pytorch import Callback
+
+    class EpochTimer(Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.start = 0.0
+
+        @staticmethod
+        def synchronize(pl_module: Any) -> None:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            del trainer
+            self.synchronize(pl_module)
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            del trainer
+            self.synchronize(pl_module)
+            self.seconds.append(time.perf_counter() - self.start)
+
+    return EpochTimer()
 
 
-def render(results: list[dict], command: str) -> str:
-    lines = [
-        "# Accuracy on real data",
-        "",
-        "Commands (each row's own is in accuracy.json):",
-        "",
-        *[f"- `{line}`" for line in command.split(" ; ")],
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        "CPU only. Teacher: EfficientNet-Lite0 with the offline ImageNet weights for every row (mean = std = 0.5 "
-        "normalisation), 256x256 images, batch 8, seed 0. Padim and Patchcore fit in one pass (no epochs); their "
-        "teacher is frozen, so they train 0 parameters. Patchcore's train time is mostly anomalib's k-center-greedy "
-        "coreset selection (10 % of 214k patches on bottle), run with glibc's mmap threshold fixed (see "
-        "`fixed_mmap_threshold`). "
-        "AUPRO is integrated up to FPR 0.3 and normalised. Inference: pre-processing + forward, batch 8, CPU. "
-        "Timings (train s, ms / image) depend on what else ran on the 2 cores at the time (several rows shared them "
-        "with other jobs, and rows trained after the switch to channels-last training run ~3x faster): compare "
-        "the accuracy columns across rows, not the timings.",
-        "",
-        "| data | model | epochs | image AUROC | pixel AUROC | AUPRO@0.3 | train s | ms / image | trainable params |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['category']} | {r['model']} | {r['epochs']} | {r['image_AUROC']:.4f} | {r['pixel_AUROC']:.4f} | "
-        f"{r['pixel_AUPRO']:.4f} | {r['train_seconds']:.0f} | {r['inference_ms_per_image']:.1f} | "
-        f"{r['trainable_parameters']:,} |"
-        for r in sorted(
-            results, key=lambda r: (r["category"], list(ROWS).index(r["model"]) if r["model"] in ROWS else 99)
+def check_epochs(row: str, model: Any, epochs: int) -> None:
+    """Refuse a model whose own ``trainer_arguments`` would train another number of epochs than asked.
+
+    anomalib's ``Engine`` gives a model's ``trainer_arguments`` precedence over its own arguments.
+    """
+    fixed = model.trainer_arguments.get("max_epochs")
+    if fixed is not None and fixed != epochs:
+        msg = (
+            f"{row} sets max_epochs={fixed} in its trainer_arguments, which overrides the {epochs} epochs asked for "
+            f"(anomalib's Engine lets the model's trainer_arguments win); run with --epochs {fixed}."
         )
-    ]
-    return "\n".join(lines) + "\n"
+        raise ValueError(msg)
 
 
-def main() -> None:
+def run(row: str, set_name: str, seed: int, epochs: int, accelerator: str, workdir: Path) -> dict:
+    """Train and test one row on one set with one seed; return its record (without command and invocation).
+
+    Every row gets the set's evaluator and a post-processor that neither normalises nor thresholds; no validation
+    loop runs. The checkpoint is kept under ``workdir/<row>/<set>/seed<seed>`` (replaced by a rerun).
+    """
+    from anomalib.engine import Engine
+    from anomalib.post_processing import PostProcessor
+    from lightning.pytorch import seed_everything
+
+    one_pass = row in ONE_PASS_ROWS
+    epochs = 1 if one_pass else epochs
+    seed_everything(seed, workers=True)
+    datamodule = SETS[set_name].datamodule()
+    model = ROWS[row]()
+    model.post_processor = PostProcessor(enable_normalization=False, enable_thresholding=False)
+    model.evaluator = evaluator(SETS[set_name].masks)
+    check_epochs(row, model, epochs)
+    run_dir = workdir / row.replace(" ", "_") / set_name / f"seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    timer = epoch_timer()
+    engine = Engine(
+        max_epochs=epochs,
+        default_root_dir=run_dir,
+        logger=False,
+        accelerator=accelerator,
+        devices=1,
+        callbacks=[timer],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    engine.fit(model, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    if len(timer.seconds) != epochs:
+        msg = f"{row} trained {len(timer.seconds)} epochs instead of {epochs}; check its trainer_arguments."
+        raise RuntimeError(msg)
+    start = time.perf_counter()
+    metrics = engine.test(model, datamodule=datamodule, verbose=False)[0]
+    test_seconds = time.perf_counter() - start
+    return {
+        "protocol": PROTOCOL,
+        "row": row,
+        "set": set_name,
+        "seed": seed,
+        "epochs": epochs,
+        "one_pass": one_pass,
+        "metrics": {name: float(metrics[name]) for name in report.METRICS if name in metrics},
+        "fit_seconds": round(fit_seconds, 2),
+        "seconds_per_epoch": round(statistics.median(timer.seconds), 3),
+        "epoch_seconds": [round(seconds, 3) for seconds in timer.seconds],
+        "test_seconds": round(test_seconds, 2),
+        "trainable_parameters": trainable_parameters(model),
+        "machine": machine(engine.trainer.strategy.root_device.type),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``--sets`` defaults to the suite's sets and must belong to it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=list(CATEGORIES))
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--workdir", type=Path, default=REPO / "kd_ext_runs" / "accuracy")
-    args = parser.parse_args()
-    for category in args.categories:
-        if not (CATEGORIES[category] / category).is_dir():
-            sys.exit(f"Data for '{category}' not found under {CATEGORIES[category]}; see ../shared/data/README.md.")
+    parser.add_argument("--suite", choices=list(SUITES), default="dev", help="the sets to run (default: dev)")
+    parser.add_argument(
+        "--sets", "--categories", nargs="+", choices=list(SETS), metavar="SET", help="run only these sets of the suite"
+    )
+    parser.add_argument(
+        "--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW", help="run only these rows (quoted)"
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=list(SEEDS), help=f"seeds of the trained rows (default: {SEEDS})"
+    )
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs of the trained rows (default: {EPOCHS})")
+    parser.add_argument(
+        "--accelerator", choices=["auto", "cpu", "gpu"], default="auto", help="Lightning accelerator (default: auto)"
+    )
+    parser.add_argument("--resume", action="store_true", help="skip runs already stored in the results")
+    parser.add_argument("--render-only", action="store_true", help="re-render accuracy.md and .png from the JSON")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of accuracy.json/.md/.png")
+    parser.add_argument("--workdir", type=Path, default=REPO / "kd_ext_runs" / "accuracy", help="checkpoints")
+    args = parser.parse_args(argv)
+    outside = [name for name in args.sets or () if name not in SUITES[args.suite]]
+    if outside:
+        parser.error(f"--sets {' '.join(outside)} not in suite {args.suite!r} ({', '.join(SUITES[args.suite])})")
+    args.sets = list(dict.fromkeys(args.sets or SUITES[args.suite]))
+    args.rows = list(dict.fromkeys(args.rows))
+    args.seeds = list(dict.fromkeys(args.seeds))
+    if any(seed < 0 for seed in args.seeds):
+        parser.error("--seeds must be non-negative integers")
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    return args
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """The (row, set, seed) runs to do, seed by seed: each seed covers every set before the next one starts.
+
+    One-pass rows run once, with ``ONE_PASS_SEED``, in the first seed's round.
+    """
+    jobs = []
+    for index, seed in enumerate(args.seeds):
+        for set_name in args.sets:
+            for row in args.rows:
+                if row not in ONE_PASS_ROWS:
+                    jobs.append((row, set_name, seed))
+                elif index == 0:
+                    jobs.append((row, set_name, ONE_PASS_SEED))
+    return jobs
+
+
+def pending(jobs: list[tuple[str, str, int]], runs: list[dict], epochs: int) -> list[tuple[str, str, int]]:
+    """The jobs whose run of the current protocol is not stored yet (``--resume``)."""
+    done = {report.run_key(run) for run in runs}
+    return [
+        (row, name, seed)
+        for row, name, seed in jobs
+        if (PROTOCOL, row, name, seed, 1 if row in ONE_PASS_ROWS else epochs) not in done
+    ]
+
+
+def render(results: Path) -> None:
+    """Write accuracy.md and accuracy.png from accuracy.json."""
+    store = report.load(results / RESULTS_JSON)
+    summaries = report.summarise(store["runs"], PROTOCOL, EPOCHS, len(SEEDS))
+    plotted = report.plot(summaries, results / RESULTS_PNG, list(SETS), list(ROWS))
+    text = report.render_markdown(
+        store,
+        protocol=PROTOCOL,
+        epochs=EPOCHS,
+        seeds=len(SEEDS),
+        set_order=list(SETS),
+        row_order=list(ROWS),
+        anchors=ANCHORS,
+        time_reference=TIME_REFERENCE,
+        description=DESCRIPTION,
+        plot_name=RESULTS_PNG if plotted else None,
+    )
+    (results / RESULTS_MD).write_text(text)
+
+
+def quiet() -> None:
+    """One line per run in the log: no Lightning banners or tips, no warnings about what the protocol does on purpose.
+
+    Silenced: loader workers (0 for every row), the anomalib baselines' frozen teacher in eval mode, Padim's and
+    Patchcore's missing optimizer.
+    """
+    import anomalib.engine  # imports Lightning, which sets its loggers to INFO on import: lower them afterwards
+
+    del anomalib
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in ("does not have many workers", "module\\(s\\) in eval mode", "configure_optimizers` returned `None"):
+        warnings.filterwarnings("ignore", message=f".*{message}.*")
+
+
+def summary_line(record: dict) -> str:
+    metrics = " ".join(f"{name} {value:.4f}" for name, value in record["metrics"].items())
+    timing = f"fit {record['fit_seconds']:.0f} s"
+    if not record["one_pass"]:
+        timing += f", {record['seconds_per_epoch']:.1f} s/epoch"
+    return f"{metrics} | {timing} | {report.machine_label(record['machine'])}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     args.results.mkdir(parents=True, exist_ok=True)
-    json_path = args.results / "accuracy.json"
-    command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
-    for category in args.categories:
-        for name in args.rows:
+    json_path = args.results / RESULTS_JSON
+    if args.render_only:
+        render(args.results)
+        return 0
+    missing = [name for name in args.sets if not SETS[name].folder.is_dir()]
+    if missing:
+        sys.exit(
+            f"Data for {', '.join(missing)} not found ({', '.join(str(SETS[n].folder) for n in missing)}); see "
+            "../shared/data/README.md, set KD_EXT_DATA, or leave these sets out with --sets."
+        )
+    quiet()
+    command = shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
+    invocation = f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} pid {os.getpid()}"
+    jobs = plan(args)
+    if args.resume:
+        jobs = pending(jobs, report.load(json_path)["runs"], args.epochs)
+    print(f"{len(jobs)} runs, results in {args.results}", flush=True)
+    failed = 0
+    try:
+        for number, (row, set_name, seed) in enumerate(jobs, start=1):
+            head = f"[{number}/{len(jobs)}] {row} | {set_name} | seed {seed}"
             try:
-                row = run_row(name, category, args.epochs, args.workdir)
-            except Exception as error:  # one broken row must not lose the others
-                print(f"ROW FAILED: {name} on {category}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+                record = run(row, set_name, seed, args.epochs, args.accelerator, args.workdir)
+            except Exception as error:  # one broken run must not lose the others
+                failed += 1
+                print(f"{head}: FAILED {type(error).__name__}: {error}", flush=True)
                 continue
-            row["command"] = command
-            print(json.dumps(row), flush=True)
-            # Re-read right before merging: other accuracy.py processes may have written rows meanwhile.
-            stored = json.loads(json_path.read_text()) if json_path.exists() else {"results": []}
-            stored["results"] = [r for r in stored["results"] if (r["model"], r["category"]) != (name, category)] + [
-                row
-            ]
-            json_path.write_text(json.dumps(stored, indent=2) + "\n")
-            commands = sorted({r["command"] for r in stored["results"]})
-            (args.results / "accuracy.md").write_text(render(stored["results"], " ; ".join(commands)))
+            record |= {
+                "command": command,
+                "invocation": invocation,
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            report.merge_run(json_path, record)
+            render(args.results)
+            print(f"{head}: {summary_line(record)}", flush=True)
+    except KeyboardInterrupt:
+        print("Interrupted: finished runs are stored; rerun with --resume to do the rest.", flush=True)
+        return 130
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The accuracy benchmark's bookkeeping: statistics, significance, tables, plot, results store, command line.
+
+No training here: the runs are synthetic records. ``benchmarks/accuracy.py`` itself runs the models.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accuracy
+import accuracy_report as report
+
+PROTOCOL, EPOCHS = accuracy.PROTOCOL, accuracy.EPOCHS
+CPU = {"device": "cpu", "cpu": "Test CPU", "cpu_cores": 2, "gpu": None, "torch": "2.x", "platform": "Linux"}
+
+
+def make_run(row, set_name, seed, metrics, seconds_per_epoch=10.0, epochs=EPOCHS, one_pass=False, invocation="a"):
+    return {
+        "protocol": PROTOCOL,
+        "row": row,
+        "set": set_name,
+        "seed": seed,
+        "epochs": 1 if one_pass else epochs,
+        "one_pass": one_pass,
+        "metrics": metrics,
+        "fit_seconds": 100.0,
+        "seconds_per_epoch": seconds_per_epoch,
+        "epoch_seconds": [seconds_per_epoch],
+        "trainable_parameters": 0 if one_pass else 1000,
+        "machine": CPU,
+        "command": "python benchmarks/accuracy.py --suite dev",
+        "invocation": invocation,
+        "finished": "2026-01-01T00:00:00+00:00",
+    }
+
+
+def mvtec(image, pixel, aupro=0.9, f1=0.95):
+    return {"image_AUROC": image, "image_F1Max": f1, "pixel_AUROC": pixel, "pixel_AUPRO": aupro}
+
+
+def synthetic_store() -> dict:
+    """bottle: BiDirMSKD beats its no-attention ablation beyond the spread on pixel AUROC, not on image AUROC;
+    brain_mri (image metrics only): a trained row with one seed so far. Plus a smoke run and legacy records."""
+    runs = []
+    for seed, (pixel, ablated) in enumerate([(0.990, 0.970), (0.992, 0.971), (0.994, 0.972)]):
+        runs.append(make_run("BiDirMSKD", "bottle", seed, mvtec(0.90 + 0.02 * seed, pixel), seconds_per_epoch=30.0))
+        runs.append(make_run("BiDirMSKD no-attention", "bottle", seed, mvtec(0.91 + 0.01 * seed, ablated)))
+        runs.append(make_run("anomalib Stfpm", "bottle", seed, mvtec(0.80, 0.95 + 0.001 * seed)))
+    runs.append(make_run("anomalib Padim", "bottle", 0, mvtec(0.85, 0.98), one_pass=True))
+    runs.append(make_run("BiDirMSKD", "brain_mri", 0, {"image_AUROC": 0.75, "image_F1Max": 0.80}))
+    runs.append(make_run("anomalib Padim", "brain_mri", 0, {"image_AUROC": 0.70, "image_F1Max": 0.78}, one_pass=True))
+    runs.append(make_run("MTHF", "bottle", 0, mvtec(0.5, 0.5), epochs=1))  # smoke run: other epoch count
+    legacy = [{"model": "BiDirMSKD", "category": "bottle", "image_AUROC": 1.0, "command": "old"}]
+    return {"runs": runs, "results": legacy}
+
+
+def render(store: dict) -> str:
+    path_free = report.migrate(store) if hasattr(report, "load_from_dict") else store
+    return report.render_markdown(
+        path_free,
+        protocol=PROTOCOL,
+        epochs=EPOCHS,
+        seeds=3,
+        set_order=list(accuracy.SETS),
+        row_order=list(accuracy.ROWS),
+        anchors=accuracy.ANCHORS,
+        time_reference=accuracy.TIME_REFERENCE,
+        description="Protocol text.",
+        plot_name="accuracy.png",
+    )
+
+
+def table_line(markdown: str, set_name: str, row: str) -> str:
+    section = markdown.split(f"## {set_name}\n", 1)[1].split("\n## ", 1)[0]
+    return next(line for line in section.splitlines() if line.startswith(f"| {row} |"))
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+
+
+def test_stat_is_mean_and_sample_std():
+    value = report.stat([0.90, 0.92, 0.94])
+    assert value.mean == pytest.approx(0.92)
+    assert value.std == pytest.approx(0.02)  # sample std (n - 1); the population std would be 0.0163
+    assert value.n == 3
+
+
+def test_stat_of_one_run_has_no_spread_unless_deterministic():
+    assert report.stat([0.9]).std is None
+    assert report.stat([0.9], deterministic=True).std == 0.0
+
+
+def test_significant_needs_margin_above_sum_of_stds():
+    a = report.Stat(mean=0.95, std=0.01, n=3)
+    assert report.significant(a, report.Stat(mean=0.92, std=0.01, n=3))  # 0.03 > 0.02
+    assert not report.significant(a, report.Stat(mean=0.935, std=0.01, n=3))  # 0.015 <= 0.02
+    assert not report.significant(a, report.Stat(mean=0.93, std=0.01, n=3))  # 0.02 is not more than 0.02
+    assert report.significant(report.Stat(0.99, 0.0, 1), report.Stat(0.98, 0.0, 1))  # two deterministic rows
+    assert not report.significant(a, report.Stat(mean=0.5, std=None, n=1))  # unknown spread: no claim
+
+
+# --- Markdown -----------------------------------------------------------------------------------------------
+
+
+def test_table_shows_mean_std_seed_count_and_bold_best():
+    markdown = render(report.migrate(synthetic_store()))
+    line = table_line(markdown, "bottle", "BiDirMSKD")
+    assert "| 3/3 | 10 |" in line
+    assert "0.9200 ± 0.0200" in line  # image AUROC
+    assert "**0.9920 ± 0.0020**" in line  # best pixel AUROC in bold
+    padim = table_line(markdown, "bottle", "anomalib Padim")
+    assert "| 1/1 | 1 pass |" in padim
+    assert "0.9800 |" in padim and "± " not in padim.split("|")[6]  # one deterministic run: no ± shown
+    stfpm = table_line(markdown, "bottle", "anomalib Stfpm")
+    assert "**" not in stfpm.split("|")[6]  # pixel AUROC of Stfpm is not the best
+
+
+def test_ties_for_best_are_all_bold():
+    markdown = render(report.migrate(synthetic_store()))
+    assert "**0.9200 ± 0.0200**" in table_line(markdown, "bottle", "BiDirMSKD")
+    assert "**0.9200 ± 0.0100**" in table_line(markdown, "bottle", "BiDirMSKD no-attention")
+
+
+def test_component_helps_only_beyond_the_spread():
+    lines = render(report.migrate(synthetic_store())).splitlines()
+    claim = next(line for line in lines if line.startswith("- BiDirMSKD vs BiDirMSKD no-attention"))
+    helps, rest = claim.split("**attention helps** on ", 1)[1].split(";", 1)
+    assert "pixel AUROC (+0.0210" in helps  # 0.021 > 0.002 + 0.001
+    assert "image AUROC" not in helps
+    assert "no effect beyond the seed spread on image AUROC (" in rest
+
+
+def test_partial_row_is_marked_and_makes_no_claim():
+    markdown = render(report.migrate(synthetic_store()))
+    line = table_line(markdown, "brain_mri", "BiDirMSKD")
+    assert "| 1/3 |" in line and "| **0.7500** |" in line
+    section = markdown.split("## brain_mri\n", 1)[1]
+    claim = next(line for line in section.splitlines() if line.startswith("- BiDirMSKD vs the best anchor"))
+    assert "undetermined (fewer than 2 seeds) on image AUROC (anomalib Padim: +0.0500, spread ?)" in claim
+    assert "better" not in claim and "worse" not in claim
+
+
+def test_sets_without_masks_have_image_columns_only():
+    markdown = render(report.migrate(synthetic_store()))
+    header = markdown.split("## brain_mri\n", 1)[1].strip().splitlines()[0]
+    assert "image AUROC" in header and "image F1max" in header
+    assert "pixel AUROC" not in header and "AUPRO" not in header
+
+
+def test_epoch_time_ratio_against_stfpm():
+    markdown = render(report.migrate(synthetic_store()))
+    cells = [cell.strip() for cell in table_line(markdown, "bottle", "BiDirMSKD").split("|")]
+    assert cells[9] == "30.0"  # s / epoch
+    assert cells[10] == "3.00"  # 30 s vs Stfpm's 10 s, same machine and invocation
+    padim = [cell.strip() for cell in table_line(markdown, "bottle", "anomalib Padim").split("|")]
+    assert padim[9] == padim[10] == "—"  # one pass: no epochs
+
+
+def test_ratio_from_separate_invocations_is_marked():
+    store = synthetic_store()
+    for run in store["runs"]:
+        if run["row"] == "anomalib Stfpm":
+            run["invocation"] = "b"
+    cells = table_line(render(report.migrate(store)), "bottle", "BiDirMSKD").split("|")
+    assert cells[10].strip() == "3.00 ✱"
+
+
+def test_dropped_records_are_named():
+    markdown = render(report.migrate(synthetic_store()))
+    dropped = markdown.split("## Not in these tables", 1)[1]
+    assert "MTHF on bottle: 1 run(s)" in dropped and "1 epoch(s)" in dropped
+    assert "`legacy`: 1 records (BiDirMSKD on bottle)" in dropped
+    assert "| MTHF |" not in markdown  # the smoke run is not in a table
+
+
+# --- store --------------------------------------------------------------------------------------------------
+
+
+def test_merge_keeps_finished_runs_replaces_reruns_and_moves_legacy(tmp_path):
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps({"results": [{"model": "old", "category": "bottle"}]}))
+    first = make_run("BiDirMSKD", "bottle", 0, mvtec(0.9, 0.9))
+    report.merge_run(path, first)
+    report.merge_run(path, make_run("BiDirMSKD", "bottle", 1, mvtec(0.9, 0.9)))
+    report.merge_run(path, make_run("BiDirMSKD", "bottle", 0, mvtec(0.8, 0.8)))  # rerun of seed 0
+    stored = json.loads(path.read_text())
+    assert sorted(run["seed"] for run in stored["runs"]) == [0, 1]
+    assert next(run for run in stored["runs"] if run["seed"] == 0)["metrics"]["image_AUROC"] == 0.8
+    assert stored["legacy"]["results"] == [{"model": "old", "category": "bottle"}]
+    assert "results" not in stored
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_plot_is_written(tmp_path):
+    store = report.migrate(synthetic_store())
+    summaries = report.summarise(store["runs"], PROTOCOL, EPOCHS, 3)
+    path = tmp_path / "accuracy.png"
+    assert report.plot(summaries, path, list(accuracy.SETS), list(accuracy.ROWS))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not report.plot({}, tmp_path / "empty.png", [], [])
+
+
+def test_render_only_writes_markdown_and_plot_from_json(tmp_path):
+    (tmp_path / "accuracy.json").write_text(json.dumps(synthetic_store()))
+    assert accuracy.main(["--render-only", "--results", str(tmp_path)]) == 0
+    markdown = (tmp_path / "accuracy.md").read_text()
+    assert "## bottle" in markdown and "## brain_mri" in markdown
+    assert "![image and pixel AUROC" in markdown
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+
+def test_suite_dev_runs_every_row_on_the_four_sets_with_three_seeds():
+    args = accuracy.parse_args(["--suite", "dev"])
+    assert args.sets == ["bottle", "hazelnut_toy", "ucsd_ped2", "brain_mri"]
+    assert args.rows == list(accuracy.ROWS)
+    assert args.seeds == [0, 1, 2]
+    assert args.epochs == 10
+    jobs = accuracy.plan(args)
+    trained = len(accuracy.ROWS) - len(accuracy.ONE_PASS_ROWS)
+    assert len(jobs) == 4 * (3 * trained + len(accuracy.ONE_PASS_ROWS))
+    assert [seed for row, set_name, seed in jobs if row == "anomalib Padim"] == [0, 0, 0, 0]
+    assert jobs[0][2] == 0 and jobs[-1][2] == 2  # seed by seed: every set gets seed 0 first
+
+
+def test_subset_arguments():
+    args = accuracy.parse_args(
+        ["--sets", "hazelnut_toy", "--rows", "anomalib Padim", "BiDirMSKD", "--seeds", "1", "--epochs", "1"]
+    )
+    assert (args.sets, args.rows, args.seeds, args.epochs) == (
+        ["hazelnut_toy"],
+        ["anomalib Padim", "BiDirMSKD"],
+        [1],
+        1,
+    )
+    assert accuracy.plan(args) == [("anomalib Padim", "hazelnut_toy", 0), ("BiDirMSKD", "hazelnut_toy", 1)]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--sets", "carpet"], ["--rows", "Nope"], ["--seeds", "-1"], ["--epochs", "0"], ["--suite", "full"]],
+)
+def test_bad_arguments_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_resume_skips_stored_runs():
+    args = accuracy.parse_args(["--sets", "bottle", "--rows", "BiDirMSKD", "anomalib Padim", "--seeds", "0", "1"])
+    stored = [
+        make_run("BiDirMSKD", "bottle", 0, {}),
+        make_run("anomalib Padim", "bottle", 0, {}, one_pass=True),
+        make_run("BiDirMSKD", "bottle", 1, {}, epochs=2),  # other epochs: not done
+    ]
+    assert accuracy.pending(accuracy.plan(args), stored, EPOCHS) == [("BiDirMSKD", "bottle", 1)]
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+
+def test_metrics_rank_raw_scores_and_sets_without_masks_get_image_metrics_only():
+    """Raw distances far above 1 (no normalisation in the protocol) must not be squashed into ties by a sigmoid."""
+    import torch
+    from anomalib.data import ImageBatch
+
+    metrics = accuracy.evaluator(masks=False).test_metrics
+    assert [metric.name for metric in metrics] == ["image_AUROC", "image_F1Max"]
+    batch = ImageBatch(
+        image=torch.zeros(4, 3, 8, 8),
+        pred_score=torch.tensor([50.0, 60.0, 70.0, 80.0]),
+        gt_label=torch.tensor([0, 0, 1, 1]),
+    )
+    for metric in metrics:
+        metric.update(batch)
+        assert metric.compute().item() == pytest.approx(1.0)
+    assert [metric.name for metric in accuracy.evaluator(masks=True).test_metrics][2:] == ["pixel_AUROC", "pixel_AUPRO"]
