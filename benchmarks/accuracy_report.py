@@ -528,9 +528,8 @@ def plot(
 
     rows = ordered({row for name in sets for row in summaries[name]}, row_order)
     height = 0.38
-    figure, axes = plt.subplots(
-        1, len(sets), figsize=(3.2 * len(sets) + 2.2, 0.42 * len(rows) + 1.6), sharey=True, squeeze=False
-    )
+    inches = 0.42 * len(rows) + 1.9
+    figure, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets) + 2.2, inches), sharey=True, squeeze=False)
     colours = {"image_AUROC": "#3b75af", "pixel_AUROC": "#ef8636"}
     for axis, set_name in zip(axes[0], sets, strict=True):
         low = 1.0
@@ -567,7 +566,7 @@ def plot(
                 labels.append(label)
     figure.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     figure.suptitle("AUROC per set (mean ± std over seeds; x axis zoomed per set)", fontsize=10)
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    figure.tight_layout(rect=(0, 0.4 / inches, 1, 1))  # 0.4 inch below the panels for the legend
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
