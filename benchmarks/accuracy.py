@@ -241,6 +241,7 @@ def patchcore() -> Any:
     return model
 
 
+LITE_TEACHERS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 ROWS: dict[str, Callable[[], Any]] = {
     "BiDirMSKD": lambda: BiDirMSKD(backbone=TEACHER, **common()),
     "BiDirMSKD forward-only": lambda: BiDirMSKD(backbone=TEACHER, reverse_student=False, fusion=False, **common()),
@@ -249,7 +250,10 @@ ROWS: dict[str, Callable[[], Any]] = {
     ),
     "BiDirMSKD no-attention": lambda: BiDirMSKD(backbone=TEACHER, attention=False, **common()),
     "BiDirMSKD no-fusion": lambda: BiDirMSKD(backbone=TEACHER, fusion=False, **common()),
+    "BiDirMSKD +prior": lambda: BiDirMSKD(backbone=TEACHER, prior=True, **common()),
     "MTHF": lambda: MTHF(backbone=TEACHER, **common()),
+    "MTHF +prior": lambda: MTHF(backbone=TEACHER, prior=True, **common()),
+    "MTHF distinct-teachers": lambda: MTHF(backbone=TEACHER, group_backbones=LITE_TEACHERS, **common()),
     "MTHF one-group": lambda: MTHF(backbone=TEACHER, groups=("A",), **common()),
     "MTHF one-stage": lambda: MTHF(backbone=TEACHER, fusion_stages=1, **common()),
     "MTHF no-fusion-modules": lambda: MTHF(backbone=TEACHER, fusion_modules=False, **common()),
@@ -355,6 +359,8 @@ def run(row: str, set_name: str, seed: int, epochs: int, accelerator: str, workd
     model = ROWS[row]()
     model.post_processor = PostProcessor(enable_normalization=False, enable_thresholding=False)
     model.evaluator = evaluator(SETS[set_name].masks)
+    if getattr(model, "epochs", None) is not None:  # kd_ext models carry the protocol in their trainer_arguments
+        model.epochs = epochs
     check_epochs(row, model, epochs)
     run_dir = workdir / row.replace(" ", "_") / set_name / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)

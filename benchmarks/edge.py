@@ -286,7 +286,8 @@ def main() -> None:  # noqa: PLR0915
         bidir = BiDirMSKD.load_from_checkpoint(args.ckpt).eval()
         epochs = torch.load(args.ckpt, map_location="cpu", weights_only=True).get("epoch", -1) + 1
     else:
-        bidir, epochs = fit(BiDirMSKD(visualizer=False), args.epochs, args.workdir / "bidir"), args.epochs
+        epochs = args.epochs
+        bidir = fit(BiDirMSKD(visualizer=False, epochs=epochs), epochs, args.workdir / "bidir")
     models = {
         "BiDirMSKD": bidir,
         "anomalib Stfpm": fit(stfpm(), args.baseline_epochs, args.workdir / "stfpm"),

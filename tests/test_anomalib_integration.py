@@ -117,7 +117,7 @@ def test_cli_train_test_predict_with_bare_name(tmp_path: Path, hazelnut_root: Pa
             "--model",
             "BiDirMSKD",
             *data,
-            "--trainer.max_epochs",
+            "--model.epochs",
             "2",
             "--default_root_dir",
             str(tmp_path / "results"),
@@ -172,6 +172,7 @@ def test_yaml_config_with_class_path(tmp_path: Path, hazelnut_root: Path) -> Non
         "  init_args:\n"
         "    reverse_student: false\n"
         "    fusion: false\n"
+        "    epochs: 1\n"
         "data:\n"
         "  class_path: anomalib.data.MVTecAD\n"
         "  init_args:\n"
@@ -201,7 +202,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, hazelnut_root: Path) -> tu
         root=hazelnut_root, category="hazelnut_toy", train_batch_size=8, eval_batch_size=8, num_workers=0
     )
     engine = Engine(max_epochs=2, default_root_dir=workdir, logger=False, accelerator="cpu", devices=1)
-    model = BiDirMSKD()
+    model = BiDirMSKD(epochs=2)
     engine.fit(model, datamodule=datamodule)
     metrics = engine.test(model, datamodule=datamodule, verbose=False)[0]
     return (

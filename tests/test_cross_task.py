@@ -84,8 +84,8 @@ def teachers(tmp_path_factory: pytest.TempPathFactory, hazelnut_root: Path, bott
     """Trained teacher checkpoints: BiDirMSKD on hazelnut and bottle, anomalib Padim on a generated task."""
     base = tmp_path_factory.mktemp("cross_task")
     generated = _generated_task(base / "data", np.random.default_rng(0))
-    hazelnut = _train(BiDirMSKD(pre_processor=_pre(SIZE)), hazelnut_root, "hazelnut_toy", base / "t1")
-    bottle = _train(BiDirMSKD(pre_processor=_pre(SIZE)), bottle_root, "bottle", base / "t2")
+    hazelnut = _train(BiDirMSKD(pre_processor=_pre(SIZE), epochs=1), hazelnut_root, "hazelnut_toy", base / "t1")
+    bottle = _train(BiDirMSKD(pre_processor=_pre(SIZE), epochs=1), bottle_root, "bottle", base / "t2")
     stripes = _train(_padim(SIZE), generated, "stripes", base / "t3")
     stripes_96 = _train(_padim(96), generated, "stripes", base / "t4")
     return {

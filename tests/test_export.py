@@ -45,7 +45,7 @@ def bottle_datamodule() -> MVTecAD:
 
 def train(datamodule: MVTecAD, epochs: int, root: Path) -> tuple[BiDirMSKD, Path]:
     seed_everything(0, workers=True)
-    model = BiDirMSKD(visualizer=False)
+    model = BiDirMSKD(visualizer=False, epochs=epochs)
     engine = Engine(max_epochs=epochs, default_root_dir=root, logger=False, accelerator="cpu", devices=1)
     engine.fit(model, datamodule=datamodule)
     ckpt = root / "bidirmskd.ckpt"

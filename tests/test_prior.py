@@ -71,7 +71,7 @@ def test_bidirmskd_with_prior_calibrates_and_changes_the_map() -> None:
     assert model.needs_calibration
     model.calibrate(lambda: [torch.rand(4, 3, 64, 64) for _ in range(2)])
     assert not model.needs_calibration
-    assert model.prior is not None and model.prior.fitted
+    assert model.prior_fusion is not None and model.prior_fusion.ready
     model.eval()
     with torch.no_grad():
         fused = model(images)
@@ -105,11 +105,13 @@ def test_engine_fit_test_and_reload_with_prior(tmp_path: Path, hazelnut_root: Pa
             num_workers=0,
         )
 
-    model = BiDirMSKD(pre_trained=False, prior=True, pre_processor=BiDirMSKD.configure_pre_processor((64, 64)))
+    model = BiDirMSKD(
+        pre_trained=False, prior=True, pre_processor=BiDirMSKD.configure_pre_processor((64, 64)), epochs=1
+    )
     engine = Engine(max_epochs=1, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
     engine.fit(model, datamodule=datamodule())
-    assert model.model.prior.fitted and not model.model.needs_calibration
-    assert float(model.model.standardiser.map_std[1]) != 1.0
+    assert model.model.prior_fusion.ready and not model.model.needs_calibration
+    assert float(model.model.prior_fusion.standardiser.map_std[1]) != 1.0
     engine.test(model, datamodule=datamodule(), verbose=False)
     checkpoint = tmp_path / "model.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
@@ -119,3 +121,39 @@ def test_engine_fit_test_and_reload_with_prior(tmp_path: Path, hazelnut_root: Pa
     restored.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(restored.model(batch).anomaly_map, model.model(batch).anomaly_map)
+
+
+def test_mthf_with_distinct_group_teachers_and_prior() -> None:
+    from kd_ext.models.mthf.torch_model import MTHFModel
+
+    torch.manual_seed(0)
+    backbones = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    model = MTHFModel(pre_trained=False, group_backbones=backbones, prior=True)
+    assert sorted(model.extra_teachers) == backbones[1:]
+    assert model.group_backbones == dict(zip(("A", "B", "C"), backbones, strict=True))
+    images = torch.rand(2, 3, 64, 64)
+    model.train()
+    model(images)
+    assert all(not teacher.training for teacher in model._teachers().values())
+    assert model.needs_calibration
+    model.calibrate(lambda: [torch.rand(2, 3, 64, 64)])
+    model.eval()
+    with torch.no_grad():
+        output = model(images)
+    assert output.anomaly_map.shape == (2, 1, 64, 64)
+    assert model.prior_fusion is not None and model.prior_fusion.ready
+
+
+@pytest.mark.parametrize(
+    ("group_backbones", "match"),
+    [
+        (["efficientnet_lite0"], "one backbone per group"),
+        ("efficientnet_lite1", "one backbone per group"),
+        (["efficientnet_lite0", "resnet18", "efficientnet_lite2"], "different input normalisations"),
+    ],
+)
+def test_mthf_refuses_bad_group_backbones(group_backbones: object, match: str) -> None:
+    from kd_ext.models.mthf.torch_model import MTHFModel
+
+    with pytest.raises(ValueError, match=match):
+        MTHFModel(pre_trained=False, group_backbones=group_backbones)

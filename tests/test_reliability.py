@@ -131,7 +131,9 @@ def test_broken_test_image_is_named_before_training(tmp_path: Path, hazelnut_roo
 
     root, broken = _folder_with_broken_test_image(tmp_path / "data", hazelnut_root / "hazelnut_toy")
     datamodule = _folder_datamodule(root)
-    model = BiDirMSKD(pre_trained=False, pre_processor=BiDirMSKD.configure_pre_processor((64, 64)), visualizer=False)
+    model = BiDirMSKD(
+        pre_trained=False, pre_processor=BiDirMSKD.configure_pre_processor((64, 64)), visualizer=False, epochs=1
+    )
     engine = Engine(max_epochs=1, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"1 of \d+ images cannot be read") as error:
         engine.fit(model, datamodule=datamodule)
@@ -159,7 +161,7 @@ def test_training_without_a_logger_prints_no_spurious_warnings(
     root, broken = _folder_with_broken_test_image(tmp_path / "data", hazelnut_root / "hazelnut_toy")
     broken.unlink()
     cls = getattr(models, model_name)
-    model = cls(pre_trained=False, pre_processor=cls.configure_pre_processor((64, 64)), visualizer=False)
+    model = cls(pre_trained=False, pre_processor=cls.configure_pre_processor((64, 64)), visualizer=False, epochs=1)
     engine = Engine(max_epochs=1, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -168,3 +170,15 @@ def test_training_without_a_logger_prints_no_spurious_warnings(
     assert engine.trainer.global_step > 0
     assert not [message for message in messages if "no logger configured" in message], messages
     assert not [message for message in messages if "in eval mode at the start of training" in message], messages
+
+
+@pytest.mark.parametrize("model_name", ["BiDirMSKD", "MTHF"])
+def test_training_protocol_comes_from_the_model(model_name: str) -> None:
+    from kd_ext import models
+    from kd_ext.models.base import DEFAULT_EPOCHS
+
+    cls = getattr(models, model_name)
+    assert cls(pre_trained=False).trainer_arguments["max_epochs"] == DEFAULT_EPOCHS
+    assert cls(pre_trained=False, epochs=3).trainer_arguments["max_epochs"] == 3
+    with pytest.raises(ValueError, match="epochs must be a whole number >= 1"):
+        cls(pre_trained=False, epochs=0)

@@ -21,11 +21,27 @@ from kd_ext.models.checkpoint import KDExtCheckpointMixin, teacher_pre_processor
 
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
+DEFAULT_EPOCHS = 10
+"""Training epochs of kd_ext's image models unless ``epochs`` says otherwise (the accuracy benchmark's protocol)."""
+
+
+def check_epochs(epochs: int) -> int:
+    """Return ``epochs`` if it is a positive whole number.
+
+    Raises:
+        ValueError: Otherwise.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        msg = f"epochs must be a whole number >= 1, got {epochs!r}."
+        raise ValueError(msg)
+    return epochs
+
 
 class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
     """One-class distillation models: Adam on the trainable parts, loss-term logging, eval on validation."""
 
     learning_rate: float
+    epochs: int | None = None
     model: torch.nn.Module
 
     @classmethod
@@ -142,8 +158,11 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping, no sanity validation."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+        """The training protocol: ``epochs`` epochs (when the model sets them), no clipping, no sanity validation."""
+        arguments: dict[str, Any] = {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+        if self.epochs is not None:
+            arguments["max_epochs"] = self.epochs
+        return arguments
 
     @property
     def learning_type(self) -> LearningType:

@@ -19,7 +19,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from kd_ext.kernels import validate_sigma
-from kd_ext.models.base import KDExtModelMixin
+from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin, check_epochs
 from kd_ext.models.checkpoint import pre_processor_image_size, teacher_pre_processor
 
 from .loss import BiDirMSKDLoss
@@ -47,6 +47,8 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         sigma: Gaussian smoothing of the anomaly map (0 disables).
         score_mode: Image score: ``"max"`` or ``"topk"`` (mean of the top 1 % of pixels).
         learning_rate: Adam learning rate.
+        epochs: Training epochs. They become the trainer's ``max_epochs`` through :attr:`trainer_arguments`,
+            which anomalib applies over the trainer's own settings: change them with ``--model.epochs``.
         kernel_backend: Anomaly-map kernel at inference: ``"auto"`` (fused native kernel when available),
             ``"native"`` or ``"reference"`` (pure torch). Export always traces the torch reference.
         prior: Fuse a normal-feature prior (a per-location Gaussian of the teacher's deep features, fitted on
@@ -70,6 +72,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         sigma: float = 4.0,
         score_mode: str = "max",
         learning_rate: float = 0.005,
+        epochs: int = DEFAULT_EPOCHS,
         kernel_backend: str = "auto",
         prior: bool = False,
         pre_processor: PreProcessor | bool = True,
@@ -87,6 +90,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         )
         validate_sigma(sigma, pre_processor_image_size(self.pre_processor))
         self.learning_rate = learning_rate
+        self.epochs = check_epochs(epochs)
         self.model = BiDirMSKDModel(
             backbone=backbone,
             layers=layers,

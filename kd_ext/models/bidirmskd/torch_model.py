@@ -24,9 +24,8 @@ from kd_ext.kernels.reference import image_score
 from kd_ext.models.components import (
     FeatureFusionResidual,
     FrozenTeacherModel,
-    MapStandardiser,
-    NormalFeaturePrior,
     OneClassBottleneck,
+    PriorFusion,
     ReverseDecoder,
     build_forward_student,
     build_teacher,
@@ -142,8 +141,7 @@ class BiDirMSKDModel(FrozenTeacherModel):
             if fusion:
                 self.fusion = FeatureFusionResidual(channels, strides, embedding_channels)
         self.anomaly_map_generator = AnomalyMapGenerator(fusion=map_fusion, sigma=sigma, backend=kernel_backend)
-        self.prior = NormalFeaturePrior(levels=(-2, -1) if len(self.layers) > 1 else (-1,)) if prior else None
-        self.standardiser = MapStandardiser(num_maps=2) if prior else None
+        self.prior_fusion = PriorFusion(levels=(-2, -1) if len(self.layers) > 1 else (-1,)) if prior else None
         self.needs_calibration = False
 
     def distill(
@@ -185,35 +183,28 @@ class BiDirMSKDModel(FrozenTeacherModel):
         """
         teacher, forward, reverse = self.distill(images)
         if self.training:
-            self.needs_calibration = self.prior is not None
+            self.needs_calibration = self.prior_fusion is not None
             return teacher, forward, reverse
         height, width = int(images.shape[-2]), int(images.shape[-1])
         top_k = None if self.score_mode == "max" else max(1, int(height * width * self.top_k_ratio))
-        if self.prior is None or self.standardiser is None or not self.prior.fitted:
+        students = self._students(forward, reverse)
+        if self.prior_fusion is None or not self.prior_fusion.ready:
             anomaly_map, pred_score = self.anomaly_map_generator.map_and_score(
-                teacher, self._students(forward, reverse), (height, width), self.score_mode, top_k
+                teacher, students, (height, width), self.score_mode, top_k
             )
             return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
-        anomaly_map = self.standardiser(self._maps(teacher, forward, reverse, (height, width)))
+        distillation_map = self.anomaly_map_generator(teacher, students, (height, width))
+        anomaly_map = self.prior_fusion(distillation_map, teacher, (height, width))
         return InferenceBatch(pred_score=image_score(anomaly_map, self.score_mode, top_k), anomaly_map=anomaly_map)
 
     @staticmethod
     def _students(forward: list[torch.Tensor] | None, reverse: list[torch.Tensor] | None) -> list[list[torch.Tensor]]:
         return [student for student in (forward, reverse) if student is not None]
 
-    def _maps(
-        self,
-        teacher: list[torch.Tensor],
-        forward: list[torch.Tensor] | None,
-        reverse: list[torch.Tensor] | None,
-        size: tuple[int, int],
-    ) -> list[torch.Tensor]:
-        """The distillation map and the prior's map, unstandardised."""
-        if self.prior is None:
-            msg = "This model has no prior (prior=False)."
-            raise RuntimeError(msg)
-        distillation = self.anomaly_map_generator(teacher, self._students(forward, reverse), size)
-        return [distillation, self.prior(teacher, size)]
+    def _outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        teacher, forward, reverse = self.distill(images)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        return teacher, self.anomaly_map_generator(teacher, self._students(forward, reverse), size)
 
     @torch.no_grad()
     def calibrate(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
@@ -225,19 +216,12 @@ class BiDirMSKDModel(FrozenTeacherModel):
             batches: Returns a fresh iterable of normalised normal training images ``[B, 3, H, W]`` each call
                 (it is iterated once or twice).
         """
-        if self.prior is None or self.standardiser is None:
+        if self.prior_fusion is None:
             return
         was_training = self.training
         self.eval()
         try:
-            if not self.prior.fitted:
-                for images in batches():
-                    self.prior.accumulate(self.teacher(images))
-                self.prior.finalize()
-            for images in batches():
-                teacher, forward, reverse = self.distill(images)
-                self.standardiser.accumulate(self._maps(teacher, forward, reverse, tuple(images.shape[-2:])))
-            self.standardiser.finalize()
+            self.prior_fusion.calibrate(batches, self.teacher, self._outputs)
         finally:
             self.train(was_training)
         self.needs_calibration = False

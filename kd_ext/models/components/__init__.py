@@ -4,7 +4,7 @@ from .attention import CBAM, ChannelAttention, SpatialAttention
 from .bottleneck import OneClassBottleneck
 from .decoder import ReverseDecoder
 from .fusion import FeatureFusionResidual
-from .prior import MapStandardiser, NormalFeaturePrior
+from .prior import MapStandardiser, NormalFeaturePrior, PriorFusion
 from .students import build_forward_student, build_teacher
 from .teacher import FrozenTeacherModel, level_strides, probe_levels, require_halving_strides
 
@@ -16,6 +16,7 @@ __all__ = [
     "MapStandardiser",
     "NormalFeaturePrior",
     "OneClassBottleneck",
+    "PriorFusion",
     "ReverseDecoder",
     "SpatialAttention",
     "build_forward_student",

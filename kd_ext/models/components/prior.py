@@ -12,7 +12,7 @@ distance) on a common one, with statistics of the maps on normal training images
 equal weights: no weight is chosen on test images.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -210,3 +210,56 @@ class MapStandardiser(nn.Module):
         stacked = torch.cat(list(maps), dim=1)
         standardised = (stacked - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
         return standardised.mean(dim=1, keepdim=True)
+
+
+class PriorFusion(nn.Module):
+    """A model's distillation map fused with a normal-feature prior, both standardised on normal training images.
+
+    The fused map is ``(z(distillation) + z(prior)) / 2`` where ``z`` standardises with the map's mean and standard
+    deviation over the normal training images (:meth:`calibrate`). Until calibrated, :attr:`ready` is ``False`` and
+    models fall back to the distillation map alone.
+
+    Args:
+        levels: Teacher levels of the prior (see :class:`NormalFeaturePrior`).
+    """
+
+    def __init__(self, levels: Sequence[int] = (-2, -1)) -> None:
+        super().__init__()
+        self.prior = NormalFeaturePrior(levels)
+        self.standardiser = MapStandardiser(num_maps=2)
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def ready(self) -> bool:
+        """Whether the prior and the map statistics are fitted."""
+        return bool(self.calibrated) and self.prior.fitted
+
+    def forward(
+        self, distillation_map: torch.Tensor, teacher_features: Sequence[torch.Tensor], size: tuple[int, int]
+    ) -> torch.Tensor:
+        """The fused map ``[B, 1, H, W]`` from the distillation map and the teacher features of the same images."""
+        return self.standardiser([distillation_map, self.prior(teacher_features, size)])
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        batches: Callable[[], Iterable[torch.Tensor]],
+        teacher: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+        outputs: Callable[[torch.Tensor], tuple[Sequence[torch.Tensor], torch.Tensor]],
+    ) -> None:
+        """Fit the prior (once: the teacher is frozen), then the statistics of both maps.
+
+        Args:
+            batches: Returns a fresh iterable of normalised normal training images each call.
+            teacher: Teacher features of images.
+            outputs: Teacher features and the distillation map (at the images' size) of images.
+        """
+        if not self.prior.fitted:
+            for images in batches():
+                self.prior.accumulate(teacher(images))
+            self.prior.finalize()
+        for images in batches():
+            features, distillation_map = outputs(images)
+            self.standardiser.accumulate([distillation_map, self.prior(features, tuple(images.shape[-2:]))])
+        self.standardiser.finalize()
+        self.calibrated.fill_(True)

@@ -19,7 +19,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from kd_ext.kernels import validate_sigma
-from kd_ext.models.base import KDExtModelMixin
+from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin, check_epochs
 from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, pre_processor_image_size, teacher_pre_processor
 
 from .loss import MTHFLoss
@@ -56,15 +56,21 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         sigma: Gaussian smoothing of the anomaly map (0 disables).
         score_mode: Image score: ``"max"`` or ``"topk"`` (mean of the top 1 % of the map).
         learning_rate: Adam learning rate.
+        epochs: Training epochs. They become the trainer's ``max_epochs`` through :attr:`trainer_arguments`,
+            which anomalib applies over the trainer's own settings: change them with ``--model.epochs``.
         kernel_backend: Anomaly-map kernel: ``"auto"`` (fused native kernel at inference when the extension is
             available, torch reference while training or exporting), ``"native"`` or ``"reference"``.
+        group_backbones: One teacher per group, e.g. ``["efficientnet_lite0", "efficientnet_lite1",
+            "efficientnet_lite2"]`` (the paper's distinct teacher-student pairs); ``None`` shares ``backbone``.
+        prior: Fuse a normal-feature prior (a per-location Gaussian of the teacher's deep features, fitted on
+            the normal training images) into the anomaly map.
         pre_processor: Pre-processor; ``True`` resizes to 256x256 and normalises as the teacher expects.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default.
         visualizer: Visualizer, or ``True`` for anomalib's default.
     """
 
-    architecture_keys = (*ARCHITECTURE_KEYS, "deep_layers", "groups", "fusion_modules")
+    architecture_keys = (*ARCHITECTURE_KEYS, "deep_layers", "groups", "fusion_modules", "group_backbones")
 
     def __init__(
         self,
@@ -80,7 +86,10 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         sigma: float = 4.0,
         score_mode: str = "max",
         learning_rate: float = 0.005,
+        epochs: int = DEFAULT_EPOCHS,
         kernel_backend: str = "auto",
+        group_backbones: Sequence[str] | None = None,
+        prior: bool = False,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -99,6 +108,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
             msg = f"learning_rate must be > 0, got {learning_rate}."
             raise ValueError(msg)
         self.learning_rate = learning_rate
+        self.epochs = check_epochs(epochs)
         self.model = MTHFModel(
             backbone=backbone,
             layers=layers,
@@ -112,6 +122,8 @@ class MTHF(KDExtModelMixin, AnomalibModule):
             sigma=sigma,
             score_mode=score_mode,
             kernel_backend=kernel_backend,
+            group_backbones=group_backbones,
+            prior=prior,
         )
         self.loss = MTHFLoss()
 

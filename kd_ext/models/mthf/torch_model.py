@@ -2,9 +2,11 @@
 
 Seed paper 002 builds three *distinct* teacher-student detection groups, puts a feature-fusion
 (attention) module after each student's distillation layers and fuses the anomaly maps in two
-stages. Here all groups share one frozen teacher (the offline ImageNet EfficientNet-Lite0 by
-default, so everything works without internet), computed once per batch for every level any group
-needs. The groups differ in distillation direction and feature levels:
+stages. By default all groups share one frozen teacher (the offline ImageNet EfficientNet-Lite0, so
+everything works without internet), computed once per batch for every level any group needs;
+``group_backbones`` gives each group a teacher of its own (e.g. the offline EfficientNet-Lite0, Lite1
+and Lite2: three distinct teacher-student pairs, as in the paper). The groups differ in teacher,
+distillation direction and feature levels:
 
 * **A - forward, shallow**: a randomly initialised copy of the teacher's first stages (CBAM after each
   stage) regresses the teacher's ``blocks.1/2/4`` features (strides 4/8/16) from the image, as in
@@ -19,10 +21,11 @@ needs. The groups differ in distillation direction and feature levels:
 
 After each student a :class:`HierarchicalAttentionFusion` module fuses that student's levels
 (cross-level context through CBAM). The per-level maps are fused within each group, then across
-groups after per-group standardisation (:class:`MTHFAnomalyMap`).
+groups after per-group standardisation (:class:`MTHFAnomalyMap`). With ``prior=True`` the fused map is
+further fused with a normal-feature prior of the main teacher's features (:class:`PriorFusion`).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from anomalib.data import InferenceBatch
@@ -33,6 +36,7 @@ from kd_ext.backbones.registry import resolve_layers
 from kd_ext.models.components import (
     FrozenTeacherModel,
     OneClassBottleneck,
+    PriorFusion,
     ReverseDecoder,
     build_forward_student,
     build_teacher,
@@ -52,6 +56,8 @@ GROUP_DESCRIPTIONS = {
 }
 DEEP_LAYERS = {
     "efficientnet_lite0": ("blocks.2", "blocks.4", "blocks.6"),
+    "efficientnet_lite1": ("blocks.2", "blocks.4", "blocks.6"),
+    "efficientnet_lite2": ("blocks.2", "blocks.4", "blocks.6"),
     "resnet18": ("layer2", "layer3", "layer4"),
     "resnet34": ("layer2", "layer3", "layer4"),
     "wide_resnet50_2": ("layer2", "layer3", "layer4"),
@@ -109,7 +115,7 @@ def validate_groups(groups: Sequence[str]) -> tuple[str, ...]:
 
 
 class MTHFModel(FrozenTeacherModel):
-    """One shared frozen teacher, up to three teacher-student groups, fusion modules and map fusion.
+    """Frozen teachers (shared or one per group), up to three teacher-student groups, fusion modules, map fusion.
 
     Args:
         backbone: Teacher backbone (see :data:`kd_ext.backbones.BACKBONES`).
@@ -127,6 +133,9 @@ class MTHFModel(FrozenTeacherModel):
         kernel_backend: ``kd_ext.kernels`` backend of the anomaly maps: ``"auto"`` (fused native kernel at
             inference when available, torch reference while training or exporting), ``"native"`` or
             ``"reference"`` (force pure torch).
+        group_backbones: One teacher backbone per group (in the order of ``groups``); ``None`` shares
+            ``backbone``. Teachers must share one input normalisation.
+        prior: Fuse a normal-feature prior of the main teacher's two deepest shallow levels into the map.
 
     Raises:
         ValueError: If an argument is invalid.
@@ -147,6 +156,8 @@ class MTHFModel(FrozenTeacherModel):
         score_mode: str = "max",
         top_k_ratio: float = 0.01,
         kernel_backend: str = "auto",
+        group_backbones: Sequence[str] | None = None,
+        prior: bool = False,
     ) -> None:
         super().__init__()
         self.groups = validate_groups(groups)
@@ -164,42 +175,103 @@ class MTHFModel(FrozenTeacherModel):
             sigma=sigma,
             backend=kernel_backend,
         )
-        spec = get_backbone_spec(backbone)
-        shallow = resolve_layers(spec, layers)
-        if deep_layers is None and backbone not in DEEP_LAYERS:
-            msg = f"No default deep_layers for backbone '{backbone}'; pass deep_layers for group C."
-            raise ValueError(msg)
-        deep = tuple(deep_layers) if deep_layers is not None else DEEP_LAYERS[backbone]
-        if "C" in self.groups and ("A" in self.groups or "B" in self.groups) and deep == shallow:
-            msg = (
-                f"Group C must use other feature levels than groups A and B (both got {list(shallow)}); "
-                "pass different layers and deep_layers."
-            )
-            raise ValueError(msg)
-        self.group_layers = {name: deep if name == "C" else shallow for name in self.groups}
+        self.group_backbones = self._validate_group_backbones(backbone, group_backbones)
+        self.group_layers = {
+            name: self._group_levels(name, self.group_backbones[name], layers, deep_layers) for name in self.groups
+        }
+        for name in ("A", "B"):
+            if (
+                name in self.groups
+                and "C" in self.groups
+                and self.group_backbones[name] == self.group_backbones["C"]
+                and self.group_layers[name] == self.group_layers["C"]
+            ):
+                msg = (
+                    f"Group C must use other feature levels than groups A and B (both got "
+                    f"{list(self.group_layers['C'])}); pass different layers and deep_layers."
+                )
+                raise ValueError(msg)
         self.score_mode = score_mode
         self.top_k_ratio = top_k_ratio
 
-        self.layers = self._union_in_forward_order(backbone, [self.group_layers[name] for name in self.groups])
-        self.group_indices = {
-            name: [self.layers.index(layer) for layer in self.group_layers[name]] for name in self.groups
-        }
+        # One teacher per distinct backbone, computing every level its groups (and the prior) need.
+        shallow = resolve_layers(get_backbone_spec(backbone), layers)
+        prior_layers = tuple(shallow[-2:])
+        own = [self.group_layers[name] for name in self.groups if self.group_backbones[name] == backbone]
+        self.layers = self._union_in_forward_order(backbone, [*own, prior_layers] if prior else own or [shallow])
         self.teacher = build_teacher(backbone, self.layers, pre_trained)
+        self.extra_teachers = nn.ModuleDict()
+        self.teacher_layers = {backbone: self.layers}
+        for other in dict.fromkeys(self.group_backbones.values()):
+            if other != backbone:
+                levels = [self.group_layers[name] for name in self.groups if self.group_backbones[name] == other]
+                self.teacher_layers[other] = self._union_in_forward_order(other, levels)
+                self.extra_teachers[other] = build_teacher(other, self.teacher_layers[other], pre_trained)
+        self.group_indices = {
+            name: [self.teacher_layers[self.group_backbones[name]].index(layer) for layer in self.group_layers[name]]
+            for name in self.groups
+        }
         channels, strides = self._probe_levels()
 
         self.students = nn.ModuleDict()
         self.fusions = nn.ModuleDict()
         for name in self.groups:
-            group_channels = [channels[index] for index in self.group_indices[name]]
-            group_strides = [strides[index] for index in self.group_indices[name]]
+            group_channels, group_strides = channels[name], strides[name]
             if name == "B":
                 self.students[name] = ReverseStudent(group_channels, group_strides)
             else:
                 self.students[name] = build_forward_student(
-                    backbone, self.group_layers[name], group_channels, attention
+                    self.group_backbones[name], self.group_layers[name], group_channels, attention
                 )
             if fusion_modules:
                 self.fusions[name] = HierarchicalAttentionFusion(group_channels, group_strides)
+        prior_indices = tuple(self.layers.index(layer) for layer in prior_layers)
+        self.prior_fusion = PriorFusion(levels=prior_indices) if prior else None
+        self.needs_calibration = False
+
+    def _validate_group_backbones(self, backbone: str, group_backbones: Sequence[str] | None) -> dict[str, str]:
+        if group_backbones is None:
+            return dict.fromkeys(self.groups, backbone)
+        if isinstance(group_backbones, str) or len(group_backbones) != len(self.groups):
+            msg = (
+                f"group_backbones needs one backbone per group {list(self.groups)}, got {group_backbones!r} "
+                "(e.g. ['efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2'])."
+            )
+            raise ValueError(msg)
+        normalisations = {tuple(get_backbone_spec(name).mean + get_backbone_spec(name).std) for name in group_backbones}
+        if len(normalisations | {tuple(get_backbone_spec(backbone).mean + get_backbone_spec(backbone).std)}) > 1:
+            msg = (
+                f"The group teachers {list(group_backbones)} and the backbone '{backbone}' expect different input "
+                "normalisations; one pre-processor serves all groups: choose teachers of one family."
+            )
+            raise ValueError(msg)
+        return dict(zip(self.groups, group_backbones, strict=True))
+
+    @staticmethod
+    def _group_levels(
+        name: str, backbone: str, layers: Sequence[str] | None, deep_layers: Sequence[str] | None
+    ) -> tuple[str, ...]:
+        if name != "C":
+            return tuple(resolve_layers(get_backbone_spec(backbone), layers))
+        if deep_layers is not None:
+            return tuple(deep_layers)
+        if backbone not in DEEP_LAYERS:
+            msg = f"No default deep_layers for backbone '{backbone}'; pass deep_layers for group C."
+            raise ValueError(msg)
+        return DEEP_LAYERS[backbone]
+
+    def train(self, mode: bool = True) -> "MTHFModel":
+        """Set train/eval mode; every teacher stays in eval mode.
+
+        Args:
+            mode: Train mode if ``True``, eval mode otherwise.
+
+        Returns:
+            MTHFModel: ``self``.
+        """
+        super().train(mode)
+        self.extra_teachers.eval()
+        return self
 
     @staticmethod
     def _union_in_forward_order(backbone: str, level_sets: Sequence[Sequence[str]]) -> tuple[str, ...]:
@@ -215,27 +287,44 @@ class MTHFModel(FrozenTeacherModel):
                 raise ValueError(msg)
         return tuple(sorted(requested, key=names.index))
 
-    def _probe_levels(self) -> tuple[list[int], list[int]]:
-        channels, strides = probe_levels(self.teacher)
+    def _teachers(self) -> dict[str, nn.Module]:
+        return {self.teacher_name: self.teacher, **dict(self.extra_teachers.items())}
+
+    @property
+    def teacher_name(self) -> str:
+        """Backbone of the main teacher (the one the prior reads)."""
+        return next(iter(self.teacher_layers))
+
+    def _probe_levels(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        probed = {name: probe_levels(teacher) for name, teacher in self._teachers().items()}
+        channels, strides = {}, {}
         for name in self.groups:
-            group_strides = [strides[index] for index in self.group_indices[name]]
-            require_halving_strides(group_strides, f"Group {name}'s levels {list(self.group_layers[name])}")
+            teacher_channels, teacher_strides = probed[self.group_backbones[name]]
+            channels[name] = [teacher_channels[index] for index in self.group_indices[name]]
+            strides[name] = [teacher_strides[index] for index in self.group_indices[name]]
+            require_halving_strides(strides[name], f"Group {name}'s levels {list(self.group_layers[name])}")
         return channels, strides
 
-    def distill(self, images: torch.Tensor) -> GroupPairs:
-        """Run the shared teacher once and every group's student (and fusion module).
+    def teacher_features(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Features of every teacher (one pass each), by backbone name."""
+        with torch.no_grad():
+            return {name: teacher(images) for name, teacher in self._teachers().items()}
+
+    def distill(self, images: torch.Tensor, teachers: dict[str, list[torch.Tensor]] | None = None) -> GroupPairs:
+        """Run every teacher once and every group's student (and fusion module).
 
         Args:
             images: Normalised images ``[B, 3, H, W]``.
+            teachers: Teacher features from :meth:`teacher_features`, if already computed.
 
         Returns:
             dict: ``group name -> (teacher features, student features)`` on the group's levels.
         """
-        with torch.no_grad():
-            teacher = self.teacher(images)
+        teachers = self.teacher_features(images) if teachers is None else teachers
         pairs: GroupPairs = {}
         for name in self.groups:
-            targets = [teacher[index] for index in self.group_indices[name]]
+            features = teachers[self.group_backbones[name]]
+            targets = [features[index] for index in self.group_indices[name]]
             student = self.students[name](targets if name == "B" else images)
             if name in self.fusions:
                 student = self.fusions[name](student)
@@ -262,13 +351,40 @@ class MTHFModel(FrozenTeacherModel):
         Returns:
             Training: see :meth:`distill`. Eval: ``InferenceBatch(pred_score, anomaly_map)``.
         """
-        pairs = self.distill(images)
+        teachers = self.teacher_features(images)
+        pairs = self.distill(images, teachers)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         if self.training:
             detached = [
                 ([t.detach() for t in teacher], [s.detach() for s in student]) for teacher, student in pairs.values()
             ]
             self.anomaly_map_generator.update_statistics(detached, downsampled_size(size))
+            self.needs_calibration = self.prior_fusion is not None
             return pairs
         anomaly_map = self.anomaly_map_generator(list(pairs.values()), size)
+        if self.prior_fusion is not None and self.prior_fusion.ready:
+            anomaly_map = self.prior_fusion(anomaly_map, teachers[self.teacher_name], size)
         return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)
+
+    def _outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        teachers = self.teacher_features(images)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        pairs = list(self.distill(images, teachers).values())
+        return teachers[self.teacher_name], self.anomaly_map_generator(pairs, size)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
+        """Fit the prior (once) and the maps' normal statistics on normal training images (no-op without a prior).
+
+        Args:
+            batches: Returns a fresh iterable of normalised normal training images ``[B, 3, H, W]`` each call.
+        """
+        if self.prior_fusion is None:
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            self.prior_fusion.calibrate(batches, self.teacher, self._outputs)
+        finally:
+            self.train(was_training)
+        self.needs_calibration = False

@@ -1,0 +1,229 @@
+r"""SignalKD as an anomalib model: trains and tests through anomalib's ``Engine`` on series batches.
+
+It reads :class:`kd_ext.data.ucr.SeriesBatch` es (``kd_ext.data.UCRSeries`` with ``as_image`` unset): ``batch.image``
+is the series ``[B, 1, L]``; predictions fill ``pred_score`` ``[B]`` and ``anomaly_map`` ``[B, L]``.
+
+Before the first training epoch the teacher is pretrained self-supervised (masked reconstruction) on the
+datamodule's :meth:`~kd_ext.data.UCRSeries.unlabelled_training_series`: every series of the training partition,
+normal and abnormal, labels unused, never a test series. A datamodule without that method (or plain data loaders)
+pretrains it on the normal training series only. The students then learn the normal training series.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from kd_ext.data import UCRSeries
+    >>> from kd_ext.models.signal_kd import SignalKD
+    >>> datamodule = UCRSeries(train_file="ECG200_TRAIN.txt", test_file="ECG200_TEST.txt", seed=0)  # doctest: +SKIP
+    >>> Engine(max_epochs=50).train(SignalKD(), datamodule=datamodule)  # doctest: +SKIP
+
+    From anomalib's command line::
+
+        anomalib train --model kd_ext.models.signal_kd.SignalKD --data kd_ext.data.UCRSeries \
+            --data.train_file ECG200_TRAIN.txt --data.test_file ECG200_TEST.txt --trainer.max_epochs 50
+"""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.deploy.export import ExportType
+from anomalib.metrics import AUROC, Evaluator, F1Score
+from anomalib.models.components import AnomalibModule
+from anomalib.models.components.base.export_mixin.utils import create_export_root
+from anomalib.post_processing import PostProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from .loss import SignalKDLoss
+from .torch_model import SignalKDModel
+
+logger = logging.getLogger(__name__)
+
+
+class SignalKD(AnomalibModule):
+    """Teacher-student anomaly detection for 1-D signals with a self-supervised conv + GRU teacher.
+
+    Args:
+        width: Channels of the encoders' first convolution stage.
+        hidden: Channels of the encoders' recurrent level (even).
+        forward_student: Use the forward (feature-regression) student.
+        reverse_student: Use the reverse (one-class embedding) student.
+        sigma: Gaussian smoothing of the map along time, in time steps (0 disables it).
+        score_mode: Series score: ``"max"`` or ``"topk"`` (mean of the largest ``top_k_ratio`` of the map).
+        top_k_ratio: Share of time steps averaged by ``"topk"``.
+        learning_rate: Adam learning rate of the students.
+        teacher_epochs: Epochs of the teacher's masked-reconstruction pretraining.
+        teacher_learning_rate: Adam learning rate of the pretraining.
+        mask_ratio: Share of time steps hidden in pretraining.
+        in_channels: Channels of the series.
+        pre_processor: ``False`` (default): series need no resizing; the model z-normalises each series itself.
+        post_processor: Post-processor, or ``True`` for anomalib's default (score normalisation and threshold on the
+            validation series).
+        evaluator: Evaluator, or ``True`` for series-level AUROC and F1 (there are no per-time-step labels).
+        visualizer: Visualizer; ``False`` (default): anomalib's visualisers draw images.
+    """
+
+    def __init__(
+        self,
+        width: int = 32,
+        hidden: int = 64,
+        forward_student: bool = True,
+        reverse_student: bool = True,
+        sigma: float = 2.0,
+        score_mode: str = "topk",
+        top_k_ratio: float = 0.1,
+        learning_rate: float = 1e-3,
+        teacher_epochs: int = 100,
+        teacher_learning_rate: float = 1e-3,
+        mask_ratio: float = 0.25,
+        in_channels: int = 1,
+        pre_processor: nn.Module | bool = False,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = False,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.learning_rate = learning_rate
+        self.teacher_epochs = teacher_epochs
+        self.teacher_learning_rate = teacher_learning_rate
+        self.mask_ratio = mask_ratio
+        self.model = SignalKDModel(
+            in_channels=in_channels,
+            width=width,
+            hidden=hidden,
+            forward_student=forward_student,
+            reverse_student=reverse_student,
+            sigma=sigma,
+            score_mode=score_mode,
+            top_k_ratio=top_k_ratio,
+        )
+        self.loss = SignalKDLoss()
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Series-level AUROC and F1 (``image_`` prefix, anomalib's name for sample-level metrics)."""
+        return Evaluator(
+            test_metrics=[
+                AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+                F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+            ],
+        )
+
+    def pretraining_series(self) -> tuple[torch.Tensor, str]:
+        """The series the teacher pretrains on, and what they are.
+
+        Returns:
+            tuple[torch.Tensor, str]: ``[N, C, L]`` series and a description for the log.
+        """
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "unlabelled_training_series"):
+            series = datamodule.unlabelled_training_series()
+            return series, f"all {len(series)} training series (normal and abnormal, labels unused)"
+        series = torch.cat([batch.image for batch in trainer.train_dataloader])
+        return series, f"the {len(series)} normal training series (the datamodule offers no unlabelled series)"
+
+    def on_train_start(self) -> None:
+        """Pretrain the teacher (once) before the students' first epoch."""
+        super().on_train_start()
+        if self.model.teacher_pretrained:
+            return
+        series, description = self.pretraining_series()
+        logger.info("Pretraining the SignalKD teacher by masked reconstruction on %s.", description)
+        self.model.pretrain_teacher(
+            series.to(self.device),
+            epochs=self.teacher_epochs,
+            learning_rate=self.teacher_learning_rate,
+            mask_ratio=self.mask_ratio,
+        )
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Distil the frozen teacher into the students on a batch of normal series."""
+        del args, kwargs
+        teacher, forward, reverse = self.model(batch.image)
+        terms = self.loss(teacher, forward, reverse)
+        for name, value in terms.items():
+            self.log(f"train_{name}", value.item(), on_epoch=True, prog_bar=name == "loss", batch_size=len(batch.image))
+        return {"loss": terms["loss"]}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Scores and maps of validation series."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over the students' parameters (the teacher is pretrained separately, then frozen)."""
+        return torch.optim.Adam(self.model.student_parameters(), lr=self.learning_rate)
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export the whole model (network and post-processor) to ONNX for series ``[N, C, L]``, ``N`` dynamic.
+
+        anomalib's ``to_openvino`` and ``anomalib export``, and :func:`kd_ext.export.export_openvino` (with
+        ``input_size=None``), go through this method. The graph takes raw or z-normalised ``float32`` series of the
+        training length (it z-normalises them itself) and outputs ``pred_score`` ``[N]``, ``pred_label`` ``[N]``,
+        ``anomaly_map`` ``[N, L]`` and ``pred_mask`` ``[N, L]`` (normalised so that 0.5 is the threshold, when the
+        post-processor has statistics), or the raw score and map without a post-processor.
+
+        Args:
+            export_root: Output root; the file goes to ``<export_root>/weights/onnx/<name>.onnx``.
+            model_file_name: File name without suffix.
+            input_size: Must be ``None``: the series length is the training length.
+            **kwargs: Passed to ``torch.onnx.export``.
+
+        Returns:
+            Path: The ``.onnx`` file.
+
+        Raises:
+            ValueError: If ``input_size`` is given.
+            RuntimeError: If the model has not been trained.
+        """
+        if input_size is not None:
+            msg = (
+                f"SignalKD takes series, not images of size {tuple(input_size)}: export with input_size=None (the "
+                "series length is the one the model was trained on)."
+            )
+            raise ValueError(msg)
+        if not self.model.teacher_pretrained:
+            msg = "SignalKD has not been trained (its teacher is not pretrained): train it before exporting."
+            raise RuntimeError(msg)
+        onnx_path = create_export_root(export_root, ExportType.ONNX) / f"{model_file_name}.onnx"
+        example = torch.zeros(2, self.model.in_channels, int(self.model.series_length), device=self.device)
+        self.eval()
+        with torch.no_grad():
+            output_names = [name for name, value in self(example)._asdict().items() if value is not None]
+        torch.onnx.export(
+            self,
+            (example,),
+            str(onnx_path),
+            input_names=["input"],
+            output_names=output_names,
+            dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            **kwargs,
+        )
+        return onnx_path
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping, no sanity validation."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """One-class: the students learn normal series only."""
+        return LearningType.ONE_CLASS
