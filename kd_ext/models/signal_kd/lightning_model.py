@@ -22,6 +22,7 @@ Example:
 """
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from .loss import SignalKDLoss
 from .torch_model import SignalKDModel
 
 logger = logging.getLogger(__name__)
+ONNX_OPSET = 17
 
 
 class SignalKD(AnomalibModule):
@@ -173,11 +175,13 @@ class SignalKD(AnomalibModule):
     ) -> Path:
         """Export the whole model (network and post-processor) to ONNX for series ``[N, C, L]``, ``N`` dynamic.
 
-        anomalib's ``to_openvino`` and ``anomalib export``, and :func:`kd_ext.export.export_openvino` (with
-        ``input_size=None``), go through this method. The graph takes raw or z-normalised ``float32`` series of the
-        training length (it z-normalises them itself) and outputs ``pred_score`` ``[N]``, ``pred_label`` ``[N]``,
-        ``anomaly_map`` ``[N, L]`` and ``pred_mask`` ``[N, L]`` (normalised so that 0.5 is the threshold, when the
-        post-processor has statistics), or the raw score and map without a post-processor.
+        The graph takes raw or z-normalised ``float32`` series of the training length (it z-normalises them itself)
+        and outputs ``pred_score`` ``[N]``, ``pred_label`` ``[N]``, ``anomaly_map`` ``[N, L]`` and ``pred_mask``
+        ``[N, L]`` (normalised so that 0.5 is the threshold, when the post-processor has statistics), or the raw
+        score and map without a post-processor. anomalib's ``to_openvino`` and ``anomalib export``, and
+        :func:`kd_ext.export.export_openvino` (with ``input_size=None``), go through this method. It uses torch's
+        TorchScript-based exporter: the dynamo exporter converts the same graph (GRUs included) too, but takes
+        minutes instead of seconds.
 
         Args:
             export_root: Output root; the file goes to ``<export_root>/weights/onnx/<name>.onnx``.
@@ -206,16 +210,23 @@ class SignalKD(AnomalibModule):
         self.eval()
         with torch.no_grad():
             output_names = [name for name, value in self(example)._asdict().items() if value is not None]
-        torch.onnx.export(
-            self,
-            (example,),
-            str(onnx_path),
-            input_names=["input"],
-            output_names=output_names,
-            dynamo=True,
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            **kwargs,
-        )
+        with warnings.catch_warnings():
+            # Tracing records the post-processor's statistics as constants (intended: they are the trained values),
+            # and the GRUs start from zero states, so the batch-size caveat of the GRU export does not apply.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*with a batch_size other than 1.*GRU")
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+            torch.onnx.export(
+                self,
+                (example,),
+                str(onnx_path),
+                input_names=["input"],
+                output_names=output_names,
+                dynamic_axes={name: {0: "batch"} for name in ["input", *output_names]},
+                opset_version=kwargs.pop("opset_version", ONNX_OPSET),
+                dynamo=False,
+                **kwargs,
+            )
         return onnx_path
 
     @property
