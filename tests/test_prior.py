@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -121,6 +122,20 @@ def test_engine_fit_test_and_reload_with_prior(tmp_path: Path, hazelnut_root: Pa
     restored.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(restored.model(batch).anomaly_map, model.model(batch).anomaly_map)
+
+    # The fitted prior and statistics are constants of the exported graph: FP32 IR == torch.
+    from kd_ext.edge import EdgeModel
+    from kd_ext.export import export_openvino
+
+    images = torch.rand(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+    prediction = EdgeModel(export_openvino(model, tmp_path / "ir", "fp32", input_size=(64, 64))).predict(images.numpy())
+    np.testing.assert_allclose(
+        prediction.anomaly_map, expected.anomaly_map.reshape(prediction.anomaly_map.shape).numpy(), atol=1e-3
+    )
+    np.testing.assert_allclose(prediction.pred_score, expected.pred_score.numpy(), atol=1e-3)
 
 
 def test_mthf_with_distinct_group_teachers_and_prior() -> None:

@@ -179,6 +179,10 @@ class MapStandardiser(nn.Module):
         self.register_buffer("map_std", torch.ones(num_maps))
         self._moments: torch.Tensor | None = None
 
+    def reset(self) -> None:
+        """Forget accumulated moments (the stored statistics stay)."""
+        self._moments = None
+
     @torch.no_grad()
     def accumulate(self, maps: Sequence[torch.Tensor]) -> None:
         """Add the maps of a batch of normal images to the running moments (count, sum, sum of squares)."""
@@ -217,7 +221,7 @@ class PriorFusion(nn.Module):
 
     The fused map is ``(z(distillation) + z(prior)) / 2`` where ``z`` standardises with the map's mean and standard
     deviation over the normal training images (:meth:`calibrate`). Until calibrated, :attr:`ready` is ``False`` and
-    models fall back to the distillation map alone.
+    models fall back to the distillation map alone; a calibration that fails leaves it uncalibrated.
 
     Args:
         levels: Teacher levels of the prior (see :class:`NormalFeaturePrior`).
@@ -227,12 +231,11 @@ class PriorFusion(nn.Module):
         super().__init__()
         self.prior = NormalFeaturePrior(levels)
         self.standardiser = MapStandardiser(num_maps=2)
-        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
 
     @property
     def ready(self) -> bool:
-        """Whether the prior and the map statistics are fitted."""
-        return bool(self.calibrated) and self.prior.fitted
+        """Whether the prior and the map statistics are fitted (decided by buffer shapes: static when exporting)."""
+        return self.prior.fitted
 
     def forward(
         self, distillation_map: torch.Tensor, teacher_features: Sequence[torch.Tensor], size: tuple[int, int]
@@ -254,12 +257,16 @@ class PriorFusion(nn.Module):
             teacher: Teacher features of images.
             outputs: Teacher features and the distillation map (at the images' size) of images.
         """
-        if not self.prior.fitted:
+        try:
+            if not self.prior.fitted:
+                for images in batches():
+                    self.prior.accumulate(teacher(images))
+                self.prior.finalize()
             for images in batches():
-                self.prior.accumulate(teacher(images))
-            self.prior.finalize()
-        for images in batches():
-            features, distillation_map = outputs(images)
-            self.standardiser.accumulate([distillation_map, self.prior(features, tuple(images.shape[-2:]))])
-        self.standardiser.finalize()
-        self.calibrated.fill_(True)
+                features, distillation_map = outputs(images)
+                self.standardiser.accumulate([distillation_map, self.prior(features, tuple(images.shape[-2:]))])
+            self.standardiser.finalize()
+        except BaseException:
+            self.prior.reset()  # never half-calibrated: a prior without its map statistics is not used
+            self.standardiser.reset()
+            raise
