@@ -312,6 +312,21 @@ def test_series_of_another_length_are_refused_by_a_trained_model() -> None:
         model(torch.randn(2, 3, LENGTH))
 
 
+def test_the_map_comes_from_the_chosen_levels_and_the_score_is_its_mean() -> None:
+    model = small_model()
+    model.pretrain_teacher(torch.randn(4, 1, LENGTH), epochs=1, seed=0)
+    model.eval()
+    series = torch.randn(3, 1, LENGTH)
+    with torch.no_grad():
+        deep = model(series)
+        model.map_levels = [0, 1, 2]
+        every_level = model(series).anomaly_map
+    torch.testing.assert_close(deep.pred_score, deep.anomaly_map.mean(dim=-1))
+    assert not torch.allclose(every_level, deep.anomaly_map)
+    with pytest.raises(ValueError, match=r"map_levels must be a non-empty subset of \[0, 1, 2\], got \[3\]"):
+        small_model(map_levels=(3,))
+
+
 @pytest.fixture(scope="module")
 def trained_signal_kd(tmp_path_factory: pytest.TempPathFactory):
     """SignalKD trained through anomalib's Engine (teacher 2 epochs, students 2 epochs) on synthetic beats."""

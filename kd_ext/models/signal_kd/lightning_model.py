@@ -23,6 +23,7 @@ Example:
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,11 @@ class SignalKD(AnomalibModule):
         forward_student: Use the forward (feature-regression) student.
         reverse_student: Use the reverse (one-class embedding) student.
         sigma: Gaussian smoothing of the map along time, in time steps (0 disables it).
-        score_mode: Series score: ``"max"`` or ``"topk"`` (mean of the largest ``top_k_ratio`` of the map).
+        score_mode: Series score: ``"mean"`` of the map, its ``"max"``, or ``"topk"`` (mean of its largest
+            ``top_k_ratio``).
         top_k_ratio: Share of time steps averaged by ``"topk"``.
+        map_levels: Feature levels (0, 1, 2: shallow to deep) whose discrepancies make the map (see
+            :class:`SignalKDModel`).
         learning_rate: Adam learning rate of the students.
         teacher_epochs: Epochs of the teacher's masked-reconstruction pretraining.
         teacher_learning_rate: Adam learning rate of the pretraining.
@@ -75,10 +79,11 @@ class SignalKD(AnomalibModule):
         forward_student: bool = True,
         reverse_student: bool = True,
         sigma: float = 2.0,
-        score_mode: str = "topk",
+        score_mode: str = "mean",
         top_k_ratio: float = 0.1,
+        map_levels: Sequence[int] = (1, 2),
         learning_rate: float = 1e-3,
-        teacher_epochs: int = 100,
+        teacher_epochs: int = 60,
         teacher_learning_rate: float = 1e-3,
         mask_ratio: float = 0.25,
         in_channels: int = 1,
@@ -106,6 +111,7 @@ class SignalKD(AnomalibModule):
             sigma=sigma,
             score_mode=score_mode,
             top_k_ratio=top_k_ratio,
+            map_levels=map_levels,
         )
         self.loss = SignalKDLoss()
 
