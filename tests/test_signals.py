@@ -310,6 +310,8 @@ def test_series_of_another_length_are_refused_by_a_trained_model() -> None:
         model(torch.randn(2, 1, 40))
     with pytest.raises(ValueError, match="Expected series with 1 channel"):
         model(torch.randn(2, 3, LENGTH))
+    with pytest.raises(ValueError, match=r"use kd_ext\.data\.UCRSeries without as_image for series"):
+        model(torch.rand(2, 3, LENGTH, LENGTH))
 
 
 def test_the_map_comes_from_the_chosen_levels_and_the_score_is_its_mean() -> None:

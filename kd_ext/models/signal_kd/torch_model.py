@@ -262,7 +262,10 @@ class SignalKDModel(FrozenTeacherModel):
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             return
         if series.ndim != 3 or not series.is_floating_point():
-            msg = f"Expected a floating-point batch of series [B, C, L], got {series.dtype} {tuple(series.shape)}."
+            msg = (
+                f"Expected a floating-point batch of series [B, C, L], got {series.dtype} {tuple(series.shape)}; "
+                "images are for image models (use kd_ext.data.UCRSeries without as_image for series)."
+            )
             raise ValueError(msg)
         if series.shape[1] != self.in_channels:
             msg = f"Expected series with {self.in_channels} channel(s), got {series.shape[1]}."
