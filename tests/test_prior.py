@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from kd_ext.models.bidirmskd.torch_model import BiDirMSKDModel
 from kd_ext.models.components import MapStandardiser, NormalFeaturePrior
@@ -82,38 +81,19 @@ def test_bidirmskd_with_prior_calibrates_and_changes_the_map() -> None:
     assert not torch.allclose(fused.anomaly_map, plain)
 
 
-def test_engine_fit_test_and_reload_with_prior(tmp_path: Path, hazelnut_root: Path) -> None:
-    from anomalib.data import Folder
+def test_engine_fit_test_and_reload_with_prior(tmp_path: Path, tiny_folder_datamodule) -> None:
     from anomalib.engine import Engine
 
     from kd_ext.models import BiDirMSKD
-
-    images = sorted((hazelnut_root / "hazelnut_toy" / "train" / "good").glob("*.png"))
-    for folder, chosen in (("train/good", images[:6]), ("test/good", images[6:8]), ("test/bad", images[8:10])):
-        (tmp_path / "data" / folder).mkdir(parents=True)
-        for image in chosen:
-            Image.open(image).resize((64, 64)).save(tmp_path / "data" / folder / image.name)
-
-    def datamodule() -> Folder:
-        return Folder(
-            name="tiny",
-            root=tmp_path / "data",
-            normal_dir="train/good",
-            abnormal_dir="test/bad",
-            normal_test_dir="test/good",
-            train_batch_size=3,
-            eval_batch_size=3,
-            num_workers=0,
-        )
 
     model = BiDirMSKD(
         pre_trained=False, prior=True, pre_processor=BiDirMSKD.configure_pre_processor((64, 64)), epochs=1
     )
     engine = Engine(max_epochs=1, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
-    engine.fit(model, datamodule=datamodule())
+    engine.fit(model, datamodule=tiny_folder_datamodule())
     assert model.model.prior_fusion.ready and not model.model.needs_calibration
     assert float(model.model.prior_fusion.standardiser.map_std[1]) != 1.0
-    engine.test(model, datamodule=datamodule(), verbose=False)
+    engine.test(model, datamodule=tiny_folder_datamodule(), verbose=False)
     checkpoint = tmp_path / "model.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
     restored = BiDirMSKD.load_from_checkpoint(checkpoint, weights_only=True)

@@ -97,40 +97,20 @@ def test_images_too_large_for_pillow_are_reported_not_raised(tmp_path: Path, mon
     assert "too large for Pillow" in failures[str(tmp_path / "huge.png")]
 
 
-def _folder_datamodule(root: Path) -> object:
-    from anomalib.data import Folder
-
-    return Folder(
-        name="tiny",
-        root=root,
-        normal_dir="train/good",
-        abnormal_dir="test/bad",
-        normal_test_dir="test/good",
-        train_batch_size=2,
-        eval_batch_size=2,
-        num_workers=0,
-    )
-
-
-def _folder_with_broken_test_image(root: Path, source: Path) -> tuple[Path, Path]:
-    images = sorted((source / "train" / "good").glob("*.png"))
-    for folder, chosen in (("train/good", images[:6]), ("test/good", images[6:8]), ("test/bad", images[8:10])):
-        (root / folder).mkdir(parents=True)
-        for image in chosen:
-            Image.open(image).resize((64, 64)).save(root / folder / image.name)
-    broken = root / "test" / "bad" / images[9].name
+def _break_one_test_image(root: Path) -> Path:
+    broken = sorted((root / "test" / "bad").glob("*.png"))[-1]
     data = broken.read_bytes()
     broken.write_bytes(data[: len(data) // 2])
-    return root, broken
+    return broken
 
 
-def test_broken_test_image_is_named_before_training(tmp_path: Path, hazelnut_root: Path) -> None:
+def test_broken_test_image_is_named_before_training(tmp_path: Path, tiny_folder: Path, tiny_folder_datamodule) -> None:
     from anomalib.engine import Engine
 
     from kd_ext.models import BiDirMSKD
 
-    root, broken = _folder_with_broken_test_image(tmp_path / "data", hazelnut_root / "hazelnut_toy")
-    datamodule = _folder_datamodule(root)
+    broken = _break_one_test_image(tiny_folder)
+    datamodule = tiny_folder_datamodule()
     model = BiDirMSKD(
         pre_trained=False, pre_processor=BiDirMSKD.configure_pre_processor((64, 64)), visualizer=False, epochs=1
     )
@@ -152,20 +132,18 @@ def test_bad_sigma_is_refused_by_the_constructor(model_name: str, sigma: float) 
 
 @pytest.mark.parametrize("model_name", ["BiDirMSKD", "MTHF"])
 def test_training_without_a_logger_prints_no_spurious_warnings(
-    model_name: str, tmp_path: Path, hazelnut_root: Path
+    model_name: str, tmp_path: Path, tiny_folder_datamodule
 ) -> None:
     from anomalib.engine import Engine
 
     from kd_ext import models
 
-    root, broken = _folder_with_broken_test_image(tmp_path / "data", hazelnut_root / "hazelnut_toy")
-    broken.unlink()
     cls = getattr(models, model_name)
     model = cls(pre_trained=False, pre_processor=cls.configure_pre_processor((64, 64)), visualizer=False, epochs=1)
     engine = Engine(max_epochs=1, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine.fit(model, datamodule=_folder_datamodule(root))
+        engine.fit(model, datamodule=tiny_folder_datamodule())
     messages = [str(warning.message) for warning in caught]
     assert engine.trainer.global_step > 0
     assert not [message for message in messages if "no logger configured" in message], messages

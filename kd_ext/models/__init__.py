@@ -6,5 +6,6 @@ Importing this package registers the models with anomalib (``--model BiDirMSKD``
 from .bidirmskd import BiDirMSKD
 from .cross_task import CrossTaskStudent
 from .mthf import MTHF
+from .signal_kd import SignalKD
 
-__all__ = ["MTHF", "BiDirMSKD", "CrossTaskStudent"]
+__all__ = ["MTHF", "BiDirMSKD", "CrossTaskStudent", "SignalKD"]

@@ -13,7 +13,7 @@ images and averaged. Distillation finds local defects a student cannot imitate; 
 of normal-looking parts (missing, misplaced or bent components).
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from anomalib.data import InferenceBatch
@@ -205,23 +205,3 @@ class BiDirMSKDModel(FrozenTeacherModel):
         teacher, forward, reverse = self.distill(images)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         return teacher, self.anomaly_map_generator(teacher, self._students(forward, reverse), size)
-
-    @torch.no_grad()
-    def calibrate(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
-        """Fit the prior (once: the teacher is frozen) and the maps' normal statistics on normal training images.
-
-        Does nothing for a model without a prior. Runs in eval mode and restores the previous mode.
-
-        Args:
-            batches: Returns a fresh iterable of normalised normal training images ``[B, 3, H, W]`` each call
-                (it is iterated once or twice).
-        """
-        if self.prior_fusion is None:
-            return
-        was_training = self.training
-        self.eval()
-        try:
-            self.prior_fusion.calibrate(batches, self.teacher, self._outputs)
-        finally:
-            self.train(was_training)
-        self.needs_calibration = False

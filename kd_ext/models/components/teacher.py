@@ -2,10 +2,12 @@
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from .prior import PriorFusion
 
 PROBE_SIZE = 256
 """Side of the blank image the teacher's feature levels are probed with."""
@@ -14,10 +16,38 @@ PROBE_SIZE = 256
 class FrozenTeacherModel(nn.Module):
     """Base of torch models whose ``teacher`` attribute stays in eval mode whatever mode the model is in.
 
-    Subclasses assign ``self.teacher`` (see :func:`kd_ext.models.components.build_teacher`).
+    Subclasses assign ``self.teacher`` (see :func:`kd_ext.models.components.build_teacher`). Those with a
+    normal-feature prior assign ``self.prior_fusion`` and implement ``_outputs`` (teacher features and the
+    distillation map of images); :meth:`calibrate` then fits both on normal training images.
     """
 
     teacher: nn.Module
+    prior_fusion: PriorFusion | None  # assigned by subclasses (a submodule: no class-level default may shadow it)
+    needs_calibration: bool = False
+
+    def _outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def calibrate(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
+        """Fit the prior (once: the teacher is frozen) and the maps' normal statistics on normal training images.
+
+        Does nothing for a model without a prior. Runs in eval mode and restores the previous mode.
+
+        Args:
+            batches: Returns a fresh iterable of normalised normal training images ``[B, 3, H, W]`` each call
+                (it is iterated once or twice).
+        """
+        fusion = getattr(self, "prior_fusion", None)
+        if fusion is None:
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            fusion.calibrate(batches, self.teacher, self._outputs)
+        finally:
+            self.train(was_training)
+        self.needs_calibration = False
 
     def train(self, mode: bool = True) -> "FrozenTeacherModel":
         """Set train/eval mode; the frozen teacher always stays in eval mode (its batch-norm statistics fixed).

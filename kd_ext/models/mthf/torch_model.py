@@ -25,7 +25,7 @@ groups after per-group standardisation (:class:`MTHFAnomalyMap`). With ``prior=T
 further fused with a normal-feature prior of the main teacher's features (:class:`PriorFusion`).
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from anomalib.data import InferenceBatch
@@ -371,20 +371,3 @@ class MTHFModel(FrozenTeacherModel):
         size = (int(images.shape[-2]), int(images.shape[-1]))
         pairs = list(self.distill(images, teachers).values())
         return teachers[self.teacher_name], self.anomaly_map_generator(pairs, size)
-
-    @torch.no_grad()
-    def calibrate(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
-        """Fit the prior (once) and the maps' normal statistics on normal training images (no-op without a prior).
-
-        Args:
-            batches: Returns a fresh iterable of normalised normal training images ``[B, 3, H, W]`` each call.
-        """
-        if self.prior_fusion is None:
-            return
-        was_training = self.training
-        self.eval()
-        try:
-            self.prior_fusion.calibrate(batches, self.teacher, self._outputs)
-        finally:
-            self.train(was_training)
-        self.needs_calibration = False
