@@ -29,6 +29,7 @@ from kd_ext.models.components import (
     ReverseDecoder,
     build_forward_student,
     build_teacher,
+    check_score_options,
     probe_levels,
     require_halving_strides,
 )
@@ -114,12 +115,7 @@ class BiDirMSKDModel(FrozenTeacherModel):
         if attention and not forward_student:
             msg = "attention=True applies to the forward student; pass attention=False for a reverse-only model."
             raise ValueError(msg)
-        if score_mode not in SCORE_MODES:
-            msg = f"Unknown score_mode '{score_mode}'; choose one of {SCORE_MODES}."
-            raise ValueError(msg)
-        if not 0 < top_k_ratio <= 1:
-            msg = f"top_k_ratio must be in (0, 1], got {top_k_ratio}."
-            raise ValueError(msg)
+        check_score_options(score_mode, top_k_ratio, SCORE_MODES)
         spec = get_backbone_spec(backbone)
         self.layers = resolve_layers(spec, layers)
         self.score_mode = score_mode

@@ -6,7 +6,7 @@ from .decoder import ReverseDecoder
 from .fusion import FeatureFusionResidual
 from .prior import MapStandardiser, NormalFeaturePrior, PriorFusion
 from .students import build_forward_student, build_teacher
-from .teacher import FrozenTeacherModel, level_strides, probe_levels, require_halving_strides
+from .teacher import FrozenTeacherModel, check_score_options, level_strides, probe_levels, require_halving_strides
 
 __all__ = [
     "CBAM",
@@ -21,6 +21,7 @@ __all__ = [
     "SpatialAttention",
     "build_forward_student",
     "build_teacher",
+    "check_score_options",
     "level_strides",
     "probe_levels",
     "require_halving_strides",

@@ -13,6 +13,25 @@ PROBE_SIZE = 256
 """Side of the blank image the teacher's feature levels are probed with."""
 
 
+def check_score_options(score_mode: str, top_k_ratio: float, modes: Sequence[str]) -> None:
+    """Refuse an image-score mode a model does not offer, or a top-k fraction outside ``(0, 1]``.
+
+    Args:
+        score_mode: Requested mode.
+        top_k_ratio: Fraction of map values averaged by ``"topk"``.
+        modes: The model's modes.
+
+    Raises:
+        ValueError: Naming the bad value and the allowed ones.
+    """
+    if score_mode not in modes:
+        msg = f"Unknown score_mode '{score_mode}'; choose one of {tuple(modes)}."
+        raise ValueError(msg)
+    if not 0 < top_k_ratio <= 1:
+        msg = f"top_k_ratio must be in (0, 1], got {top_k_ratio}."
+        raise ValueError(msg)
+
+
 class FrozenTeacherModel(nn.Module):
     """Base of torch models whose ``teacher`` attribute stays in eval mode whatever mode the model is in.
 

@@ -40,6 +40,7 @@ from kd_ext.models.components import (
     ReverseDecoder,
     build_forward_student,
     build_teacher,
+    check_score_options,
     probe_levels,
     require_halving_strides,
 )
@@ -161,12 +162,7 @@ class MTHFModel(FrozenTeacherModel):
     ) -> None:
         super().__init__()
         self.groups = validate_groups(groups)
-        if score_mode not in SCORE_MODES:
-            msg = f"Unknown score_mode '{score_mode}'; choose one of {SCORE_MODES}."
-            raise ValueError(msg)
-        if not 0 < top_k_ratio <= 1:
-            msg = f"top_k_ratio must be in (0, 1], got {top_k_ratio}."
-            raise ValueError(msg)
+        check_score_options(score_mode, top_k_ratio, SCORE_MODES)
         # Built first: it validates the map-fusion arguments before the networks are created.
         self.anomaly_map_generator = MTHFAnomalyMap(
             num_groups=len(self.groups),

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from kd_ext.kernels.reference import image_score
-from kd_ext.models.components import FrozenTeacherModel
+from kd_ext.models.components import FrozenTeacherModel, check_score_options
 
 from .anomaly_map import SeriesAnomalyMapGenerator
 from .loss import masked_reconstruction_loss
@@ -219,12 +219,7 @@ class SignalKDModel(FrozenTeacherModel):
         if not (forward_student or reverse_student):
             msg = "At least one of forward_student and reverse_student must be enabled."
             raise ValueError(msg)
-        if score_mode not in SCORE_MODES:
-            msg = f"Unknown score_mode '{score_mode}'; choose one of {SCORE_MODES}."
-            raise ValueError(msg)
-        if not 0 < top_k_ratio <= 1:
-            msg = f"top_k_ratio must be in (0, 1], got {top_k_ratio}."
-            raise ValueError(msg)
+        check_score_options(score_mode, top_k_ratio, SCORE_MODES)
         levels = sorted({int(level) for level in map_levels})
         if not levels or not set(levels) <= set(range(LEVELS)):
             msg = f"map_levels must be a non-empty subset of {list(range(LEVELS))}, got {list(map_levels)}."
