@@ -68,7 +68,7 @@ def test_malformed_files_are_refused_naming_file_and_line(tmp_path: Path, conten
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"UCR series file not found: .*NOPE\.txt"):
+    with pytest.raises(FileNotFoundError, match=r"Series file not found: .*NOPE\.txt"):
         read_ucr(tmp_path / "NOPE.txt")
 
 

@@ -78,11 +78,16 @@ from PIL import Image as PILImage
 from torchvision.transforms.v2 import Transform
 from torchvision.tv_tensors import Image
 
-SEPARATORS = re.compile(r"[\s,]+")
-SHOWN = 5  # offending lines named in an error message
+from kd_ext.edge.series_preprocessing import (
+    SeriesPreprocessing,
+    check_band_pass,
+    listed,
+    not_finite_rows,
+    read_series_table,
+)
+
 MTF_BINS = 8  # quantile bins of the Markov transition field
 MORLET_W0 = 6.0  # centre frequency of the scalogram's Morlet wavelet (radians per sample at scale 1)
-FILTER_ORDER = 2  # Butterworth order of the band-pass (applied forwards and backwards: effective order 4)
 SAMPLE_COLUMNS = ("image_path", "label", "label_index", "mask_path", "split", "line", "ucr_label", "series")
 
 
@@ -132,22 +137,11 @@ class UCRFile:
     lines: list[int]
 
 
-def _listed(items: Sequence[str], count: int) -> str:
-    lines = "".join(f"\n  {item}" for item in list(items)[:SHOWN])
-    return lines + (f"\n  ... and {count - SHOWN} more" if count > SHOWN else "")
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
 def read_ucr(path: str | Path) -> UCRFile:
     """Read a UCR-format file: one series per line, the label first, then the values.
 
-    Values may be separated by whitespace, commas or tabs; blank lines are skipped.
+    Values may be separated by whitespace, commas or tabs; blank lines are skipped (see
+    :func:`kd_ext.edge.series_preprocessing.read_series_table`, the reader the edge runtime uses too).
 
     Args:
         path: The file.
@@ -160,167 +154,37 @@ def read_ucr(path: str | Path) -> UCRFile:
         ValueError: If it has no series, a cell that is not a number, a line with only a label, series of different
             lengths, or NaN or infinite values; the message names the file and the offending lines.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        msg = (
-            f"UCR series file not found: {path}. Pass a text file with one series per line, the class label first "
-            "(e.g. ../shared/data/ecg/ECG200_TRAIN.txt)."
-        )
-        raise FileNotFoundError(msg)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        msg = f"{path} is not a text file ({error}); a UCR file is plain text, one series per line."
-        raise ValueError(msg) from error
-    rows: list[list[float]] = []
-    lines: list[int] = []
-    problems: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        cells = [cell for cell in SEPARATORS.split(line.strip()) if cell]
-        if not cells:
-            continue
-        values = [_number(cell) for cell in cells]
-        bad = [
-            (column, cell) for column, (cell, value) in enumerate(zip(cells, values, strict=True), 1) if value is None
-        ]
-        if bad:
-            column, cell = bad[0]
-            problems.append(f"line {number}, column {column}: {cell[:20]!r} is not a number")
-        elif len(cells) < 2:
-            problems.append(f"line {number}: a label without values")
-        else:
-            rows.append(values)  # type: ignore[arg-type]
-            lines.append(number)
-    if problems:
-        msg = (
-            f"{path} has {len(problems)} malformed line(s):{_listed(problems, len(problems))}\n"
-            "Each line must be the class label followed by the series' values, all numbers."
-        )
-        raise ValueError(msg)
-    if not rows:
-        msg = f"{path} has no series; write one series per line, the class label first."
-        raise ValueError(msg)
-    length = len(rows[0]) - 1
-    ragged = [
-        f"line {line}: {len(row) - 1} values" for row, line in zip(rows, lines, strict=True) if len(row) != length + 1
-    ]
-    if ragged:
-        msg = (
-            f"{path}: series have different lengths; line {lines[0]} has {length} values after the label, but"
-            f"{_listed(ragged, len(ragged))}\nEvery series of a file must have the same length: resample, pad or trim "
-            "them first."
-        )
-        raise ValueError(msg)
-    table = np.asarray(rows, dtype=np.float64)
-    not_finite = [
-        f"line {line}: NaN or infinite value at position {int(np.flatnonzero(~np.isfinite(row))[0]) + 1}"
-        for row, line in zip(table[:, 1:], lines, strict=True)
-        if not np.isfinite(row).all()
-    ]
+    read = read_series_table(path, label_column=True)
+    table, lines = read.table, read.lines
+    not_finite = not_finite_rows(table[:, 1:], lines)
     if not_finite or not np.isfinite(table[:, 0]).all():
         shown = not_finite or ["a label is NaN or infinite"]
         msg = (
-            f"{path} has missing or infinite samples:{_listed(shown, len(shown))}\nThe UCR archive pads "
+            f"{read.path} has missing or infinite samples:{listed(shown, len(shown))}\nThe UCR archive pads "
             "variable-length series with NaN; interpolate or trim those series to one length before using the file."
         )
         raise ValueError(msg)
-    return UCRFile(path=path, labels=table[:, 0], values=table[:, 1:], lines=lines)
+    return UCRFile(path=read.path, labels=table[:, 0], values=table[:, 1:], lines=lines)
 
 
 # --------------------------------------------------------------------------------------------- preprocessing
 
 
-def check_band_pass(band_pass: Sequence[float] | None) -> tuple[float, float] | None:
-    """Refuse cut-offs that do not describe a filter.
-
-    Args:
-        band_pass: ``(low, high)`` as fractions of the Nyquist frequency, ``0 <= low < high <= 1`` and not ``(0, 1)``.
-
-    Returns:
-        tuple[float, float] | None: The cut-offs as floats.
-
-    Raises:
-        ValueError: If they are not two numbers in that range.
-    """
-    if band_pass is None:
-        return None
-    try:
-        low, high = (float(value) for value in band_pass)
-    except (TypeError, ValueError):
-        msg = f"band_pass must be two cut-offs (low, high) as fractions of the Nyquist frequency, got {band_pass!r}."
-        raise ValueError(msg) from None
-    if not 0 <= low < high <= 1 or (low, high) == (0, 1):
-        msg = (
-            f"band_pass {band_pass!r} is not a filter: give 0 <= low < high <= 1 (fractions of the Nyquist frequency); "
-            "(0, high) low-passes, (low, 1) high-passes, and None switches filtering off."
-        )
-        raise ValueError(msg)
-    return low, high
-
-
-def filter_series(values: np.ndarray, band_pass: tuple[float, float]) -> np.ndarray:
-    """Zero-phase Butterworth filtering of every series (forwards and backwards, so no delay).
-
-    Args:
-        values: Series ``[N, L]``.
-        band_pass: ``(low, high)`` cut-offs as fractions of the Nyquist frequency (see :func:`check_band_pass`).
-
-    Returns:
-        np.ndarray: Filtered series ``[N, L]``.
-
-    Raises:
-        ValueError: If the series are too short for the filter's edge padding.
-    """
-    from scipy.signal import butter, sosfiltfilt  # noqa: PLC0415
-
-    low, high = band_pass
-    if low == 0:
-        sos = butter(FILTER_ORDER, high, btype="lowpass", output="sos")
-    elif high == 1:
-        sos = butter(FILTER_ORDER, low, btype="highpass", output="sos")
-    else:
-        sos = butter(FILTER_ORDER, [low, high], btype="bandpass", output="sos")
-    padding = 3 * (2 * len(sos) + 1)
-    if values.shape[1] <= padding:
-        msg = (
-            f"Series of {values.shape[1]} samples are too short for band_pass {band_pass} (needs more than {padding})."
-        )
-        raise ValueError(msg)
-    return sosfiltfilt(sos, values, axis=1)
-
-
-def z_normalize(values: np.ndarray) -> np.ndarray:
-    """Each series minus its mean, divided by its standard deviation; a constant series becomes zeros.
-
-    Args:
-        values: Series ``[N, L]``.
-
-    Returns:
-        np.ndarray: Normalised series ``[N, L]``.
-    """
-    centred = values - values.mean(axis=1, keepdims=True)
-    scale = values.std(axis=1, keepdims=True)
-    return np.divide(centred, scale, out=np.zeros_like(centred), where=scale > 0)
-
-
 def preprocess(values: np.ndarray, normalize: bool = True, band_pass: Sequence[float] | None = None) -> np.ndarray:
     """The datamodule's preprocessing: optional band-pass, then optional per-series z-normalisation.
+
+    The rule itself is :meth:`kd_ext.edge.series_preprocessing.SeriesPreprocessing.apply`, which the edge runtime
+    applies to series files too.
 
     Args:
         values: Series ``[N, L]``.
         normalize: Z-normalise each series.
-        band_pass: Cut-offs for :func:`filter_series`, or ``None``.
+        band_pass: Filter cut-offs (see :func:`check_band_pass`), or ``None``.
 
     Returns:
         np.ndarray: ``float32`` series ``[N, L]``.
     """
-    cut_offs = check_band_pass(band_pass)
-    values = np.asarray(values, dtype=np.float64)
-    if cut_offs is not None:
-        values = filter_series(values, cut_offs)
-    if normalize:
-        values = z_normalize(values)
-    return values.astype(np.float32)
+    return SeriesPreprocessing(normalize=normalize, band_pass=band_pass).apply(values)
 
 
 # --------------------------------------------------------------------------------------------- series to images
@@ -897,6 +761,11 @@ class UCRSeries(AnomalibDataModule):
     def series_length(self) -> int:
         """Time steps per series (after :meth:`setup`)."""
         return self.all_train_data.series_length
+
+    @property
+    def preprocessing(self) -> SeriesPreprocessing:
+        """The preprocessing of every split; SignalKD records it and exports it with the model for the edge runtime."""
+        return SeriesPreprocessing(normalize=self.normalize, band_pass=self.band_pass)
 
     def unlabelled_training_series(self) -> torch.Tensor:
         """Every series of the training partition, normal and abnormal, labels dropped: ``[N, 1, L]``.

@@ -39,6 +39,8 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from kd_ext.edge.series_preprocessing import METADATA_KEY, SeriesPreprocessing
+
 from .loss import SignalKDLoss
 from .torch_model import SignalKDModel
 
@@ -114,6 +116,7 @@ class SignalKD(AnomalibModule):
             map_levels=map_levels,
         )
         self.loss = SignalKDLoss()
+        self.series_preprocessing: SeriesPreprocessing | None = None
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
@@ -140,8 +143,11 @@ class SignalKD(AnomalibModule):
         return series, f"the {len(series)} normal training series (the datamodule offers no unlabelled series)"
 
     def on_train_start(self) -> None:
-        """Pretrain the teacher (once) before the students' first epoch."""
+        """Record the datamodule's preprocessing, then pretrain the teacher (once) before the students' first epoch."""
         super().on_train_start()
+        preprocessing = getattr(getattr(self.trainer, "datamodule", None), "preprocessing", None)
+        if isinstance(preprocessing, SeriesPreprocessing):
+            self.series_preprocessing = preprocessing
         if self.model.teacher_pretrained:
             return
         series, description = self.pretraining_series()
@@ -168,6 +174,18 @@ class SignalKD(AnomalibModule):
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the recorded preprocessing (as JSON text) with the weights."""
+        super().on_save_checkpoint(checkpoint)
+        if self.series_preprocessing is not None:
+            checkpoint[METADATA_KEY] = self.series_preprocessing.to_json()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the recorded preprocessing."""
+        super().on_load_checkpoint(checkpoint)
+        if METADATA_KEY in checkpoint:
+            self.series_preprocessing = SeriesPreprocessing.from_json(checkpoint[METADATA_KEY])
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over the students' parameters (the teacher is pretrained separately, then frozen)."""
         return torch.optim.Adam(self.model.student_parameters(), lr=self.learning_rate)
@@ -184,10 +202,13 @@ class SignalKD(AnomalibModule):
         The graph takes raw or z-normalised ``float32`` series of the training length (it z-normalises them itself)
         and outputs ``pred_score`` ``[N]``, ``pred_label`` ``[N]``, ``anomaly_map`` ``[N, L]`` and ``pred_mask``
         ``[N, L]`` (normalised so that 0.5 is the threshold, when the post-processor has statistics), or the raw
-        score and map without a post-processor. anomalib's ``to_openvino`` and ``anomalib export``, and
-        :func:`kd_ext.export.export_openvino` (with ``input_size=None``), go through this method. It uses torch's
-        TorchScript-based exporter: the dynamo exporter converts the same graph (GRUs included) too, but takes
-        minutes instead of seconds.
+        score and map without a post-processor. The preprocessing the series were given in training
+        (:attr:`series_preprocessing`, recorded from ``kd_ext.data.UCRSeries`` when training starts) is written into
+        the file's metadata (key ``kd_ext_series_preprocessing``), which OpenVINO keeps in the IR's ``rt_info`` for
+        the edge runtime (``kd-ext infer MODEL.xml SERIES_FILE``). anomalib's ``to_openvino`` and ``anomalib
+        export``, and :func:`kd_ext.export.export_openvino` (with ``input_size=None``), go through this method. It
+        uses torch's TorchScript-based exporter: the dynamo exporter converts the same graph (GRUs included) too, but
+        takes minutes instead of seconds.
 
         Args:
             export_root: Output root; the file goes to ``<export_root>/weights/onnx/<name>.onnx``.
@@ -233,7 +254,25 @@ class SignalKD(AnomalibModule):
                 dynamo=False,
                 **kwargs,
             )
+        self._write_preprocessing(onnx_path)
         return onnx_path
+
+    def _write_preprocessing(self, onnx_path: Path) -> None:
+        """Record :attr:`series_preprocessing` in the ONNX file's metadata (a warning when nothing was recorded)."""
+        if self.series_preprocessing is None:
+            logger.warning(
+                "SignalKD has no recorded series preprocessing (it was not trained with kd_ext.data.UCRSeries): the "
+                "export carries none, and kd-ext infer will refuse to score series files with it. Set "
+                "model.series_preprocessing = kd_ext.edge.series_preprocessing.SeriesPreprocessing(...) to the "
+                "training settings before exporting."
+            )
+            return
+        import onnx  # noqa: PLC0415
+
+        graph = onnx.load(str(onnx_path))
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, self.series_preprocessing.to_json()
+        onnx.save(graph, str(onnx_path))
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
