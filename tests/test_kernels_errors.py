@@ -158,6 +158,86 @@ def test_kernels_refuse_sigma_with_the_validate_sigma_message(backend) -> None:
     assert str(raised.value) == str(expected.value)
 
 
+# --------------------------------------------------------------------------- one options object
+
+
+def test_options_are_str_enums_accepted_as_strings_and_members() -> None:
+    from kd_ext.kernels import Distance, Fusion, KernelOptions, ScoreMode
+
+    by_name = KernelOptions(32, "l2", "mean", sigma=1, score="topk", top_k=np.int64(5))
+    by_member = KernelOptions((32, 32), Distance.L2, Fusion.MEAN, sigma=1.0, score=ScoreMode.TOPK, top_k=5)
+    assert by_name == by_member
+    assert by_name.distance is Distance.L2
+    assert by_name.fusion is Fusion.MEAN
+    assert by_name.score is ScoreMode.TOPK
+    assert by_name.top_k == 5
+    assert type(by_name.top_k) is int
+    assert by_name.sigma == 1.0
+    assert type(by_name.sigma) is float
+    assert by_name.output_size == (32, 32)
+    assert Distance.COSINE == "cosine"  # str Enums, as anomalib's options
+    assert kernels.DISTANCES == ("cosine", "l2")
+    assert kernels.SCORE_MODES == ("max", "topk")
+
+
+def test_options_are_frozen_and_normalised() -> None:
+    import dataclasses
+
+    from kd_ext.kernels import Fusion, KernelOptions
+
+    options = KernelOptions(16, fusion="sum", weights=[1, 2.5], sigma=0, score=None)
+    assert options.fusion is Fusion.WEIGHTED  # weights with "sum" are a weighted sum
+    assert options.weights == (1.0, 2.5)
+    assert options.top_k is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.sigma = 2.0
+    options.check_scales(2)
+    with pytest.raises(ValueError, match="one entry per scale"):
+        options.check_scales(3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"distance": "l1"}, ValueError, r"distance must be one of \('cosine', 'l2'\)"),
+        ({"fusion": "max"}, ValueError, "fusion must be one of"),
+        ({"score": "none"}, ValueError, "score mode must be one of"),
+        ({"score": "topk"}, TypeError, "top_k"),
+        ({"top_k": 2}, ValueError, "drop top_k"),
+        ({"sigma": 9.0}, ValueError, "blur radius"),
+        ({"align_corners": "yes"}, TypeError, "align_corners"),
+        ({"fusion": "weighted"}, ValueError, "needs weights"),
+    ],
+)
+def test_options_refuse_bad_values_when_built(kwargs, error, match) -> None:
+    from kd_ext.kernels import KernelOptions
+
+    with pytest.raises(error, match=match):
+        KernelOptions(32, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_enum_members_and_strings_give_the_same_maps(backend) -> None:
+    from kd_ext.kernels import Backend, Distance, Fusion, ScoreMode
+
+    by_name = kernels.anomaly_map_and_score(
+        T, S, 24, distance="l2", fusion="product", sigma=1.0, score="topk", top_k=4, backend=backend
+    )
+    by_member = kernels.anomaly_map_and_score(
+        T,
+        S,
+        24,
+        distance=Distance.L2,
+        fusion=Fusion.PRODUCT,
+        sigma=1.0,
+        score=ScoreMode.TOPK,
+        top_k=4,
+        backend=Backend(backend),
+    )
+    for left, right in zip(by_name, by_member, strict=True):
+        assert torch.equal(left, right)
+
+
 # --------------------------------------------------------------------------- out of memory
 
 # Batch 8 of 4096x4096 maps: the 512 MiB output fits under the address-space limit set below, the

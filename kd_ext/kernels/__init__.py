@@ -5,11 +5,14 @@ and image scores ``[B]``: per-scale distance (cosine or STFPM L2), bilinear upsa
 ``align_corners`` conventions), fusion (sum, mean, product, weighted), separable Gaussian
 smoothing (reflect) and the image score (max or mean of top-k).
 
-Backends: the torch-free native kernels in ``kd_ext._native`` (OpenMP CPU; CUDA when built with a
-CUDA toolkit) and a pure-torch reference (:mod:`kd_ext.kernels.reference`) used for export, for
-autograd and as the fallback. Numpy inputs give numpy outputs and need no torch on the native path.
-Every backend accepts and refuses the same options (:func:`validate_sigma`, at most
-:data:`MAX_MAP_PIXELS` pixels per map); models check their ``sigma`` with :func:`validate_sigma`.
+Backends: the torch-free native kernels in ``kd_ext._native`` (CPU kernels on a thread pool; CUDA
+when built with a CUDA toolkit) and a pure-torch reference (:mod:`kd_ext.kernels.reference`) used for
+export, for autograd and as the fallback. Numpy inputs give numpy outputs and need no torch on the
+native path. The options are str Enums (:class:`Distance`, :class:`Fusion`, :class:`ScoreMode`,
+:class:`Backend`; their string values are accepted too), checked once per call as one frozen
+:class:`KernelOptions` that every backend receives, so every backend accepts and refuses the same
+options (:func:`validate_sigma`, at most :data:`MAX_MAP_PIXELS` pixels per map); models check their
+``sigma`` with :func:`validate_sigma`.
 
 Example:
     >>> from kd_ext import kernels
@@ -24,14 +27,21 @@ from kd_ext.kernels._api import (
     DISTANCES,
     FUSIONS,
     SCORE_MODES,
-    Backend,
     anomaly_map,
     anomaly_map_and_score,
     cuda_available,
     image_score,
     native_available,
 )
-from kd_ext.kernels._options import MAX_MAP_PIXELS, validate_sigma
+from kd_ext.kernels._options import (
+    MAX_MAP_PIXELS,
+    Backend,
+    Distance,
+    Fusion,
+    KernelOptions,
+    ScoreMode,
+    validate_sigma,
+)
 from kd_ext.kernels.native import build_info
 
 __all__ = [
@@ -41,6 +51,10 @@ __all__ = [
     "MAX_MAP_PIXELS",
     "SCORE_MODES",
     "Backend",
+    "Distance",
+    "Fusion",
+    "KernelOptions",
+    "ScoreMode",
     "anomaly_map",
     "anomaly_map_and_score",
     "build_info",

@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from kd_ext.kernels import native
-from kd_ext.kernels._options import validate_output_size, validate_sigma, validate_weights
+from kd_ext.kernels._options import (
+    Backend,
+    Distance,
+    Fusion,
+    KernelOptions,
+    ScoreMode,
+    _choice,
+    validate_top_k,
+)
 
-Backend = Literal["auto", "native", "reference"]
 Array = Any  # numpy.ndarray or torch.Tensor
 
-DISTANCES = ("cosine", "l2")
-FUSIONS = ("sum", "mean", "product", "weighted")
-SCORE_MODES = ("max", "topk")
-BACKENDS = ("auto", "native", "reference")
+DISTANCES = tuple(member.value for member in Distance)
+"""Values of :class:`Distance`."""
+FUSIONS = tuple(member.value for member in Fusion)
+"""Values of :class:`Fusion`."""
+SCORE_MODES = tuple(member.value for member in ScoreMode)
+"""Values of :class:`ScoreMode`."""
+BACKENDS = tuple(member.value for member in Backend)
+"""Values of :class:`Backend`."""
 
 
 def native_available() -> bool:
@@ -81,28 +92,6 @@ def _contiguous(value: Array) -> Array:
     if isinstance(value, np.ndarray):
         return np.ascontiguousarray(value)
     return value.contiguous()
-
-
-def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
-    if value not in choices:
-        msg = f"{what} must be one of {choices}, got {value!r}"
-        raise ValueError(msg)
-
-
-def _check_top_k(mode: str, top_k: int | None, size: int) -> int:
-    _check_choice(mode, SCORE_MODES, "score mode")
-    if mode == "max":
-        if top_k is not None:
-            msg = f"top_k is only used with mode='topk', got mode='max' and top_k={top_k}"
-            raise ValueError(msg)
-        return 1
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
-        msg = f"mode='topk' needs an integer top_k in [1, H*W={size}], got {top_k!r}"
-        raise TypeError(msg)
-    if not 1 <= int(top_k) <= size:
-        msg = f"top_k must be in [1, H*W={size}], got {top_k}"
-        raise ValueError(msg)
-    return int(top_k)
 
 
 def _check_pair(index: int, teacher: Array, student: Array, batch: int) -> None:
@@ -196,10 +185,10 @@ def _needs_grad(values: Sequence[Array], kind: str) -> bool:
     return kind == "torch" and _torch().is_grad_enabled() and any(v.requires_grad for v in values)
 
 
-def _select(backend: str, values: Sequence[Array], kind: str, device: str) -> str:
+def _select(backend: Backend | str, values: Sequence[Array], kind: str, device: str) -> str:
     """Return ``"cpu"``, ``"cuda"`` (native kernels) or ``"reference"``."""
-    _check_choice(backend, BACKENDS, "backend")
-    if backend == "reference":
+    backend = _choice(backend, Backend, "backend")
+    if backend is Backend.REFERENCE:
         return "reference"
     reason = None
     if not native.available():
@@ -214,7 +203,7 @@ def _select(backend: str, values: Sequence[Array], kind: str, device: str) -> st
         reason = f"device {device} is not supported by the native kernels"
     if reason is None:
         return "cuda" if device.startswith("cuda") else "cpu"
-    if backend == "native":
+    if backend is Backend.NATIVE:
         msg = f"backend='native' cannot be used: {reason}; use backend='auto' or 'reference'"
         raise RuntimeError(msg)
     return "reference"
@@ -242,41 +231,16 @@ def _from_reference(value: Any, kind: str) -> Array:
 def _run(
     teacher_features: Sequence[Array],
     student_features: Sequence[Array],
-    output_size: int | Sequence[int],
-    distance: str,
-    fusion: str,
-    weights: Sequence[float] | None,
-    align_corners: bool,
-    sigma: float,
-    score: str,
-    top_k: int | None,
-    backend: str,
+    options: KernelOptions,
+    backend: Backend | str,
 ) -> tuple[Array, Array | None]:
-    # The option rules of _options, the same for every backend, before any backend allocates.
-    size = validate_output_size(output_size)
-    sigma = validate_sigma(sigma, size)
-    _check_choice(distance, DISTANCES, "distance")
-    _check_choice(fusion, FUSIONS, "fusion")
+    """Check the features against ``options`` (already checked) and run the chosen backend."""
     teachers, students, kind, device = _check_features(teacher_features, student_features)
-    weight_list = validate_weights(fusion, weights, len(teachers))
-    native_fusion = "weighted" if weight_list is not None else fusion
-    k = _check_top_k(score, top_k, size[0] * size[1]) if score != "none" else 1
-    if not isinstance(align_corners, (bool, np.bool_)):
-        msg = f"align_corners must be a bool, got {type(align_corners).__name__}"
-        raise TypeError(msg)
+    options.check_scales(len(teachers))
     path = _select(backend, [*teachers, *students], kind, device)
     if path == "cpu":
         maps, scores = native.anomaly_map_cpu(
-            [_as_numpy(t, kind) for t in teachers],
-            [_as_numpy(s, kind) for s in students],
-            size,
-            distance=distance,
-            fusion=native_fusion,
-            weights=weight_list,
-            align_corners=bool(align_corners),
-            sigma=sigma,
-            score=score,
-            top_k=k,
+            [_as_numpy(t, kind) for t in teachers], [_as_numpy(s, kind) for s in students], options
         )
         if kind == "torch":
             torch = _torch()
@@ -286,37 +250,21 @@ def _run(
         torch = _torch()
         batch = int(teachers[0].shape[0])
         dev = teachers[0].device
-        maps = torch.empty((batch, 1, *size), dtype=torch.float32, device=dev)
-        scores = torch.empty((batch,), dtype=torch.float32, device=dev) if score != "none" else None
+        maps = torch.empty((batch, 1, *options.output_size), dtype=torch.float32, device=dev)
+        scores = None if options.score is None else torch.empty((batch,), dtype=torch.float32, device=dev)
         native.anomaly_map_cuda(
             [t.detach() for t in teachers],
             [s.detach() for s in students],
             maps,
             scores,
-            size,
-            distance=distance,
-            fusion=native_fusion,
-            weights=weight_list,
-            align_corners=bool(align_corners),
-            sigma=sigma,
-            score=score,
-            top_k=k,
+            options,
             stream=torch.cuda.current_stream(dev).cuda_stream,
         )
         return maps, scores
     from kd_ext.kernels import reference  # noqa: PLC0415 - imports torch, only when needed
 
-    maps = reference.anomaly_map(
-        _reference_inputs(teachers, kind),
-        _reference_inputs(students, kind),
-        size,
-        distance=distance,
-        fusion=native_fusion,
-        weights=weight_list,
-        align_corners=bool(align_corners),
-        sigma=sigma,
-    )
-    scores = None if score == "none" else reference.image_score(maps, score, k)
+    maps = reference.anomaly_map(_reference_inputs(teachers, kind), _reference_inputs(students, kind), options)
+    scores = None if options.score is None else reference.image_score(maps, options.score, options.top_k)
     return _from_reference(maps, kind), None if scores is None else _from_reference(scores, kind)
 
 
@@ -328,12 +276,12 @@ def anomaly_map(
     student_features: Sequence[Array],
     output_size: int | Sequence[int],
     *,
-    distance: str = "cosine",
-    fusion: str = "sum",
+    distance: Distance | str = Distance.COSINE,
+    fusion: Fusion | str = Fusion.SUM,
     weights: Sequence[float] | None = None,
     align_corners: bool = False,
     sigma: float = 4.0,
-    backend: Backend = "auto",
+    backend: Backend | str = Backend.AUTO,
 ) -> Array:
     """Fused anomaly maps from multi-scale teacher/student features.
 
@@ -358,17 +306,18 @@ def anomaly_map(
         student_features: Per-scale student features, same shapes as the teacher's.
         output_size: ``(H, W)`` of the maps, or one int for square maps; at most
             :data:`MAX_MAP_PIXELS` pixels per map on every backend.
-        distance: ``"cosine"`` (``1 - cos``, eps 1e-8 per norm) or ``"l2"`` (STFPM
-            ``0.5 * |t/|t| - s/|s||^2``).
-        fusion: ``"sum"``, ``"mean"``, ``"product"`` or ``"weighted"``.
+        distance: :class:`Distance` or its value: ``"cosine"`` (``1 - cos``, eps 1e-8 per norm) or
+            ``"l2"`` (STFPM ``0.5 * |t/|t| - s/|s||^2``).
+        fusion: :class:`Fusion` or its value: ``"sum"``, ``"mean"``, ``"product"`` or ``"weighted"``.
         weights: Per-scale weights, a weighted sum (``fusion="weighted"``, or ``"sum"`` with weights):
             one finite number per scale, not all zero.
         align_corners: ``align_corners`` of the bilinear upsampling (as ``F.interpolate``).
         sigma: Gaussian sigma; ``0`` disables smoothing. Checked by :func:`validate_sigma`: finite,
             ``>= 0``, and the radius must be below ``H`` and ``W``.
-        backend: ``"auto"`` (native kernels for CPU float32 — or CUDA when built with CUDA — and
-            the torch reference while tracing/exporting/compiling or when autograd is needed),
-            ``"native"`` (fail rather than fall back) or ``"reference"`` (pure torch).
+        backend: :class:`Backend` or its value: ``"auto"`` (native kernels for CPU float32 — or
+            CUDA when built with CUDA — and the torch reference while tracing/exporting/compiling or
+            when autograd is needed), ``"native"`` (fail rather than fall back) or ``"reference"``
+            (pure torch).
 
     Returns:
         Maps ``[B, 1, H, W]`` float32, torch tensor or numpy array like the inputs.
@@ -388,19 +337,8 @@ def anomaly_map(
         >>> kernels.anomaly_map(t, s, (64, 64), sigma=2.0).shape
         (2, 1, 64, 64)
     """
-    maps, _ = _run(
-        teacher_features,
-        student_features,
-        output_size,
-        distance,
-        fusion,
-        weights,
-        align_corners,
-        sigma,
-        "none",
-        None,
-        backend,
-    )
+    options = KernelOptions(output_size, distance, fusion, weights, align_corners, sigma, score=None)
+    maps, _ = _run(teacher_features, student_features, options, backend)
     return maps
 
 
@@ -409,18 +347,19 @@ def anomaly_map_and_score(
     student_features: Sequence[Array],
     output_size: int | Sequence[int],
     *,
-    distance: str = "cosine",
-    fusion: str = "sum",
+    distance: Distance | str = Distance.COSINE,
+    fusion: Fusion | str = Fusion.SUM,
     weights: Sequence[float] | None = None,
     align_corners: bool = False,
     sigma: float = 4.0,
-    score: str = "max",
+    score: ScoreMode | str = ScoreMode.MAX,
     top_k: int | None = None,
-    backend: Backend = "auto",
+    backend: Backend | str = Backend.AUTO,
 ) -> tuple[Array, Array]:
     """Anomaly maps and image scores in one fused call.
 
-    Same arguments and behaviour as :func:`anomaly_map`, plus the image score of each map
+    Same arguments and behaviour as :func:`anomaly_map` (options checked once, as one
+    :class:`KernelOptions`), plus the image score of each map
     (see :func:`image_score`); with ``score="max"`` the maximum is taken while the map is written.
 
     Args:
@@ -432,7 +371,8 @@ def anomaly_map_and_score(
         weights: Per-scale weights (weighted sum).
         align_corners: Bilinear ``align_corners``.
         sigma: Gaussian sigma (0 = off).
-        score: ``"max"`` or ``"topk"`` (mean of the ``top_k`` largest values).
+        score: :class:`ScoreMode` or its value: ``"max"`` or ``"topk"`` (mean of the ``top_k`` largest
+            values).
         top_k: Number of values for ``score="topk"``, in ``[1, H * W]``.
         backend: ``"auto"``, ``"native"`` or ``"reference"``.
 
@@ -446,35 +386,23 @@ def anomaly_map_and_score(
         RuntimeError: ``backend="native"`` when the native kernels cannot be used.
         MemoryError: The native kernels cannot allocate the maps or their working memory.
     """
-    _check_choice(score, SCORE_MODES, "score mode")
-    maps, scores = _run(
-        teacher_features,
-        student_features,
-        output_size,
-        distance,
-        fusion,
-        weights,
-        align_corners,
-        sigma,
-        score,
-        top_k,
-        backend,
-    )
-    return maps, scores
+    options = KernelOptions(output_size, distance, fusion, weights, align_corners, sigma, score=score, top_k=top_k)
+    return _run(teacher_features, student_features, options, backend)
 
 
 def image_score(
     anomaly_map: Array,
-    mode: str = "max",
+    mode: ScoreMode | str = ScoreMode.MAX,
     top_k: int | None = None,
     *,
-    backend: Backend = "auto",
+    backend: Backend | str = Backend.AUTO,
 ) -> Array:
     """Image scores of anomaly maps.
 
     Args:
         anomaly_map: Maps ``[B, 1, H, W]`` float32 (torch tensor or numpy array).
-        mode: ``"max"`` or ``"topk"`` (mean of the ``top_k`` largest values).
+        mode: :class:`ScoreMode` or its value: ``"max"`` or ``"topk"`` (mean of the ``top_k`` largest
+            values).
         top_k: Number of values for ``mode="topk"``, in ``[1, H * W]``; must be ``None`` for ``"max"``.
         backend: ``"auto"``, ``"native"`` or ``"reference"``.
 
@@ -487,7 +415,8 @@ def image_score(
         RuntimeError: ``backend="native"`` when the native kernels cannot be used.
     """
     maps, kind, device = _check_map(anomaly_map)
-    k = _check_top_k(mode, top_k, int(maps.shape[2]) * int(maps.shape[3]))
+    mode = _choice(mode, ScoreMode, "score mode")
+    k = validate_top_k(mode, top_k, int(maps.shape[2]) * int(maps.shape[3]))
     path = _select(backend, [maps], kind, device)
     if path == "cpu":
         scores = native.image_score_cpu(_as_numpy(maps, kind), mode, k)

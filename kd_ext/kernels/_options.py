@@ -1,11 +1,15 @@
 """Option rules of the fused anomaly-map kernels, one place for every backend.
 
-:mod:`kd_ext.kernels` checks its arguments here before it dispatches to the native CPU, native CUDA
-or torch reference backend, so a call is accepted or refused the same way whichever backend runs
-it; models call :func:`validate_sigma` in their constructors. Nothing here imports torch.
+:class:`KernelOptions` is built and checked once per call by :mod:`kd_ext.kernels`, then handed as is
+to the native CPU, native CUDA or torch reference backend, so a call is accepted or refused the same
+way whichever backend runs it. The option names are str Enums (:class:`Distance`, :class:`Fusion`,
+:class:`ScoreMode`, :class:`Backend`), as anomalib's options are; the public functions also accept
+their string values. Models call :func:`validate_sigma` in their constructors. Nothing here imports
+torch.
 
 The compiled binding re-checks only the bounds its own memory safety needs (the same pixel cap,
-exported there as ``MAX_MAP_PIXELS``, and the blur radius), so that a direct call cannot crash.
+exported there as ``MAX_MAP_PIXELS``, the blur radius, ``top_k`` and the per-scale weight count),
+so that a direct call cannot crash.
 """
 
 from __future__ import annotations
@@ -13,17 +17,98 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeVar
+
+import numpy as np
 
 __all__ = [
     "MAX_MAP_PIXELS",
+    "Backend",
+    "Distance",
+    "Fusion",
+    "KernelOptions",
+    "ScoreMode",
     "gaussian_radius",
     "validate_output_size",
     "validate_sigma",
+    "validate_top_k",
     "validate_weights",
 ]
 
 MAX_MAP_PIXELS = 2**30 - 1
 """Most pixels ``H * W`` of one output map (4 GiB of float32), for every backend."""
+
+
+class Distance(str, Enum):
+    """Per-position teacher/student distance over channels.
+
+    Attributes:
+        COSINE: ``1 - cos(t, s)`` (eps 1e-8 per norm, as ``F.cosine_similarity``).
+        L2: ``0.5 * |t/|t| - s/|s||^2`` (``F.normalize``, eps 1e-12, as anomalib's STFPM).
+    """
+
+    COSINE = "cosine"
+    L2 = "l2"
+
+
+class Fusion(str, Enum):
+    """How the upsampled per-scale maps are combined.
+
+    Attributes:
+        SUM: Sum of the scales (a weighted sum when weights are given).
+        MEAN: Mean of the scales.
+        PRODUCT: Product of the scales.
+        WEIGHTED: Weighted sum; needs one weight per scale.
+    """
+
+    SUM = "sum"
+    MEAN = "mean"
+    PRODUCT = "product"
+    WEIGHTED = "weighted"
+
+
+class ScoreMode(str, Enum):
+    """Image score of an anomaly map.
+
+    Attributes:
+        MAX: Largest map value.
+        TOPK: Mean of the ``top_k`` largest map values.
+    """
+
+    MAX = "max"
+    TOPK = "topk"
+
+
+class Backend(str, Enum):
+    """Which implementation runs a call.
+
+    Attributes:
+        AUTO: The native kernels when they can run (CPU, or CUDA when built with it), else the torch
+            reference (while tracing/exporting/compiling, or when autograd is needed).
+        NATIVE: The native kernels, or an error saying why they cannot run.
+        REFERENCE: The pure-torch reference.
+    """
+
+    AUTO = "auto"
+    NATIVE = "native"
+    REFERENCE = "reference"
+
+
+_EnumT = TypeVar("_EnumT", bound=Enum)
+
+
+def _choice(value: object, enum: type[_EnumT], what: str) -> _EnumT:
+    """Return ``value`` as a member of ``enum`` (members and their string values are accepted)."""
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        choices = tuple(member.value for member in enum)
+        msg = f"{what} must be one of {choices}, got {value!r}"
+        raise ValueError(msg) from None
 
 
 def _is_int(value: object) -> bool:
@@ -34,7 +119,7 @@ def gaussian_radius(sigma: float) -> int:
     """Return the blur radius ``floor(4 * sigma + 0.5)`` (kernel size ``2 * radius + 1``).
 
     This is the radius rule of every backend's Gaussian smoothing (anomalib's anomaly-map
-    generators use the same one).
+    generators use the same one; the compiled kernels' copy is checked against it by the tests).
 
     Args:
         sigma: Standard deviation of the Gaussian, ``>= 0``.
@@ -137,7 +222,37 @@ def validate_output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
     return size
 
 
-def validate_weights(fusion: str, weights: Sequence[float] | None, num_scales: int) -> list[float] | None:
+def validate_top_k(mode: ScoreMode | str, top_k: int | None, size: int) -> int | None:
+    """Check the image-score options against the number of map pixels.
+
+    Args:
+        mode: Score mode (a :class:`ScoreMode` or its value).
+        top_k: Values averaged by ``mode="topk"``, in ``[1, size]``; must be ``None`` for ``"max"``.
+        size: Pixels per map (``H * W``).
+
+    Returns:
+        ``top_k`` as an int, or ``None`` for ``mode="max"``.
+
+    Raises:
+        TypeError: If ``mode="topk"`` and ``top_k`` is not an integer.
+        ValueError: If the mode is unknown, ``top_k`` is out of range, or given with ``mode="max"``.
+    """
+    mode = _choice(mode, ScoreMode, "score mode")
+    if mode is ScoreMode.MAX:
+        if top_k is not None:
+            msg = f"top_k is only used with mode='topk', got mode='max' and top_k={top_k}; drop top_k"
+            raise ValueError(msg)
+        return None
+    if not _is_int(top_k):
+        msg = f"mode='topk' needs an integer top_k in [1, H*W={size}], got {top_k!r}"
+        raise TypeError(msg)
+    if not 1 <= int(top_k) <= size:
+        msg = f"top_k must be in [1, H*W={size}], got {top_k}"
+        raise ValueError(msg)
+    return int(top_k)
+
+
+def validate_weights(fusion: Fusion | str, weights: Sequence[float] | None, num_scales: int) -> list[float] | None:
     """Check the per-scale fusion weights and return them as floats.
 
     Weights make the fusion a weighted sum: they are required for ``fusion="weighted"``, allowed
@@ -145,7 +260,7 @@ def validate_weights(fusion: str, weights: Sequence[float] | None, num_scales: i
     all-zero weighting would make every map zero).
 
     Args:
-        fusion: Fusion name (already checked to be one of the known fusions).
+        fusion: Fusion (a :class:`Fusion` or its value).
         weights: The weights, or ``None``.
         num_scales: Number of feature scales.
 
@@ -157,13 +272,22 @@ def validate_weights(fusion: str, weights: Sequence[float] | None, num_scales: i
         ValueError: If they are missing, not allowed with ``fusion``, of the wrong length, not
             finite or all zero.
     """
+    values = _weight_values(_choice(fusion, Fusion, "fusion"), weights)
+    if values is None:
+        return None
+    _check_weight_count(values, num_scales)
+    return list(values)
+
+
+def _weight_values(fusion: Fusion, weights: Sequence[float] | None) -> tuple[float, ...] | None:
+    """The weights as finite floats, not all zero; the per-scale count is checked separately."""
     if weights is None:
-        if fusion == "weighted":
-            msg = f"fusion='weighted' needs weights, one per scale ({num_scales})"
+        if fusion is Fusion.WEIGHTED:
+            msg = "fusion='weighted' needs weights, one per scale"
             raise ValueError(msg)
         return None
-    if fusion not in {"sum", "weighted"}:
-        msg = f"weights are only used with fusion='weighted' (or 'sum'), got fusion={fusion!r}; drop the weights"
+    if fusion not in {Fusion.SUM, Fusion.WEIGHTED}:
+        msg = f"weights are only used with fusion='weighted' (or 'sum'), got fusion={fusion.value!r}; drop the weights"
         raise ValueError(msg)
     if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
         msg = f"weights must be a sequence of numbers, one per scale, got {type(weights).__name__}"
@@ -178,13 +302,90 @@ def validate_weights(fusion: str, weights: Sequence[float] | None, num_scales: i
         except (TypeError, ValueError) as error:
             msg = f"weights must be numbers, got {weight!r}"
             raise TypeError(msg) from error
-    if len(values) != num_scales:
-        msg = f"weights must have one entry per scale ({num_scales}), got {len(values)}"
-        raise ValueError(msg)
     if not all(math.isfinite(v) for v in values):
         msg = f"weights must be finite, got {values}; replace NaN/inf weights with finite numbers"
         raise ValueError(msg)
     if all(v == 0 for v in values):
         msg = f"weights are all zero, which makes every anomaly map zero; give at least one scale a weight: {values}"
         raise ValueError(msg)
-    return values
+    return tuple(values)
+
+
+def _check_weight_count(values: Sequence[float], num_scales: int) -> None:
+    if len(values) != num_scales:
+        msg = f"weights must have one entry per scale ({num_scales}), got {len(values)}"
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """The checked options of one anomaly-map call, shared by every backend.
+
+    Constructing it applies every option rule (the constructor accepts the Enums' string values and
+    stores the Enums), so a backend receives only valid options and re-checks nothing but its own
+    memory safety. Weights given with ``fusion="sum"`` make it ``Fusion.WEIGHTED``. The number of
+    scales comes with the features: :meth:`check_scales` checks the weights against it.
+
+    Args:
+        output_size: ``(H, W)`` of the maps, or one int (see :func:`validate_output_size`).
+        distance: :class:`Distance`.
+        fusion: :class:`Fusion`.
+        weights: Per-scale weights of a weighted sum (see :func:`validate_weights`).
+        align_corners: ``align_corners`` of the bilinear upsampling.
+        sigma: Gaussian sigma, ``0`` disables smoothing (see :func:`validate_sigma`).
+        score: :class:`ScoreMode` of the image score, or ``None`` for maps only.
+        top_k: Values averaged by ``score="topk"`` (see :func:`validate_top_k`).
+
+    Raises:
+        TypeError: An option of the wrong type.
+        ValueError: An option outside its rule.
+
+    Example:
+        >>> from kd_ext.kernels import KernelOptions
+        >>> KernelOptions((64, 64), fusion="mean", sigma=2).fusion
+        <Fusion.MEAN: 'mean'>
+    """
+
+    output_size: tuple[int, int]
+    distance: Distance = Distance.COSINE
+    fusion: Fusion = Fusion.SUM
+    weights: tuple[float, ...] | None = None
+    align_corners: bool = False
+    sigma: float = 4.0
+    score: ScoreMode | None = ScoreMode.MAX
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        size = validate_output_size(self.output_size)
+        sigma = validate_sigma(self.sigma, size)
+        distance = _choice(self.distance, Distance, "distance")
+        fusion = _choice(self.fusion, Fusion, "fusion")
+        weights = _weight_values(fusion, self.weights)
+        score = None if self.score is None else _choice(self.score, ScoreMode, "score mode")
+        top_k = None if score is None else validate_top_k(score, self.top_k, size[0] * size[1])
+        if not isinstance(self.align_corners, (bool, np.bool_)):
+            msg = f"align_corners must be a bool, got {type(self.align_corners).__name__}"
+            raise TypeError(msg)
+        for name, value in (
+            ("output_size", size),
+            ("distance", distance),
+            ("fusion", Fusion.WEIGHTED if weights is not None else fusion),
+            ("weights", weights),
+            ("align_corners", bool(self.align_corners)),
+            ("sigma", sigma),
+            ("score", score),
+            ("top_k", top_k),
+        ):
+            object.__setattr__(self, name, value)
+
+    def check_scales(self, num_scales: int) -> None:
+        """Check the weights against the number of feature scales of a call.
+
+        Args:
+            num_scales: Number of (teacher, student) feature pairs.
+
+        Raises:
+            ValueError: If there is not one weight per scale.
+        """
+        if self.weights is not None:
+            _check_weight_count(self.weights, num_scales)

@@ -2,8 +2,9 @@
 
 CPU arrays go through the buffer protocol (numpy arrays; a torch CPU tensor's ``.numpy()`` is a
 zero-copy view), CUDA arrays through ``__cuda_array_interface__`` pointers. Nothing here imports
-torch, so the edge path can use the kernels with numpy only. The binding validates every argument
-and raises ``ValueError``/``TypeError`` for bad input.
+torch, so the edge path can use the kernels with numpy only. The option rules were applied when the
+:class:`~kd_ext.kernels.KernelOptions` was built; the binding checks only what its memory safety needs
+(shapes, dtypes, layout, sizes) and raises ``ValueError``/``TypeError`` for bad input.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from kd_ext.kernels._options import KernelOptions, ScoreMode
 
 try:
     from kd_ext import _native as _module
@@ -59,10 +62,13 @@ def build_info() -> dict[str, Any]:
     """Return the features the extension was built with.
 
     Returns:
-        ``{"openmp": bool, "cuda": bool, "cuda_devices": int}`` (all false/0 without the extension).
+        ``{"openmp": bool, "cuda": bool, "cuda_devices": int, "threads": int}``: whether the CPU thread
+        pool takes its size from OpenMP's settings (``OMP_NUM_THREADS``), whether CUDA kernels were
+        built, the visible CUDA devices and the CPU threads a call may use (all false/0 without the
+        extension).
     """
     if _module is None:
-        return {"openmp": False, "cuda": False, "cuda_devices": 0}
+        return {"openmp": False, "cuda": False, "cuda_devices": 0, "threads": 0}
     return dict(_module.build_info())
 
 
@@ -75,64 +81,60 @@ def cuda_available() -> bool:
     return _module is not None and hasattr(_module, "cuda_device_count") and _module.cuda_device_count() > 0
 
 
+def _option_args(options: KernelOptions) -> dict[str, Any]:
+    """The binding's keyword arguments for checked options (enum values as strings)."""
+    return {
+        "out_h": options.output_size[0],
+        "out_w": options.output_size[1],
+        "distance": options.distance.value,
+        "fusion": options.fusion.value,
+        "weights": None if options.weights is None else list(options.weights),
+        "align_corners": options.align_corners,
+        "sigma": options.sigma,
+        "score": "none" if options.score is None else options.score.value,
+        "top_k": options.top_k or 1,
+    }
+
+
 def anomaly_map_cpu(
     teacher_features: Sequence[np.ndarray],
     student_features: Sequence[np.ndarray],
-    output_size: tuple[int, int],
-    *,
-    distance: str,
-    fusion: str,
-    weights: Sequence[float] | None,
-    align_corners: bool,
-    sigma: float,
-    score: str,
-    top_k: int,
+    options: KernelOptions,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Run the fused CPU kernel on C-contiguous float32 arrays (no copies).
 
     Args:
         teacher_features: Per-scale teacher arrays ``[B, C_k, H_k, W_k]``.
         student_features: Matching student arrays.
-        output_size: ``(H, W)``.
-        distance: ``"cosine"`` or ``"l2"``.
-        fusion: ``"sum"``, ``"mean"``, ``"product"`` or ``"weighted"``.
-        weights: Per-scale weights for ``"weighted"``, else ``None``.
-        align_corners: Bilinear ``align_corners``.
-        sigma: Blur sigma (0 = off).
-        score: ``"none"``, ``"max"`` or ``"topk"``.
-        top_k: Values averaged for ``"topk"``.
+        options: The call's checked options.
 
     Returns:
-        ``(maps [B, 1, H, W], scores [B] or None)`` as new float32 arrays.
+        ``(maps [B, 1, H, W], scores [B] or None)`` as new float32 arrays (no scores when
+        ``options.score`` is ``None``).
     """
-    weight_list = None if weights is None else [float(w) for w in weights]
-    return module().anomaly_map(
-        list(teacher_features),
-        list(student_features),
-        int(output_size[0]),
-        int(output_size[1]),
-        distance,
-        fusion,
-        weight_list,
-        bool(align_corners),
-        float(sigma),
-        score,
-        int(top_k),
-    )
+    return module().anomaly_map(list(teacher_features), list(student_features), **_option_args(options))
 
 
-def image_score_cpu(anomaly_map: np.ndarray, mode: str, top_k: int) -> np.ndarray:
+def image_score_cpu(anomaly_map: np.ndarray, mode: ScoreMode, top_k: int | None) -> np.ndarray:
     """Image scores of C-contiguous float32 maps ``[B, 1, H, W]``.
 
     Args:
         anomaly_map: Maps.
-        mode: ``"max"`` or ``"topk"``.
-        top_k: Values averaged for ``"topk"``.
+        mode: Checked score mode.
+        top_k: Values averaged for ``ScoreMode.TOPK`` (``None`` for ``MAX``).
 
     Returns:
         Scores ``[B]``.
     """
-    return module().image_score(anomaly_map, mode, int(top_k))
+    return module().image_score(anomaly_map, ScoreMode(mode).value, top_k or 1)
+
+
+def _cuda_module() -> ModuleType:
+    mod = module()
+    if not hasattr(mod, "anomaly_map_cuda"):
+        msg = "kd_ext._native was built without CUDA; rebuild with a CUDA toolkit or use backend='reference'"
+        raise RuntimeError(msg)
+    return mod
 
 
 def anomaly_map_cuda(
@@ -140,15 +142,7 @@ def anomaly_map_cuda(
     student_features: Sequence[Any],
     out: Any,
     scores: Any,
-    output_size: tuple[int, int],
-    *,
-    distance: str,
-    fusion: str,
-    weights: Sequence[float] | None,
-    align_corners: bool,
-    sigma: float,
-    score: str,
-    top_k: int,
+    options: KernelOptions,
     stream: int,
 ) -> None:
     """Run the CUDA kernel on arrays exposing ``__cuda_array_interface__``.
@@ -157,58 +151,29 @@ def anomaly_map_cuda(
         teacher_features: Per-scale teacher CUDA arrays ``[B, C_k, H_k, W_k]`` (float32, contiguous).
         student_features: Matching student CUDA arrays.
         out: Preallocated float32 CUDA array ``[B, 1, H, W]`` for the maps.
-        scores: Preallocated float32 CUDA array ``[B]`` (or ``None`` when ``score == "none"``).
-        output_size: ``(H, W)``.
-        distance: ``"cosine"`` or ``"l2"``.
-        fusion: ``"sum"``, ``"mean"``, ``"product"`` or ``"weighted"``.
-        weights: Per-scale weights for ``"weighted"``, else ``None``.
-        align_corners: Bilinear ``align_corners``.
-        sigma: Blur sigma (0 = off).
-        score: ``"none"``, ``"max"`` or ``"topk"``.
-        top_k: Values averaged for ``"topk"``.
+        scores: Preallocated float32 CUDA array ``[B]`` (or ``None`` when ``options.score`` is ``None``).
+        options: The call's checked options.
         stream: ``cudaStream_t`` handle as an int (0 = legacy default stream).
 
     Raises:
         RuntimeError: If the extension has no CUDA kernels or no CUDA device is visible.
     """
-    mod = module()
-    if not hasattr(mod, "anomaly_map_cuda"):
-        msg = "kd_ext._native was built without CUDA; rebuild with a CUDA toolkit or use backend='reference'"
-        raise RuntimeError(msg)
-    weight_list = None if weights is None else [float(w) for w in weights]
-    mod.anomaly_map_cuda(
-        list(teacher_features),
-        list(student_features),
-        out,
-        scores,
-        int(output_size[0]),
-        int(output_size[1]),
-        distance,
-        fusion,
-        weight_list,
-        bool(align_corners),
-        float(sigma),
-        score,
-        int(top_k),
-        int(stream),
+    _cuda_module().anomaly_map_cuda(
+        list(teacher_features), list(student_features), out, scores, **_option_args(options), stream=int(stream)
     )
 
 
-def image_score_cuda(anomaly_map: Any, scores: Any, mode: str, top_k: int, stream: int) -> None:
+def image_score_cuda(anomaly_map: Any, scores: Any, mode: ScoreMode, top_k: int | None, stream: int) -> None:
     """CUDA image scores of float32 maps ``[B, 1, H, W]`` into the preallocated ``scores`` ``[B]``.
 
     Args:
         anomaly_map: CUDA maps.
         scores: Preallocated CUDA array ``[B]``.
-        mode: ``"max"`` or ``"topk"``.
-        top_k: Values averaged for ``"topk"``.
+        mode: Checked score mode.
+        top_k: Values averaged for ``ScoreMode.TOPK`` (``None`` for ``MAX``).
         stream: ``cudaStream_t`` handle as an int.
 
     Raises:
         RuntimeError: If the extension has no CUDA kernels.
     """
-    mod = module()
-    if not hasattr(mod, "image_score_cuda"):
-        msg = "kd_ext._native was built without CUDA; rebuild with a CUDA toolkit or use backend='reference'"
-        raise RuntimeError(msg)
-    mod.image_score_cuda(anomaly_map, scores, mode, int(top_k), int(stream))
+    _cuda_module().image_score_cuda(anomaly_map, scores, ScoreMode(mode).value, top_k or 1, int(stream))

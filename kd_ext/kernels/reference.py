@@ -16,11 +16,10 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from kd_ext.kernels._options import gaussian_radius
+from kd_ext.kernels._options import Distance, Fusion, KernelOptions, ScoreMode, gaussian_radius
 
 __all__ = [
     "anomaly_map",
-    "anomaly_map_and_score",
     "distance_map",
     "gaussian_blur",
     "gaussian_radius",
@@ -47,20 +46,22 @@ def gaussian_taps(sigma: float, device: torch.device | None = None) -> torch.Ten
     return (taps / taps.sum()).to(device=device, dtype=torch.float32)
 
 
-def distance_map(teacher: torch.Tensor, student: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+def distance_map(
+    teacher: torch.Tensor, student: torch.Tensor, distance: Distance | str = Distance.COSINE
+) -> torch.Tensor:
     """Per-pixel teacher/student distance over channels.
 
     Args:
         teacher: Teacher features ``[B, C, H, W]``.
         student: Student features of the same shape.
-        distance: ``"cosine"`` for ``1 - cos(t, s)`` (per-norm eps 1e-8, as
-            ``F.cosine_similarity``) or ``"l2"`` for ``0.5 * |t/|t| - s/|s||^2`` (``F.normalize``,
-            eps 1e-12, as anomalib's STFPM).
+        distance: :class:`~kd_ext.kernels.Distance` or its value: ``"cosine"`` for ``1 - cos(t, s)``
+            (per-norm eps 1e-8, as ``F.cosine_similarity``) or ``"l2"`` for
+            ``0.5 * |t/|t| - s/|s||^2`` (``F.normalize``, eps 1e-12, as anomalib's STFPM).
 
     Returns:
         Distance map ``[B, 1, H, W]``.
     """
-    if distance == "cosine":
+    if Distance(distance) is Distance.COSINE:
         return (1.0 - F.cosine_similarity(teacher, student, dim=1)).unsqueeze(1)
     diff = F.normalize(teacher, dim=1) - F.normalize(student, dim=1)
     return 0.5 * (diff * diff).sum(dim=1, keepdim=True)
@@ -89,107 +90,57 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 def anomaly_map(
     teacher_features: Sequence[torch.Tensor],
     student_features: Sequence[torch.Tensor],
-    output_size: tuple[int, int],
-    *,
-    distance: str = "cosine",
-    fusion: str = "sum",
-    weights: Sequence[float] | None = None,
-    align_corners: bool = False,
-    sigma: float = 4.0,
+    options: KernelOptions,
 ) -> torch.Tensor:
     """Anomaly maps from multi-scale teacher/student features (reference of the native kernel).
 
     Args:
         teacher_features: Per-scale teacher features ``[B, C_k, H_k, W_k]``.
         student_features: Matching student features.
-        output_size: ``(H, W)`` of the output maps.
-        distance: ``"cosine"`` or ``"l2"`` (see :func:`distance_map`).
-        fusion: ``"sum"``, ``"mean"``, ``"product"`` or ``"weighted"`` (uses ``weights``).
-        weights: Per-scale weights for ``fusion="weighted"``.
-        align_corners: ``align_corners`` of the bilinear upsampling.
-        sigma: Gaussian smoothing sigma, ``0`` disables it.
+        options: The call's checked options (distance, fusion and weights, ``align_corners``,
+            sigma, output size; the score options are not used here).
 
     Returns:
         Maps ``[B, 1, H, W]``.
     """
     fused: torch.Tensor | None = None
     for index, (teacher, student) in enumerate(zip(teacher_features, student_features, strict=True)):
-        layer = distance_map(teacher, student, distance)
-        layer = F.interpolate(layer, size=tuple(output_size), mode="bilinear", align_corners=align_corners)
-        if fusion == "weighted" and weights is not None:
-            layer = layer * float(weights[index])
+        layer = distance_map(teacher, student, options.distance)
+        layer = F.interpolate(layer, size=options.output_size, mode="bilinear", align_corners=options.align_corners)
+        if options.weights is not None:
+            layer = layer * options.weights[index]
         if fused is None:
             fused = layer
-        elif fusion == "product":
+        elif options.fusion is Fusion.PRODUCT:
             fused = fused * layer
         else:
             fused = fused + layer
     if fused is None:
         msg = "anomaly_map needs at least one feature scale"
         raise ValueError(msg)
-    if fusion == "mean":
+    if options.fusion is Fusion.MEAN:
         fused = fused / len(teacher_features)
-    return gaussian_blur(fused, sigma)
+    return gaussian_blur(fused, options.sigma)
 
 
-def image_score(anomaly_map: torch.Tensor, mode: str = "max", top_k: int | None = None) -> torch.Tensor:
+def image_score(
+    anomaly_map: torch.Tensor, mode: ScoreMode | str = ScoreMode.MAX, top_k: int | None = None
+) -> torch.Tensor:
     """Image scores of anomaly maps.
 
     Args:
         anomaly_map: Maps ``[B, 1, H, W]``.
-        mode: ``"max"`` or ``"topk"`` (mean of the ``top_k`` largest values).
+        mode: :class:`~kd_ext.kernels.ScoreMode` or its value: ``"max"`` or ``"topk"`` (mean of the
+            ``top_k`` largest values).
         top_k: Number of values averaged for ``mode="topk"``.
 
     Returns:
         Scores ``[B]``. A NaN anywhere in an image's map gives a NaN score.
     """
     flat = anomaly_map.reshape(anomaly_map.shape[0], -1)
-    if mode == "max":
+    if ScoreMode(mode) is ScoreMode.MAX:
         return flat.amax(dim=1)
     if top_k is None:
         msg = "mode='topk' needs top_k"
         raise ValueError(msg)
     return torch.topk(flat, int(top_k), dim=1).values.mean(dim=1)
-
-
-def anomaly_map_and_score(
-    teacher_features: Sequence[torch.Tensor],
-    student_features: Sequence[torch.Tensor],
-    output_size: tuple[int, int],
-    *,
-    distance: str = "cosine",
-    fusion: str = "sum",
-    weights: Sequence[float] | None = None,
-    align_corners: bool = False,
-    sigma: float = 4.0,
-    score: str = "max",
-    top_k: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps and scores in one call (see :func:`anomaly_map` and :func:`image_score`).
-
-    Args:
-        teacher_features: Per-scale teacher features ``[B, C_k, H_k, W_k]``.
-        student_features: Matching student features.
-        output_size: ``(H, W)`` of the output maps.
-        distance: ``"cosine"`` or ``"l2"``.
-        fusion: ``"sum"``, ``"mean"``, ``"product"`` or ``"weighted"``.
-        weights: Per-scale weights for ``fusion="weighted"``.
-        align_corners: ``align_corners`` of the bilinear upsampling.
-        sigma: Gaussian smoothing sigma, ``0`` disables it.
-        score: ``"max"`` or ``"topk"``.
-        top_k: Number of values averaged for ``score="topk"``.
-
-    Returns:
-        ``(maps [B, 1, H, W], scores [B])``.
-    """
-    maps = anomaly_map(
-        teacher_features,
-        student_features,
-        output_size,
-        distance=distance,
-        fusion=fusion,
-        weights=weights,
-        align_corners=align_corners,
-        sigma=sigma,
-    )
-    return maps, image_score(maps, score, top_k)
