@@ -1,11 +1,15 @@
 """The compiled extension is built, importable and computes the right thing."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from kornia.filters import get_gaussian_kernel1d
 
 from kd_ext import _native
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_build_info_reports_features() -> None:
@@ -58,3 +62,50 @@ def test_binding_radius_guard_agrees_with_validate_sigma(size: tuple[int, int], 
     else:
         maps, _ = _native.anomaly_map(feats, feats, size[0], size[1], sigma=sigma)
         assert maps.shape == (1, 1, *size)
+
+
+def test_version_is_written_once_in_pyproject() -> None:
+    """CMake takes the version from scikit-build-core; kd_ext reads it from the installed metadata."""
+    from importlib.metadata import version
+
+    import kd_ext
+
+    tomllib = pytest.importorskip("tomllib")
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert kd_ext.__version__ == version("kd_ext") == declared
+    assert _native.__version__ == declared
+    assert declared not in (REPO / "CMakeLists.txt").read_text()
+
+
+def test_cmake_lists_every_source_of_csrc() -> None:
+    """Explicit source lists (no glob): a new file under csrc/ must be added to CMakeLists.txt."""
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert "GLOB" not in cmake
+    sources = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "csrc").rglob("*") if p.suffix in {".cpp", ".cu"})
+    assert sources, "no sources found"
+    missing = [source for source in sources if source not in cmake]
+    assert not missing, f"sources not listed in CMakeLists.txt: {missing}"
+
+
+def test_kernels_import_and_run_without_torch() -> None:
+    """kd_ext and kd_ext.kernels (native backend, numpy in and out) need no torch."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules.update(dict.fromkeys(("torch", "torchvision", "anomalib", "lightning")))  # None: import fails
+import numpy as np
+import kd_ext
+from kd_ext import kernels
+rng = np.random.default_rng(0)
+t = [rng.standard_normal((2, 4, 8, 8), dtype=np.float32)]
+s = [rng.standard_normal((2, 4, 8, 8), dtype=np.float32)]
+maps, scores = kernels.anomaly_map_and_score(t, s, (32, 32), sigma=1.0, score="topk", top_k=3)
+assert maps.shape == (2, 1, 32, 32) and scores.shape == (2,)
+assert sys.modules["torch"] is None
+print("ok", kd_ext.__version__)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok ")

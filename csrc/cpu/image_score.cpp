@@ -7,9 +7,10 @@
 #include <string>
 #include <vector>
 
-#include "anomaly_map.h"
-#include "kd_math.h"
-#include "parallel.h"
+#include "common/kd_math.h"
+#include "common/plan.h"
+#include "cpu/kernels.h"
+#include "cpu/parallel.h"
 
 namespace kd_ext {
 

@@ -1,22 +1,28 @@
-#include "gaussian.h"
+#include "common/gaussian.h"
 
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
 namespace kd_ext {
 
-int gaussian_radius(double sigma) { return static_cast<int>(std::floor(4.0 * sigma + 0.5)); }
+int gaussian_radius(double sigma) {
+  const double radius = std::floor(4.0 * sigma + 0.5);
+  if (!(radius > 0.0)) return 0;
+  return radius >= static_cast<double>(std::numeric_limits<int>::max()) ? std::numeric_limits<int>::max()
+                                                                        : static_cast<int>(radius);
+}
 
 std::vector<float> gaussian_kernel_1d(double sigma) {
   if (!(sigma > 0.0) || !std::isfinite(sigma)) {
     throw std::invalid_argument("sigma must be a finite number > 0, got " + std::to_string(sigma));
   }
-  if (4.0 * sigma + 0.5 >= static_cast<double>(kMaxGaussianRadius)) {
+  const int radius = gaussian_radius(sigma);
+  if (radius >= kMaxGaussianRadius) {
     throw std::invalid_argument("sigma=" + std::to_string(sigma) + " gives a blur radius above " +
                                 std::to_string(kMaxGaussianRadius) + "; use a smaller sigma");
   }
-  const int radius = gaussian_radius(sigma);
   std::vector<double> taps(2 * radius + 1);
   double total = 0.0;
   for (int i = -radius; i <= radius; ++i) {

@@ -1,18 +1,21 @@
-// Python bindings of the kd_ext native module.
+// Python bindings of the kd_ext native module: argument conversion and thin CPU/CUDA launchers.
 //
 // Torch-free: CPU inputs arrive through the buffer protocol (numpy arrays; a torch CPU tensor's
 // .numpy() view is zero-copy), CUDA inputs through __cuda_array_interface__ (torch, cupy, numba).
-// Every argument is validated here; bad input raises ValueError/TypeError, never crashes. The
-// user-facing option rules (sigma, output size, weights) live in kd_ext/kernels/_options.py and
-// run before dispatch; the checks here re-state only the bounds this code's memory safety needs
-// (MAX_MAP_PIXELS, blur radius below the map size), so a direct call cannot crash either.
-// Out of memory raises MemoryError naming the sizes and the fix.
+// The option rules live in kd_ext/kernels/_options.py (KernelOptions) and run before a call gets
+// here. This layer checks only what its memory safety needs: array types, dtypes, layouts and
+// shapes, the option names it maps to enums, the pixel cap (MAX_MAP_PIXELS), a blur radius below
+// the map size, top_k within the map and one weight per scale, so that a direct call raises
+// ValueError/TypeError and never crashes. Out of memory raises MemoryError naming the sizes and
+// the fix.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <initializer_list>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -20,12 +23,17 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
-#include "anomaly_map.h"
-#include "gaussian.h"
-#include "kd_math.h"
-#include "parallel.h"
+#include "common/gaussian.h"
+#include "common/kd_math.h"
+#include "common/plan.h"
+#include "cpu/kernels.h"
+#include "cpu/parallel.h"
+#ifdef KD_EXT_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
 
 namespace py = pybind11;
 
@@ -47,6 +55,7 @@ py::dict build_info() {
   info["cuda"] = false;
   info["cuda_devices"] = 0;
 #endif
+  info["threads"] = kd_ext::max_threads();
   return info;
 }
 
@@ -66,25 +75,32 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return s + ")";
 }
 
+// Option names -> enums of common/kd_math.h (the names are the values of kd_ext.kernels' Enums).
+int parse_name(const std::string& name, const char* what,
+               std::initializer_list<std::pair<const char*, int>> names) {
+  std::string known;
+  for (const auto& [key, value] : names) {
+    if (name == key) return value;
+    known += (known.empty() ? "'" : ", '") + std::string(key) + "'";
+  }
+  value_error(std::string(what) + " must be one of " + known + ", got '" + name + "'");
+}
+
 int parse_distance(const std::string& name) {
-  if (name == "cosine") return kd_ext::math::kCosine;
-  if (name == "l2") return kd_ext::math::kL2;
-  value_error("distance must be 'cosine' or 'l2', got '" + name + "'");
+  return parse_name(name, "distance", {{"cosine", kd_ext::math::kCosine}, {"l2", kd_ext::math::kL2}});
 }
 
 int parse_fusion(const std::string& name) {
-  if (name == "sum") return kd_ext::math::kSum;
-  if (name == "mean") return kd_ext::math::kMean;
-  if (name == "product") return kd_ext::math::kProduct;
-  if (name == "weighted") return kd_ext::math::kWeighted;
-  value_error("fusion must be 'sum', 'mean', 'product' or 'weighted', got '" + name + "'");
+  return parse_name(name, "fusion",
+                    {{"sum", kd_ext::math::kSum},
+                     {"mean", kd_ext::math::kMean},
+                     {"product", kd_ext::math::kProduct},
+                     {"weighted", kd_ext::math::kWeighted}});
 }
 
 int parse_score(const std::string& name) {
-  if (name == "none") return kd_ext::math::kScoreNone;
-  if (name == "max") return kd_ext::math::kScoreMax;
-  if (name == "topk") return kd_ext::math::kScoreTopK;
-  value_error("score mode must be 'none', 'max' or 'topk', got '" + name + "'");
+  return parse_name(name, "score mode",
+                    {{"none", kd_ext::math::kScoreNone}, {"max", kd_ext::math::kScoreMax}, {"topk", kd_ext::math::kScoreTopK}});
 }
 
 std::vector<py::object> as_list(const py::object& obj, const char* name) {
@@ -183,36 +199,54 @@ ArrayView view_cuda(const py::object& obj, const std::string& what, size_t ndim,
 }
 #endif
 
+// Top-k within the map: the score kernels read the top_k largest of hw values.
+void check_top_k(int score_mode, int64_t top_k, int64_t hw) {
+  if (score_mode == kd_ext::math::kScoreTopK && (top_k < 1 || top_k > hw)) {
+    value_error("top_k must be in [1, H*W] = [1, " + std::to_string(hw) + "], got " + std::to_string(top_k));
+  }
+}
+
+// One call's scales and parameters, checked for memory safety (see the top of this file).
 struct Prepared {
   std::vector<kd_ext::ScaleView> scales;
   int64_t batch = 0;
   kd_ext::MapParams params;
 };
 
-// Validates everything but the per-array storage; `views` holds the (teacher, student) views.
-Prepared prepare(const std::vector<ArrayView>& teacher, const std::vector<ArrayView>& student, int64_t out_h,
-                 int64_t out_w, const std::string& distance, const std::string& fusion,
+// Views the feature lists with `view(obj, what)` (a CPU buffer or a CUDA array) and checks the
+// call; shared by the CPU and CUDA launchers.
+template <class View>
+Prepared prepare(const py::object& teacher_obj, const py::object& student_obj, int64_t out_h, int64_t out_w,
+                 const std::string& distance, const std::string& fusion,
                  const std::optional<std::vector<float>>& weights, bool align_corners, double sigma,
-                 const std::string& score, int64_t top_k) {
+                 const std::string& score, int64_t top_k, View&& view) {
+  const std::vector<py::object> teacher_list = as_list(teacher_obj, "teacher_features");
+  const std::vector<py::object> student_list = as_list(student_obj, "student_features");
+  if (teacher_list.empty()) value_error("teacher_features is empty; pass at least one feature scale");
+  if (teacher_list.size() != student_list.size()) {
+    value_error("teacher_features and student_features have different lengths (" +
+                std::to_string(teacher_list.size()) + " vs " + std::to_string(student_list.size()) +
+                "); pass one student map per teacher map");
+  }
   Prepared p;
   p.params.distance = parse_distance(distance);
   p.params.fusion = parse_fusion(fusion);
   p.params.score_mode = parse_score(score);
-  const size_t num_scales = teacher.size();
+  const size_t num_scales = teacher_list.size();
   for (size_t k = 0; k < num_scales; ++k) {
-    const auto& t = teacher[k].shape;
-    const auto& s = student[k].shape;
-    if (t != s) {
-      value_error("teacher and student features at scale " + std::to_string(k) + " differ in shape: " + shape_str(t) +
-                  " vs " + shape_str(s) + "; pair features of the same layer");
+    const ArrayView t = view(teacher_list[k], "teacher_features[" + std::to_string(k) + "]");
+    const ArrayView s = view(student_list[k], "student_features[" + std::to_string(k) + "]");
+    if (t.shape != s.shape) {
+      value_error("teacher and student features at scale " + std::to_string(k) + " differ in shape: " +
+                  shape_str(t.shape) + " vs " + shape_str(s.shape) + "; pair features of the same layer");
     }
-    if (t[0] != teacher[0].shape[0]) {
-      value_error("batch size differs across scales: scale 0 has " + std::to_string(teacher[0].shape[0]) +
-                  ", scale " + std::to_string(k) + " has " + std::to_string(t[0]));
+    if (k == 0) p.batch = t.shape[0];
+    if (t.shape[0] != p.batch) {
+      value_error("batch size differs across scales: scale 0 has " + std::to_string(p.batch) + ", scale " +
+                  std::to_string(k) + " has " + std::to_string(t.shape[0]));
     }
-    p.scales.push_back({teacher[k].data, student[k].data, t[1], t[2], t[3]});
+    p.scales.push_back({t.data, s.data, t.shape[1], t.shape[2], t.shape[3]});
   }
-  p.batch = teacher[0].shape[0];
   if (out_h <= 0 || out_w <= 0) {
     value_error("output_size must be positive, got (" + std::to_string(out_h) + ", " + std::to_string(out_w) + ")");
   }
@@ -222,57 +256,51 @@ Prepared prepare(const std::vector<ArrayView>& teacher, const std::vector<ArrayV
   }
   p.params.out_h = out_h;
   p.params.out_w = out_w;
+  if (weights && weights->size() != num_scales) {
+    value_error("weights must have one entry per scale (" + std::to_string(num_scales) + "), got " +
+                std::to_string(weights->size()));
+  }
   if (p.params.fusion == kd_ext::math::kWeighted) {
-    if (!weights || weights->size() != num_scales) {
-      value_error("fusion='weighted' needs one weight per scale (" + std::to_string(num_scales) + "), got " +
-                  (weights ? std::to_string(weights->size()) : std::string("none")));
-    }
+    if (!weights) value_error("fusion='weighted' needs one weight per scale (" + std::to_string(num_scales) + ")");
     p.params.weights = *weights;
-  } else if (weights) {
-    value_error("weights are only used with fusion='weighted', got fusion='" + fusion + "'");
   }
   p.params.align_corners = align_corners;
   if (!std::isfinite(sigma) || sigma < 0.0) {
     value_error("sigma must be a finite number >= 0 (0 disables smoothing), got " + std::to_string(sigma));
   }
-  if (sigma > 0.0) {
-    const double radius = std::floor(4.0 * sigma + 0.5);
-    if (radius >= static_cast<double>(std::min(out_h, out_w))) {
-      value_error("sigma=" + std::to_string(sigma) + " gives a blur radius of " + std::to_string(int64_t(radius)) +
+  if (sigma > 0.0) {  // reflect padding reads at most `radius` pixels beyond each border
+    const int radius = kd_ext::gaussian_radius(sigma);
+    if (radius >= std::min(out_h, out_w)) {
+      value_error("sigma=" + std::to_string(sigma) + " gives a blur radius of " + std::to_string(radius) +
                   " which must be smaller than the output height and width (" + std::to_string(out_h) + ", " +
                   std::to_string(out_w) + ") for reflect padding; use a larger output_size or a smaller sigma");
     }
   }
   p.params.sigma = sigma;
-  if (p.params.score_mode == kd_ext::math::kScoreTopK && (top_k < 1 || top_k > out_h * out_w)) {
-    value_error("top_k must be in [1, H*W] = [1, " + std::to_string(out_h * out_w) + "], got " + std::to_string(top_k));
-  }
+  check_top_k(p.params.score_mode, top_k, out_h * out_w);
   p.params.top_k = top_k;
   return p;
 }
 
-void check_lists(size_t nt, size_t ns) {
-  if (nt == 0) value_error("teacher_features is empty; pass at least one feature scale");
-  if (nt != ns) {
-    value_error("teacher_features and student_features have different lengths (" + std::to_string(nt) + " vs " +
-                std::to_string(ns) + "); pass one student map per teacher map");
-  }
+// The maps argument of image_score: [B, 1, H, W]; returns the score mode.
+template <class View>
+int prepare_scores(const py::object& maps_obj, const std::string& mode, int64_t top_k, View&& view, ArrayView* maps) {
+  *maps = view(maps_obj, "anomaly_map");
+  if (maps->shape[1] != 1) value_error("anomaly_map must have shape [B, 1, H, W], got " + shape_str(maps->shape));
+  const int score_mode = parse_score(mode);
+  if (score_mode == kd_ext::math::kScoreNone) value_error("score mode must be 'max' or 'topk' for image_score");
+  check_top_k(score_mode, top_k, maps->shape[2] * maps->shape[3]);
+  return score_mode;
 }
 
 py::tuple anomaly_map_py(const py::object& teacher_obj, const py::object& student_obj, int64_t out_h, int64_t out_w,
                          const std::string& distance, const std::string& fusion,
                          const std::optional<std::vector<float>>& weights, bool align_corners, double sigma,
                          const std::string& score, int64_t top_k) {
-  const std::vector<py::object> teacher_list = as_list(teacher_obj, "teacher_features");
-  const std::vector<py::object> student_list = as_list(student_obj, "student_features");
-  check_lists(teacher_list.size(), student_list.size());
   std::vector<py::buffer_info> keep;
-  std::vector<ArrayView> teacher, student;
-  for (size_t k = 0; k < teacher_list.size(); ++k) {
-    teacher.push_back(view_buffer(teacher_list[k], "teacher_features[" + std::to_string(k) + "]", 4, keep));
-    student.push_back(view_buffer(student_list[k], "student_features[" + std::to_string(k) + "]", 4, keep));
-  }
-  Prepared p = prepare(teacher, student, out_h, out_w, distance, fusion, weights, align_corners, sigma, score, top_k);
+  const auto view = [&keep](const py::object& obj, const std::string& what) { return view_buffer(obj, what, 4, keep); };
+  const Prepared p = prepare(teacher_obj, student_obj, out_h, out_w, distance, fusion, weights, align_corners, sigma,
+                             score, top_k, view);
   py::array_t<float> maps({p.batch, int64_t{1}, out_h, out_w});
   py::object scores_obj = py::none();
   float* scores_ptr = nullptr;
@@ -289,26 +317,16 @@ py::tuple anomaly_map_py(const py::object& teacher_obj, const py::object& studen
   return py::make_tuple(maps, scores_obj);
 }
 
-int64_t score_top_k(int mode, int64_t top_k, int64_t hw) {
-  if (mode == kd_ext::math::kScoreNone) value_error("score mode must be 'max' or 'topk' for image_score");
-  if (mode == kd_ext::math::kScoreTopK && (top_k < 1 || top_k > hw)) {
-    value_error("top_k must be in [1, H*W] = [1, " + std::to_string(hw) + "], got " + std::to_string(top_k));
-  }
-  return top_k;
-}
-
 py::array_t<float> image_score_py(const py::object& maps_obj, const std::string& mode, int64_t top_k) {
   std::vector<py::buffer_info> keep;
-  ArrayView maps = view_buffer(maps_obj, "anomaly_map", 4, keep);
-  if (maps.shape[1] != 1) value_error("anomaly_map must have shape [B, 1, H, W], got " + shape_str(maps.shape));
-  const int score_mode = parse_score(mode);
-  const int64_t hw = maps.shape[2] * maps.shape[3];
-  score_top_k(score_mode, top_k, hw);
+  const auto view = [&keep](const py::object& obj, const std::string& what) { return view_buffer(obj, what, 4, keep); };
+  ArrayView maps;
+  const int score_mode = prepare_scores(maps_obj, mode, top_k, view, &maps);
   py::array_t<float> scores(maps.shape[0]);
   float* scores_ptr = scores.mutable_data();
   {
     py::gil_scoped_release release;
-    kd_ext::image_score_cpu(maps.data, maps.shape[0], hw, score_mode, top_k, scores_ptr);
+    kd_ext::image_score_cpu(maps.data, maps.shape[0], maps.shape[2] * maps.shape[3], score_mode, top_k, scores_ptr);
   }
   return scores;
 }
@@ -331,20 +349,20 @@ void anomaly_map_cuda_py(const py::object& teacher_obj, const py::object& studen
                          const std::string& fusion, const std::optional<std::vector<float>>& weights,
                          bool align_corners, double sigma, const std::string& score, int64_t top_k, uintptr_t stream) {
   require_cuda_device();
-  const std::vector<py::object> teacher_list = as_list(teacher_obj, "teacher_features");
-  const std::vector<py::object> student_list = as_list(student_obj, "student_features");
-  check_lists(teacher_list.size(), student_list.size());
-  if (teacher_list.size() > static_cast<size_t>(kd_ext::kMaxCudaScales)) {
-    value_error("the CUDA kernel supports at most " + std::to_string(kd_ext::kMaxCudaScales) + " scales, got " +
-                std::to_string(teacher_list.size()));
-  }
   int device = -1;
-  std::vector<ArrayView> teacher, student;
-  for (size_t k = 0; k < teacher_list.size(); ++k) {
-    teacher.push_back(view_cuda(teacher_list[k], "teacher_features[" + std::to_string(k) + "]", 4, &device));
-    student.push_back(view_cuda(student_list[k], "student_features[" + std::to_string(k) + "]", 4, &device));
+  const auto view = [&device](const py::object& obj, const std::string& what) {
+    return view_cuda(obj, what, 4, &device);
+  };
+  const Prepared p = prepare(teacher_obj, student_obj, out_h, out_w, distance, fusion, weights, align_corners, sigma,
+                             score, top_k, view);
+  if (p.scales.size() > static_cast<size_t>(kd_ext::kMaxCudaScales)) {
+    value_error("the CUDA kernel supports at most " + std::to_string(kd_ext::kMaxCudaScales) + " scales, got " +
+                std::to_string(p.scales.size()));
   }
-  Prepared p = prepare(teacher, student, out_h, out_w, distance, fusion, weights, align_corners, sigma, score, top_k);
+  if (p.batch > kd_ext::kMaxCudaBatch) {
+    value_error("the CUDA kernel supports batches of at most " + std::to_string(kd_ext::kMaxCudaBatch) +
+                " images, got " + std::to_string(p.batch) + "; split the batch");
+  }
   float* maps_ptr = cuda_output(maps_obj, "out", {p.batch, 1, out_h, out_w}, &device);
   float* scores_ptr = nullptr;
   if (p.params.score_mode != kd_ext::math::kScoreNone) {
@@ -359,14 +377,15 @@ void image_score_cuda_py(const py::object& maps_obj, const py::object& scores_ob
                          int64_t top_k, uintptr_t stream) {
   require_cuda_device();
   int device = -1;
-  ArrayView maps = view_cuda(maps_obj, "anomaly_map", 4, &device);
-  if (maps.shape[1] != 1) value_error("anomaly_map must have shape [B, 1, H, W], got " + shape_str(maps.shape));
-  const int score_mode = parse_score(mode);
-  const int64_t hw = maps.shape[2] * maps.shape[3];
-  score_top_k(score_mode, top_k, hw);
+  const auto view = [&device](const py::object& obj, const std::string& what) {
+    return view_cuda(obj, what, 4, &device);
+  };
+  ArrayView maps;
+  const int score_mode = prepare_scores(maps_obj, mode, top_k, view, &maps);
   float* scores_ptr = cuda_output(scores_obj, "scores", {maps.shape[0]}, &device);
   py::gil_scoped_release release;
-  kd_ext::image_score_cuda(maps.data, maps.shape[0], hw, score_mode, top_k, scores_ptr, reinterpret_cast<void*>(stream));
+  kd_ext::image_score_cuda(maps.data, maps.shape[0], maps.shape[2] * maps.shape[3], score_mode, top_k, scores_ptr,
+                           reinterpret_cast<void*>(stream));
 }
 #endif
 
@@ -401,6 +420,7 @@ PYBIND11_MODULE(_native, m) {
     }
   });
   m.attr("MAX_MAP_PIXELS") = kMaxDim - 1;
+  m.attr("__version__") = KD_EXT_VERSION;
   m.def("build_info", &build_info, "Features this build was compiled with.");
   m.def("gaussian_kernel_1d", &gaussian_kernel_1d_py, py::arg("sigma"),
         "Normalised 1-D Gaussian taps, size 2*floor(4*sigma+0.5)+1 (sigma > 0).");

@@ -1,4 +1,4 @@
-// Gaussian smoothing taps shared by the CPU and CUDA paths.
+// Gaussian smoothing taps shared by the CPU and CUDA kernels.
 #pragma once
 
 #include <vector>
@@ -9,7 +9,9 @@ namespace kd_ext {
 // pixel cap (H * W < 2^30), and the radius must be smaller than that side.
 constexpr int kMaxGaussianRadius = 1 << 15;
 
-// Kernel radius for a given sigma: floor(4*sigma + 0.5), as anomalib's anomaly-map generators use.
+// Kernel radius for a given sigma: floor(4*sigma + 0.5), as anomalib's anomaly-map generators use
+// (and kd_ext/kernels/_options.py's gaussian_radius; the tests check that they agree). Saturates at
+// INT_MAX for huge sigma and gives 0 for sigma <= 0 or NaN.
 int gaussian_radius(double sigma);
 
 // Normalised 1-D Gaussian taps of length 2*radius+1. Throws std::invalid_argument for sigma <= 0,

@@ -1,6 +1,6 @@
-// CPU implementation of the fused anomaly-map kernel (see anomaly_map.h).
+// CPU implementation of the fused anomaly-map kernel (see cpu/kernels.h).
 //
-// Per image (threads via parallel.h, see there why not an OpenMP parallel region):
+// Per image (threads from the pool of cpu/parallel.h, see there why not OpenMP's fork-join):
 //   A. per-scale distance at the feature resolution, tasks = (scale, block of positions); the
 //      channel reduction streams contiguous rows of each channel plane (vectorised over positions);
 //   B. per output row: bilinear upsampling of every low-resolution distance map + fusion, then the
@@ -13,12 +13,13 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "anomaly_map.h"
-#include "gaussian.h"
-#include "kd_math.h"
-#include "parallel.h"
+#include "common/kd_math.h"
+#include "common/plan.h"
+#include "cpu/kernels.h"
+#include "cpu/parallel.h"
 
 namespace kd_ext {
 namespace {
@@ -127,21 +128,15 @@ KD_MULTIVERSION void vblur_row(const float* __restrict plane, int64_t height, in
   }
 }
 
-// Everything that does not change across images of one call.
-struct Plan {
-  const std::vector<ScaleView>* scales;
-  const MapParams* params;
-  int num_scales;
-  int64_t height, width, plane;
-  bool blur;
-  std::vector<float> taps;
-  int radius;
+// Everything that does not change across images of one call: the shared plan (common/plan.h)
+// plus the CPU's bilinear tap tables and distance tasks.
+struct Plan : MapPlan {
+  explicit Plan(MapPlan base) : MapPlan(std::move(base)) {}
+  const std::vector<ScaleView>* scales = nullptr;
+  const MapParams* params = nullptr;
   std::vector<AxisTaps> xtaps, ytaps;
-  std::vector<int64_t> dist_offset;
   std::vector<DistTask> tasks;
-  std::vector<float> weights;
-  int64_t max_low_width = 1;
-  bool want_max;
+  bool want_max = false;
 };
 
 // A float buffer that is not zero-filled: pages are only committed when a thread writes them.
@@ -235,21 +230,10 @@ void blur_row(const Plan& plan, int64_t y, const float* scratch, float* out_imag
 // before any thread starts on the images).
 void run_anomaly_map(const std::vector<ScaleView>& scales, int64_t batch, const MapParams& params, float* out,
                      float* scores, int64_t* workspace_bytes) {
-  Plan plan;
+  Plan plan(make_plan(scales, params));
   plan.scales = &scales;
   plan.params = &params;
-  plan.num_scales = static_cast<int>(scales.size());
-  plan.height = params.out_h;
-  plan.width = params.out_w;
-  plan.plane = plan.height * plan.width;
-  plan.blur = params.sigma > 0.0;
-  plan.radius = plan.blur ? gaussian_radius(params.sigma) : 0;
-  plan.dist_offset.assign(plan.num_scales + 1, 0);
-  for (int k = 0; k < plan.num_scales; ++k) {
-    const int64_t hw = scales[k].height * scales[k].width;
-    plan.dist_offset[k + 1] = plan.dist_offset[k] + hw;
-    plan.max_low_width = std::max(plan.max_low_width, scales[k].width);
-  }
+  plan.want_max = scores != nullptr && params.score_mode == math::kScoreMax;
   const int threads = max_threads();
   // Enough images: one whole image per claim and per-worker image buffers; otherwise each image
   // is split over the threads and shares one set of image buffers.
@@ -260,7 +244,6 @@ void run_anomaly_map(const std::vector<ScaleView>& scales, int64_t batch, const 
                       4 * static_cast<int64_t>(plan.num_scales) * (plan.height + plan.width));  // AxisTaps
 
   // All working memory is allocated here, before the parallel sections.
-  plan.taps = plan.blur ? gaussian_kernel_1d(params.sigma) : std::vector<float>{};
   plan.xtaps.resize(plan.num_scales);
   plan.ytaps.resize(plan.num_scales);
   for (int k = 0; k < plan.num_scales; ++k) {
@@ -270,9 +253,6 @@ void run_anomaly_map(const std::vector<ScaleView>& scales, int64_t batch, const 
     const int64_t hw = sv.height * sv.width;
     for (int64_t p0 = 0; p0 < hw; p0 += kBlock) plan.tasks.push_back({k, p0, std::min(kBlock, hw - p0)});
   }
-  plan.weights.assign(plan.num_scales, 1.0f);
-  if (params.fusion == math::kWeighted) plan.weights = params.weights;
-  plan.want_max = scores != nullptr && params.score_mode == math::kScoreMax;
   const int64_t num_tasks = static_cast<int64_t>(plan.tasks.size());
   std::vector<RowBuffers> bufs;  // per worker (parallel_for hands each running thread its own id)
   bufs.reserve(threads);
@@ -326,15 +306,6 @@ void run_anomaly_map(const std::vector<ScaleView>& scales, int64_t batch, const 
 }
 
 }  // namespace
-
-std::string out_of_memory_message(const char* what, int64_t workspace_bytes, int64_t batch, int64_t out_h,
-                                  int64_t out_w) {
-  const auto mib = [](int64_t bytes) { return std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB"; };
-  const int64_t output_bytes = batch * out_h * out_w * static_cast<int64_t>(sizeof(float));
-  return std::string("out of memory in ") + what + ": " + std::to_string(batch) + " anomaly maps of " +
-         std::to_string(out_h) + "x" + std::to_string(out_w) + " need " + mib(output_bytes) + " of output plus about " +
-         mib(workspace_bytes) + " of working memory; pass a smaller batch or a smaller output_size";
-}
 
 void anomaly_map_cpu(const std::vector<ScaleView>& scales, int64_t batch, const MapParams& params, float* out,
                      float* scores) {

@@ -1,6 +1,6 @@
-// CUDA implementation of the fused anomaly-map kernel and the image score (see anomaly_map.h).
-// The per-element math (distance, bilinear taps, reflect, fusion) comes from kd_math.h, shared
-// with the CPU path. Kernels:
+// CUDA implementation of the fused anomaly-map kernel and the image score (see cuda/kernels.h).
+// The per-element math (distance, bilinear taps, reflect, fusion) comes from common/kd_math.h and
+// the per-call setup from common/plan.h, both shared with the CPU path. Kernels:
 //   1. distance_kernel: one thread per low-resolution position, coalesced channel loop;
 //   2. fuse_hblur_kernel: one block per output row: upsample + fuse into shared memory (with the
 //      reflect halo), then the horizontal Gaussian pass;
@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "anomaly_map.h"
-#include "gaussian.h"
-#include "kd_math.h"
+#include "common/kd_math.h"
+#include "common/plan.h"
+#include "cuda/kernels.h"
 
 namespace kd_ext {
 namespace {
@@ -31,6 +31,7 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
+// The per-scale part of the MapPlan as a kernel argument (fixed-size arrays, passed by value).
 struct DeviceScales {
   int num_scales;
   int height[kMaxCudaScales];
@@ -38,6 +39,18 @@ struct DeviceScales {
   int64_t offset[kMaxCudaScales];  // offset of the scale's low-res map inside one image's block
   float weight[kMaxCudaScales];
 };
+
+DeviceScales device_scales(const std::vector<ScaleView>& scales, const MapPlan& plan) {
+  DeviceScales sc{};
+  sc.num_scales = plan.num_scales;
+  for (int k = 0; k < plan.num_scales; ++k) {
+    sc.height[k] = static_cast<int>(scales[k].height);
+    sc.width[k] = static_cast<int>(scales[k].width);
+    sc.offset[k] = plan.dist_offset[k];
+    sc.weight[k] = plan.weights[k];
+  }
+  return sc;
+}
 
 __global__ void distance_kernel(const float* __restrict__ teacher, const float* __restrict__ student,
                                 int64_t batch, int64_t channels, int64_t hw, int distance, float* __restrict__ dist,
@@ -236,29 +249,22 @@ int cuda_pointer_device(const void* ptr) {
 
 void anomaly_map_cuda(const std::vector<ScaleView>& scales, int64_t batch, const MapParams& params, float* out,
                       float* scores, void* stream_ptr) {
-  if (batch > 65535) {
-    throw std::invalid_argument("the CUDA kernel supports batches of at most 65535 images, got " +
-                                std::to_string(batch) + "; split the batch");
-  }
   DeviceGuard guard(out);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const int num_scales = static_cast<int>(scales.size());
-  const int out_h = static_cast<int>(params.out_h);
-  const int out_w = static_cast<int>(params.out_w);
-  const int64_t plane = params.out_h * params.out_w;
-  const bool blur = params.sigma > 0.0;
-  const std::vector<float> taps = blur ? gaussian_kernel_1d(params.sigma) : std::vector<float>{0.0f};
-  const int radius = blur ? gaussian_radius(params.sigma) : 0;
-
-  DeviceScales sc{};
-  sc.num_scales = num_scales;
-  int64_t image_stride = 0;
-  for (int k = 0; k < num_scales; ++k) {
-    sc.height[k] = static_cast<int>(scales[k].height);
-    sc.width[k] = static_cast<int>(scales[k].width);
-    sc.offset[k] = image_stride;
-    sc.weight[k] = params.fusion == km::kWeighted ? params.weights[k] : 1.0f;
-    image_stride += scales[k].height * scales[k].width;
+  const MapPlan plan = make_plan(scales, params);
+  const DeviceScales sc = device_scales(scales, plan);
+  const int out_h = static_cast<int>(plan.height);
+  const int out_w = static_cast<int>(plan.width);
+  const int64_t plane = plan.plane;
+  const bool blur = plan.blur;
+  const int radius = plan.radius;
+  const std::vector<float>& taps = plan.taps;
+  const int64_t image_stride = plan.dist_offset[plan.num_scales];
+  const size_t shared = static_cast<size_t>(out_w + 2 * radius) * sizeof(float);
+  if (shared > 48 * 1024) {
+    throw std::invalid_argument("output width too large for the CUDA kernel (row of " + std::to_string(out_w) +
+                                " + blur halo exceeds 48 KiB of shared memory); use backend='reference' or a "
+                                "smaller output width");
   }
   // Scratch (one stream-ordered allocation; failure raises OutOfMemory before any launch):
   // taps | distances [batch, image_stride] | horizontally blurred plane [batch, plane].
@@ -278,19 +284,16 @@ void anomaly_map_cuda(const std::vector<ScaleView>& scales, int64_t batch, const
   auto* dist = reinterpret_cast<float*>(static_cast<char*>(scratch) + taps_bytes);
   auto* tmp = reinterpret_cast<float*>(static_cast<char*>(scratch) + taps_bytes + dist_bytes);
   try {
-    check(cudaMemcpyAsync(taps_dev, taps.data(), taps.size() * sizeof(float), cudaMemcpyHostToDevice, stream),
-          "cudaMemcpyAsync");
-    for (int k = 0; k < num_scales; ++k) {
+    if (blur) {
+      check(cudaMemcpyAsync(taps_dev, taps.data(), taps.size() * sizeof(float), cudaMemcpyHostToDevice, stream),
+            "cudaMemcpyAsync");
+    }
+    for (int k = 0; k < plan.num_scales; ++k) {
       const int64_t hw = scales[k].height * scales[k].width;
       distance_kernel<<<blocks_for(batch * hw, kThreads), kThreads, 0, stream>>>(
           scales[k].teacher, scales[k].student, batch, scales[k].channels, hw, params.distance, dist, image_stride,
           sc.offset[k]);
       check(cudaGetLastError(), "distance_kernel");
-    }
-    const size_t shared = static_cast<size_t>(out_w + 2 * radius) * sizeof(float);
-    if (shared > 48 * 1024) {
-      throw std::invalid_argument("output width too large for the CUDA kernel (row of " + std::to_string(out_w) +
-                                  " + blur halo exceeds 48 KiB of shared memory)");
     }
     const dim3 grid(static_cast<unsigned>(out_h), static_cast<unsigned>(batch));
     fuse_hblur_kernel<<<grid, kThreads, shared, stream>>>(sc, dist, image_stride, out_h, out_w, params.align_corners,

@@ -1,11 +1,12 @@
-// Work-claiming parallel loop for the CPU kernels.
+// The CPU kernels' thread pool: a work-claiming parallel loop.
 //
-// OpenMP fork-join makes the caller wait at the join barrier until every team thread has been
-// scheduled at least once; on a machine whose cores are busy with other processes that costs a
-// scheduler latency per region (measured: 0.57 ms -> 45 ms per call on 2 loaded cores). Here the
-// caller claims chunks itself and only waits for chunks a helper has already claimed, so helpers
-// that are not scheduled in time cost nothing. The thread count follows OpenMP's
-// omp_get_max_threads() (OMP_NUM_THREADS, torch.set_num_threads when torch's libgomp is shared).
+// The pool's helper threads start once and wait for work. The caller claims chunks itself and only
+// waits for chunks a helper has already claimed, so helpers that the OS does not schedule in time
+// cost nothing (an OpenMP fork-join region would wait at its barrier for every team thread; on
+// loaded cores that wait dominates a small call, see benchmarks/results/kernels.md). OpenMP is not
+// used for the work itself: when the build finds it, the thread count follows omp_get_max_threads()
+// (OMP_NUM_THREADS, or torch.set_num_threads when torch's libgomp is shared); otherwise it is the
+// number of hardware threads.
 #pragma once
 
 #include <cstdint>
