@@ -13,15 +13,22 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kd_ext.edge import EdgeModel
 
 
 def _add_infer(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "infer",
-        help="score a folder of images with an exported OpenVINO IR",
+        help="score a folder of images (or a file of series) with an exported OpenVINO IR",
         description=(
-            "Score every image of IMAGES_DIR with an OpenVINO IR exported by anomalib or kd_ext and write "
-            "scores.csv, results.json, masks/ and overlays/ into OUT_DIR. Results are written to a hidden "
+            "Score every image of INPUT (a folder) with an OpenVINO IR exported by anomalib or kd_ext and write "
+            "scores.csv, results.json, masks/ and overlays/ into OUT_DIR. With a 1-D model's IR (SignalKD), INPUT is "
+            "a UCR-format series file instead: each series gets the preprocessing recorded in the IR and OUT_DIR gets "
+            "scores.csv, results.json and maps.npy (per-time-step maps); series with NaN samples are skipped and "
+            "listed in skipped.csv. Results are written to a hidden "
             "staging folder next to OUT_DIR and renamed when complete; the output location and output names are "
             "checked before inference. Unreadable or too large images, and images without a defined value range "
             "(floating point), are skipped and listed in skipped.csv. Ctrl-C and SIGTERM stop the run, clean up "
@@ -30,7 +37,12 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("model", type=Path, help="the IR's .xml (its .bin next to it)")
-    parser.add_argument("images_dir", type=Path, help="folder of images (.png, .jpg, .bmp, .tif, .webp)")
+    parser.add_argument(
+        "images_dir",
+        type=Path,
+        metavar="INPUT",
+        help="folder of images (.png, .jpg, .bmp, .tif, .webp), or a series file for a 1-D model's IR",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -44,11 +56,11 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=1,
+        default=None,
         help=(
             "images per inference request (default 1: several parallel requests keep the CPU busy, and the peak "
-            "memory is a third of batch 8's; see benchmarks/results/edge.md). An IR with a static batch uses its "
-            "own; a short last batch is padded"
+            "memory is a third of batch 8's; see benchmarks/results/edge.md; series: 64). An IR with a static batch "
+            "uses its own; a short last batch is padded"
         ),
     )
     parser.add_argument("--device", default="CPU", help="OpenVINO device (default CPU)")
@@ -80,6 +92,15 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
         help=(
             "skip images with more pixels (checked from the file header, before decoding); replaces Pillow's "
             "decompression-bomb limit (default: Pillow's, about 179 million pixels)"
+        ),
+    )
+    parser.add_argument(
+        "--label-column",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "series files: whether each line starts with a class label (kept in scores.csv, not used for scoring); "
+            "default: lines one number longer than the IR's series length do"
         ),
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -134,6 +155,37 @@ def _left_after(stage: str, args: argparse.Namespace) -> str:
     )
 
 
+IMAGE_ONLY_OPTIONS = {"recursive": "--recursive", "no_masks": "--no-masks", "no_overlays": "--no-overlays"}
+
+
+def _score_series(model: EdgeModel, args: argparse.Namespace) -> dict[str, Any]:
+    """Score a series file (image-folder options are refused: they would be silently ignored)."""
+    from kd_ext.edge import EdgeInputError, text_name  # noqa: PLC0415
+    from kd_ext.edge.series import DEFAULT_BATCH_SIZE, score_series  # noqa: PLC0415
+
+    given = [flag for name, flag in IMAGE_ONLY_OPTIONS.items() if getattr(args, name)]
+    given += ["--max-pixels"] if args.max_pixels is not None else []
+    if given:
+        msg = f"{', '.join(given)} apply to image folders, not to series files; drop them."
+        raise EdgeInputError(msg)
+    report = score_series(
+        model,
+        args.images_dir,
+        args.out,
+        batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
+        overwrite=args.overwrite,
+        label_column=args.label_column,
+        progress=None if args.quiet else sys.stderr,
+    )
+    return {
+        "out": text_name(report.out_dir),
+        "scored": len(report.rows),
+        "anomalous": sum(row["label"] for row in report.rows),
+        "skipped": len(report.skipped),
+        "series_per_second": round(report.series_per_second, 2),
+    }
+
+
 def _infer(args: argparse.Namespace, stage: list[str]) -> int:
     from kd_ext.edge import EdgeModel, score_folder, text_name  # noqa: PLC0415
 
@@ -153,11 +205,17 @@ def _infer(args: argparse.Namespace, stage: list[str]) -> int:
             f"{info['inference_precision']} (hint {info['precision_hint']}), {info['num_requests']} requests\n"
         )
     stage[0] = "scoring"
+    model.check_source(args.images_dir)
+    if model.input_kind == "series":
+        summary = _score_series(model, args)
+        stage[0] = "done"
+        print(json.dumps({**summary, "inference_precision": info["inference_precision"]}))
+        return 0
     report = score_folder(
         model,
         args.images_dir,
         args.out,
-        batch_size=args.batch_size,
+        batch_size=1 if args.batch_size is None else args.batch_size,
         recursive=args.recursive,
         masks=not args.no_masks,
         overlays=not args.no_overlays,

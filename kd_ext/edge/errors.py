@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 
 class EdgeError(Exception):
@@ -45,3 +47,18 @@ class TerminationSignal(KeyboardInterrupt):
     def __init__(self, signal_number: int) -> None:
         super().__init__(signal.Signals(signal_number).name)
         self.signal_number = int(signal_number)
+
+
+def text_name(path: str | Path) -> str:
+    r"""A path as text that can always be written to CSV, JSON and a terminal.
+
+    Bytes of a file name that are not valid UTF-8 (kept by Python as surrogate escapes) become backslash
+    escapes, e.g. ``b"bad\xff.png"`` -> ``bad\xff.png``; valid names are unchanged.
+
+    Args:
+        path: A path as Python returned it from the file system.
+
+    Returns:
+        str: The name, encodable as UTF-8.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

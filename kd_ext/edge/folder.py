@@ -31,16 +31,16 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import EdgeInputError, EdgeInterruptedError, TerminationSignal
+from .errors import EdgeInputError, EdgeInterruptedError, TerminationSignal, text_name
 from .runtime import EdgeModel, Prediction
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -50,21 +50,7 @@ SIXTEEN_BIT_SCALE = 257
 """``65535 / 255``: 16-bit values divided by this are on the 8-bit scale (white stays white)."""
 NO_RANGE_MODES = {"F": "32-bit floating point"}
 """Pillow modes without a defined value range: such images are skipped, not guessed."""
-
-
-def text_name(path: str | Path) -> str:
-    r"""A path as text that can always be written to CSV, JSON and a terminal.
-
-    Bytes of a file name that are not valid UTF-8 (kept by Python as surrogate escapes) become backslash
-    escapes, e.g. ``b"bad\xff.png"`` -> ``bad\xff.png``; valid names are unchanged.
-
-    Args:
-        path: A path as Python returned it from the file system.
-
-    Returns:
-        str: The name, encodable as UTF-8.
-    """
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -276,7 +262,8 @@ def overlay(original: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.45)
 class Progress:
     """Plain-text progress bar on a stream (redrawn in place on a terminal, every ~10 % otherwise)."""
 
-    def __init__(self, total: int, stream: IO[str] | None, width: int = 30) -> None:
+    def __init__(self, total: int, stream: IO[str] | None, width: int = 30, unit: str = "images") -> None:
+        self.unit = unit
         self.total = total
         self.stream = stream
         self.width = width
@@ -297,7 +284,9 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         filled = self.width * done // max(self.total, 1)
         rate = done / elapsed if elapsed > 0 else 0.0
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} images, {rate:.1f} img/s"
+        rate_unit = "img" if self.unit == "images" else self.unit
+        bar = f"[{'#' * filled}{'.' * (self.width - filled)}]"
+        line = f"{bar} {done}/{self.total} {self.unit}, {rate:.1f} {rate_unit}/s"
         self.stream.write(("\r" + line) if self.tty else line + "\n")
         if self.tty and done == self.total:
             self.stream.write("\n")
@@ -474,13 +463,13 @@ def _output_target(out_dir: Path) -> Path:
     return target
 
 
-def _check_out(out_dir: Path, target: Path, images_dir: Path, overwrite: bool) -> None:
+def _check_out(out_dir: Path, target: Path, source: Path, overwrite: bool, source_name: str) -> None:
     """Refuse an output location that cannot work, before anything is written."""
     shown = text_name(out_dir)
-    images = images_dir.resolve()
+    scored = source.resolve()
     real = target.resolve()
-    if real == images or real in images.parents:
-        msg = f"--out {shown} is, or contains, the image folder {text_name(images_dir)}; choose a folder outside it."
+    if real == scored or real in scored.parents:
+        msg = f"--out {shown} is, or contains, the {source_name} {text_name(source)}; choose a folder outside it."
         raise EdgeInputError(msg)
     for ancestor in target.parents:
         if ancestor.exists():
@@ -679,7 +668,7 @@ def _images_to_score(images_dir: Path, recursive: bool) -> list[Path]:
     return files
 
 
-def _prepare_out(out_dir: Path, images_dir: Path, overwrite: bool, log: IO[str] | None) -> Path:
+def _prepare_out(out_dir: Path, source: Path, overwrite: bool, log: IO[str] | None, source_name: str) -> Path:
     """Remove stale staging folders and check the output location.
 
     Returns:
@@ -688,11 +677,58 @@ def _prepare_out(out_dir: Path, images_dir: Path, overwrite: bool, log: IO[str] 
     target = _output_target(out_dir)
     remove_stale_staging(out_dir, log)
     try:
-        _check_out(out_dir, target, images_dir, overwrite)
+        _check_out(out_dir, target, source, overwrite, source_name)
     except OSError as error:
         msg = f"Cannot use --out {text_name(out_dir)} ({error}); choose another --out."
         raise EdgeInputError(msg) from error
     return target
+
+
+def write_results(
+    out_dir: Path,
+    source: Path,
+    write: Callable[[Path], Result],
+    overwrite: bool = False,
+    log: IO[str] | None = None,
+    source_name: str = "image folder",
+) -> Result:
+    """Run ``write`` into a staging folder and make its output ``out_dir`` only when it returns (module docstring).
+
+    Stale staging folders are removed and the output location is checked first; then ``write(folder)`` fills a new
+    staging folder, which replaces ``out_dir`` (the previous results are deleted only after that). If ``write``
+    raises, nothing it wrote is left and ``out_dir`` is as before.
+
+    Args:
+        out_dir: Output folder (a symbolic link is kept; the folder it points to receives the results).
+        source: What is scored (a folder or a file); ``out_dir`` must not be it or contain it.
+        write: Writes every output into the folder it is given and returns what the caller needs.
+        overwrite: Replace an existing non-empty ``out_dir``.
+        log: Stream for stale-folder clean-up notices.
+        source_name: What ``source`` is, for messages ("image folder", "series file").
+
+    Returns:
+        What ``write`` returned.
+
+    Raises:
+        EdgeInputError: If ``out_dir`` exists (without ``overwrite``) or cannot be written.
+        EdgeInterruptedError: On ``KeyboardInterrupt`` (Ctrl-C) or :class:`TerminationSignal` (SIGTERM, see
+            :func:`terminate_as_interrupt`), after cleaning up; its message says what was left where.
+    """
+    shown = text_name(out_dir)
+    target = _prepare_out(out_dir, source, overwrite, log, source_name)
+    existed = target.exists()
+    staging = _staging_path(target)
+    try:
+        result = write(_make_staging(out_dir, target))
+        _swap_in(staging, target, log)
+    except BaseException as error:
+        left = _abandon(staging, target, shown, existed)
+        if isinstance(error, KeyboardInterrupt):
+            number = getattr(error, "signal_number", signal.SIGINT)
+            msg = f"interrupted by {signal.Signals(number).name}: {left}."
+            raise EdgeInterruptedError(msg, number) from error
+        raise
+    return result
 
 
 def score_folder(
@@ -744,21 +780,19 @@ def score_folder(
         raise EdgeInputError(msg)
     if model.batch_size is not None:
         batch_size = model.batch_size
+    model.check_source(images_dir)
     files = _images_to_score(images_dir, recursive)
     sources = plan_sources(files, images_dir)
-    shown = text_name(out_dir)
-    target = _prepare_out(out_dir, images_dir, overwrite, progress)
-    existed = target.exists()
-    staging = _staging_path(target)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     bar = Progress(len(files), progress)
-    try:
-        work = _make_staging(out_dir, target)
+
+    def write(work: Path) -> float:
+        nonlocal rows
         if masks or overlays:
             check_output_names(sources, _case_insensitive(work))
-        batches = _batches(sources, model.input_size, batch_size, max_pixels, skipped, progress)
+        batches = _batches(sources, model.input_size, batch_size, max_pixels, skipped, progress)  # type: ignore[arg-type]
         for images, prediction in model.iter_predict(batches):
             rows += _write_outputs(images, prediction, work, masks, overlays)
             bar.update(len(rows) + len(skipped))
@@ -769,14 +803,9 @@ def score_folder(
         seconds = time.perf_counter() - start
         info = {"model": model.describe(), "images_dir": text_name(images_dir), "seconds": round(seconds, 3)}
         _write_tables(work, rows, skipped, info)
-        _swap_in(staging, target, progress)
-    except BaseException as error:
-        left = _abandon(staging, target, shown, existed)
-        if isinstance(error, KeyboardInterrupt):
-            number = getattr(error, "signal_number", signal.SIGINT)
-            msg = f"interrupted by {signal.Signals(number).name}: {left}."
-            raise EdgeInterruptedError(msg, number) from error
-        raise
+        return seconds
+
+    seconds = write_results(out_dir, images_dir, write, overwrite, progress)
     return FolderReport(out_dir=out_dir, rows=rows, skipped=skipped, model=model.describe(), seconds=seconds)
 
 

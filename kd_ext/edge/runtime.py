@@ -3,8 +3,10 @@
 The IR is anomalib's whole ``AnomalibModule.forward``: input ``float32`` RGB ``[N, 3, H, W]`` in ``[0, 1]``;
 outputs ``pred_score`` ``[N]`` and ``anomaly_map`` ``[N, 1, H, W]`` (normalised by the model's post-processor
 so that 0.5 is the threshold), and, when the post-processor thresholds, ``pred_label`` ``[N]`` and
-``pred_mask`` ``[N, 1, H, W]``. Labels and masks are taken from the IR when it has them; otherwise a
-threshold must be given and is applied to the score and the map here.
+``pred_mask`` ``[N, 1, H, W]``. A 1-D model's IR (kd_ext's SignalKD) takes series ``[N, C, L]`` instead and
+outputs per-time-step maps and masks ``[N, L]`` (:attr:`EdgeModel.input_kind` is ``"series"``).
+Labels and masks are taken from the IR when it has them; otherwise a threshold must be given and is applied to
+the score and the map here.
 
 A cross-task student's IR serves several tasks from one trunk pass: its outputs are ``<task>/pred_score``,
 ``<task>/anomaly_map``, ... and :class:`EdgeModel` reads one task's (``task=``).
@@ -22,27 +24,30 @@ from typing import Any
 
 import numpy as np
 import openvino as ov
+import openvino.opset13 as ops
 
-from .errors import EdgeInputError, EdgeModelError
+from .errors import EdgeInputError, EdgeModelError, text_name
 
 REQUIRED_OUTPUTS = ("pred_score", "anomaly_map")
 OUTPUT_FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
 PRECISION_HINTS = ("f32", "bf16", "f16")
 MODES = ("throughput", "latency")
 DEFAULT_IMAGE_SIZE = (256, 256)
+IMAGE, SERIES = "image", "series"
+"""Values of :attr:`EdgeModel.input_kind`: ``[N, 3, H, W]`` images or ``[N, C, L]`` series."""
 RT_INFO_KEY = "kd_ext"
 """Section of the IR's ``rt_info`` where kd_ext's exporter records precision, calibration and the weights' checksum."""
 
 
 @dataclass
 class Prediction:
-    """Predictions for a batch of images.
+    """Predictions for a batch of images (or series).
 
     Attributes:
         pred_score: Image scores ``[N]`` (normalised: > threshold means anomalous).
         pred_label: Image labels ``[N]`` (``True`` = anomalous).
-        anomaly_map: Anomaly maps ``[N, H, W]``.
-        pred_mask: Binary masks ``[N, H, W]``.
+        anomaly_map: Anomaly maps ``[N, H, W]`` (series: ``[N, L]``).
+        pred_mask: Binary masks ``[N, H, W]`` (series: ``[N, L]``).
     """
 
     pred_score: np.ndarray
@@ -75,14 +80,39 @@ def openvino_message(error: BaseException) -> str:
     return " ".join(useful) or " ".join(line for line in lines if line)
 
 
-def _rt_info(model: ov.Model, key: str) -> str | None:
+def _rt_info(model: ov.Model, key: str, section: str = RT_INFO_KEY) -> str | None:
     try:
-        if model.has_rt_info([RT_INFO_KEY, key]):
-            value = model.get_rt_info([RT_INFO_KEY, key])
+        if model.has_rt_info([section, key]):
+            value = model.get_rt_info([section, key])
             return value.astype(str) if hasattr(value, "astype") else str(value)
     except (RuntimeError, TypeError):
         return None
     return None
+
+
+def fold_constant_nan_checks(model: ov.Model) -> int:
+    """Replace ``IsNaN`` of a constant by its (constant) result, in place.
+
+    anomalib's post-processor guards its normalisation with ``where(not isnan(min) and not isnan(max), ...)`` on
+    constants. OpenVINO 2026.4's CPU plugin evaluates that guard wrongly when the model is compiled with more than
+    one stream (``PERFORMANCE_HINT`` ``THROUGHPUT`` on a multi-core CPU): SignalKD's IR then returned its raw,
+    unnormalised anomaly maps (scores were right). With the ``IsNaN`` folded here, every stream count gives the
+    single-stream results. Nothing else in the graph changes.
+
+    Args:
+        model: The IR, as read.
+
+    Returns:
+        int: How many ``IsNaN`` nodes were replaced.
+    """
+    replaced = 0
+    for node in model.get_ordered_ops():
+        source = node.input(0).get_source_output().get_node() if node.get_type_name() == "IsNaN" else None
+        if source is not None and source.get_type_name() == "Constant":
+            value = np.isnan(source.get_data())
+            node.output(0).replace(ops.constant(value, dtype=ov.Type.boolean).output(0))
+            replaced += 1
+    return replaced
 
 
 class EdgeModel:
@@ -98,7 +128,7 @@ class EdgeModel:
         num_requests: Parallel infer requests (``None``: OpenVINO's optimal number for ``mode``).
         threshold: Threshold on score and map, required when the IR has no ``pred_label`` output; overrides
             the IR's labels and masks when given.
-        image_size: ``(H, W)`` images are resized to when the IR's input size is dynamic.
+        image_size: ``(H, W)`` images are resized to when the IR's input size is dynamic (image IRs).
         task: Task to read from a multi-task IR (a cross-task student's, outputs ``<task>/pred_score``, ...).
         verify_weights: Check the ``.bin`` against the checksum kd_ext's exporter stored in the ``.xml``.
         core: OpenVINO ``Core`` to use.
@@ -133,6 +163,8 @@ class EdgeModel:
         self.task = task
         self.output_prefix = f"{task}/" if task is not None else ""
         self.output_names = self._check_outputs()
+        self.input_kind = IMAGE
+        self.channels = 3
         self.batch_size, self.input_size = self._check_input(image_size)
         if threshold is None and "pred_label" not in self.output_names:
             msg = (
@@ -186,6 +218,7 @@ class EdgeModel:
                 "recorded at export. Copy the .xml and .bin of the same export together."
             )
             raise EdgeModelError(msg)
+        fold_constant_nan_checks(model)
         return model
 
     def _check_outputs(self) -> set[str]:
@@ -211,28 +244,72 @@ class EdgeModel:
             raise EdgeModelError(msg)
         return fields
 
-    def _check_input(self, image_size: tuple[int, int]) -> tuple[int | None, tuple[int, int]]:
+    def _check_input(self, image_size: tuple[int, int]) -> tuple[int | None, tuple[int, ...]]:
+        """Batch size (``None``: dynamic) and input size: ``(H, W)`` of images, ``(L,)`` of series.
+
+        Sets :attr:`input_kind` and :attr:`channels` for a series IR.
+        """
         if len(self.model.inputs) != 1:
             msg = f"{self.xml_path.name} has {len(self.model.inputs)} inputs; an anomaly IR takes one image batch."
             raise EdgeModelError(msg)
         shape = self.model.input(0).get_partial_shape()
-        if shape.rank.is_dynamic or shape.rank.get_length() != 4 or (shape[1].is_static and shape[1].get_length() != 3):
-            msg = f"{self.xml_path.name} takes input {shape}; expected images [N, 3, H, W]."
+        rank = None if shape.rank.is_dynamic else shape.rank.get_length()
+        batch = shape[0].get_length() if rank and shape[0].is_static else None
+        if rank == 3 and shape[1].is_static and shape[2].is_static:
+            self.input_kind, self.channels = SERIES, shape[1].get_length()
+            return batch, (shape[2].get_length(),)
+        if rank == 3:
+            msg = (
+                f"{self.xml_path.name} takes series {shape} with a dynamic channel count or length; export the 1-D "
+                "model with its training length (SignalKD exports [N, 1, L])."
+            )
             raise EdgeModelError(msg)
-        batch = shape[0].get_length() if shape[0].is_static else None
+        if rank != 4 or (shape[1].is_static and shape[1].get_length() != 3):
+            msg = f"{self.xml_path.name} takes input {shape}; expected images [N, 3, H, W] or series [N, C, L]."
+            raise EdgeModelError(msg)
         if shape[2].is_static and shape[3].is_static:
             return batch, (shape[2].get_length(), shape[3].get_length())
         return batch, image_size
+
+    def check_source(self, source: str | Path, kind: str | None = None) -> None:
+        """Refuse what this IR cannot score: a folder of images for a series IR, a series file for an image IR.
+
+        Args:
+            source: What is to be scored.
+            kind: :data:`IMAGE` or :data:`SERIES`; ``None``: a folder holds images, a file series (a missing path is
+                left to the reader, which says it is missing).
+
+        Raises:
+            EdgeInputError: If ``source`` is of the other kind, naming it and the fix.
+        """
+        source = Path(source)
+        shown = text_name(source)
+        if kind is None:
+            kind = IMAGE if source.is_dir() else SERIES if source.is_file() else self.input_kind
+        if kind == self.input_kind:
+            return
+        if self.input_kind == SERIES:
+            msg = (
+                f"{self.xml_path.name} scores series [N, {self.channels}, {self.input_size[0]}], not images: pass a "
+                f"series file (UCR format), not the folder {shown}, or an image model's IR."
+            )
+        else:
+            msg = (
+                f"{self.xml_path.name} scores images [N, 3, H, W], not series: pass a folder of images, not {shown}, "
+                "or score the series with a 1-D model's IR (e.g. SignalKD's)."
+            )
+        raise EdgeInputError(msg)
 
     def describe(self) -> dict[str, Any]:
         """What was loaded and how it runs (for reports).
 
         Returns:
-            dict: Paths, export precision, inference precision, threshold source, input size and requests.
+            dict: Paths, export precision, inference precision, threshold source, input kind and size, requests.
         """
         return {
             "model": str(self.xml_path),
             "task": self.task,
+            "input_kind": self.input_kind,
             "export_precision": self.export_precision,
             "precision_hint": self.precision_hint,
             "inference_precision": self.inference_precision,
@@ -249,15 +326,22 @@ class EdgeModel:
             tuple: ``(images to infer, number of real images)``; outputs past that number are padding.
         """
         images = np.ascontiguousarray(images, dtype=np.float32)
-        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.input_size:
-            msg = (
-                f"Expected float32 images [N, 3, {self.input_size[0]}, {self.input_size[1]}] in [0, 1], got "
-                f"{images.shape}; use kd_ext.edge.load_image to read and resize files."
-            )
+        expected = (self.channels, *self.input_size)
+        if images.ndim != len(expected) + 1 or tuple(images.shape[1:]) != expected:
+            if self.input_kind == SERIES:
+                msg = (
+                    f"Expected float32 series [N, {self.channels}, {self.input_size[0]}], got {images.shape}; use "
+                    "kd_ext.edge.series.load_series to read and preprocess a series file."
+                )
+            else:
+                msg = (
+                    f"Expected float32 images [N, 3, {self.input_size[0]}, {self.input_size[1]}] in [0, 1], got "
+                    f"{images.shape}; use kd_ext.edge.load_image to read and resize files."
+                )
             raise EdgeInputError(msg)
         count = images.shape[0]
         if count == 0:
-            msg = "Got an empty batch; pass at least one image."
+            msg = f"Got an empty batch; pass at least one {self.input_kind}."
             raise EdgeInputError(msg)
         if self.batch_size is not None and count > self.batch_size:
             msg = (
@@ -274,7 +358,8 @@ class EdgeModel:
         outputs = {name: value[:count] if value.ndim else value for name, value in outputs.items()}
         score = outputs["pred_score"].reshape(-1).astype(np.float32)
         anomaly_map = outputs["anomaly_map"].astype(np.float32)
-        anomaly_map = anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:])
+        spatial = 1 if self.input_kind == SERIES else 2
+        anomaly_map = anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-spatial:])
         if self.threshold is not None or "pred_label" not in outputs:
             label = score > self.threshold
         else:
@@ -299,11 +384,12 @@ class EdgeModel:
         """Score one batch synchronously.
 
         Args:
-            images: ``float32`` ``[N, 3, H, W]`` RGB in ``[0, 1]`` at :attr:`input_size` (for an IR with a static
-                batch, at most that many; a shorter batch is padded and the padding's outputs dropped).
+            images: ``float32`` ``[N, 3, H, W]`` RGB in ``[0, 1]`` at :attr:`input_size`, or for a series IR
+                preprocessed ``[N, C, L]`` series (for an IR with a static batch, at most that many; a shorter batch
+                is padded and the padding's outputs dropped).
 
         Returns:
-            Prediction: Scores, labels, maps and masks of the ``N`` images.
+            Prediction: Scores, labels, maps and masks of the ``N`` images (series).
         """
         images, count = self._check_batch(images)
         if self._request is None:
