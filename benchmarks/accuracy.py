@@ -124,7 +124,8 @@ SUITES = {"dev": tuple(SETS)}
 
 DESCRIPTION = (
     f"Protocol `{PROTOCOL}`: every row trains and tests through anomalib's `Engine` with the same teacher "
-    "(EfficientNet-Lite0 with the offline ImageNet weights, frozen; mean = std = 0.5 normalisation), 256x256 images, "
+    "(EfficientNet-Lite0 with the offline ImageNet weights, frozen; mean = std = 0.5 normalisation; `+finetune` rows "
+    "adapt its last two stages to the normal training images before distillation, then freeze it), 256x256 images, "
     f"batch {BATCH_SIZE}, {EPOCHS} epochs and seeds {', '.join(map(str, SEEDS))} for trained rows. anomalib Padim and "
     f"Patchcore fit in one pass and run once (seed {ONE_PASS_SEED}: Padim's random feature subset and Patchcore's "
     "coreset sampling are seeded, so a run is repeatable); their frozen teacher trains 0 parameters. No validation "
@@ -251,7 +252,12 @@ ROWS: dict[str, Callable[[], Any]] = {
     "BiDirMSKD no-attention": lambda: BiDirMSKD(backbone=TEACHER, attention=False, **common()),
     "BiDirMSKD no-fusion": lambda: BiDirMSKD(backbone=TEACHER, fusion=False, **common()),
     "BiDirMSKD +prior": lambda: BiDirMSKD(backbone=TEACHER, prior=True, **common()),
+    "BiDirMSKD +finetune": lambda: BiDirMSKD(backbone=TEACHER, teacher_finetune="synthetic", **common()),
+    "BiDirMSKD reverse-only +finetune": lambda: BiDirMSKD(
+        backbone=TEACHER, forward_student=False, attention=False, fusion=False, teacher_finetune="synthetic", **common()
+    ),
     "MTHF": lambda: MTHF(backbone=TEACHER, **common()),
+    "MTHF +finetune": lambda: MTHF(backbone=TEACHER, teacher_finetune="synthetic", **common()),
     "MTHF +prior": lambda: MTHF(backbone=TEACHER, prior=True, **common()),
     "MTHF distinct-teachers": lambda: MTHF(backbone=TEACHER, group_backbones=LITE_TEACHERS, **common()),
     "MTHF one-group": lambda: MTHF(backbone=TEACHER, groups=("A",), **common()),
@@ -328,6 +334,35 @@ def epoch_timer() -> Any:
     return EpochTimer()
 
 
+def score_recorder(root: Path) -> Any:
+    """A Lightning callback keeping every test image's raw score, label and path (relative to ``root``).
+
+    The scores are what the metrics ranked (the post-processor neither normalises nor thresholds), so ROC curves can
+    be drawn from the results without rerunning a model.
+    """
+    from lightning.pytorch import Callback
+
+    class ScoreRecorder(Callback):
+        def __init__(self) -> None:
+            self.records: dict[str, list] = {"pred_score": [], "gt_label": [], "image_path": []}
+
+        def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any) -> None:
+            del trainer, pl_module, args
+            self.records["pred_score"] += [round(float(v), 6) for v in outputs.pred_score.reshape(-1).float().cpu()]
+            self.records["gt_label"] += [int(v) for v in outputs.gt_label.reshape(-1).cpu()]
+            self.records["image_path"] += [relative_path(path, root) for path in batch.image_path]
+
+    return ScoreRecorder()
+
+
+def relative_path(path: str, root: Path) -> str:
+    """``path`` relative to ``root`` when it lies inside, else as given."""
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def check_epochs(row: str, model: Any, epochs: int) -> None:
     """Refuse a model whose own ``trainer_arguments`` would train another number of epochs than asked.
 
@@ -365,13 +400,14 @@ def run(row: str, set_name: str, seed: int, epochs: int, accelerator: str, workd
     run_dir = workdir / row.replace(" ", "_") / set_name / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     timer = epoch_timer()
+    recorder = score_recorder(SETS[set_name].folder)
     engine = Engine(
         max_epochs=epochs,
         default_root_dir=run_dir,
         logger=False,
         accelerator=accelerator,
         devices=1,
-        callbacks=[timer],
+        callbacks=[timer, recorder],
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_progress_bar=False,
@@ -400,7 +436,73 @@ def run(row: str, set_name: str, seed: int, epochs: int, accelerator: str, workd
         "test_seconds": round(test_seconds, 2),
         "trainable_parameters": trainable_parameters(model),
         "machine": machine(engine.trainer.strategy.root_device.type),
+        "image_scores": recorder.records,
     }
+
+
+def rescore(row: str, set_name: str, seed: int, workdir: Path, accelerator: str) -> dict:
+    """Test a finished run's checkpoint again to record its per-image scores (no training).
+
+    Returns:
+        dict: ``image_scores`` and the metrics of the re-test (which must match the stored ones).
+
+    Raises:
+        FileNotFoundError: If the run's checkpoint is not under ``workdir``.
+    """
+    from anomalib.engine import Engine
+    from anomalib.post_processing import PostProcessor
+    from lightning.pytorch import seed_everything
+
+    run_dir = workdir / row.replace(" ", "_") / set_name / f"seed{seed}"
+    checkpoints = sorted(run_dir.glob("**/model.ckpt"))
+    if not checkpoints:
+        msg = f"No checkpoint of {row} | {set_name} | seed {seed} under {run_dir}; rerun it instead."
+        raise FileNotFoundError(msg)
+    seed_everything(seed, workers=True)
+    model = ROWS[row]()
+    model.post_processor = PostProcessor(enable_normalization=False, enable_thresholding=False)
+    model.evaluator = evaluator(SETS[set_name].masks)
+    recorder = score_recorder(SETS[set_name].folder)
+    engine = Engine(
+        default_root_dir=run_dir / "rescore",
+        logger=False,
+        accelerator=accelerator,
+        devices=1,
+        callbacks=[recorder],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    metrics = engine.test(model, datamodule=SETS[set_name].datamodule(), ckpt_path=checkpoints[-1], verbose=False)[0]
+    return {
+        "image_scores": recorder.records,
+        "rescore_metrics": {name: float(metrics[name]) for name in report.METRICS if name in metrics},
+    }
+
+
+def add_scores(args: argparse.Namespace, json_path: Path) -> int:
+    """``--rescore``: record per-image scores of stored runs that lack them, from their checkpoints."""
+    store = report.load(json_path)
+    wanted = {(row, name, seed) for row, name, seed in plan(args)}
+    todo = [
+        run
+        for run in store["runs"]
+        if run.get("protocol") == PROTOCOL
+        and (run["row"], run["set"], run["seed"]) in wanted
+        and "image_scores" not in run
+    ]
+    print(f"{len(todo)} runs to rescore", flush=True)
+    failed = 0
+    for run_ in todo:
+        head = f"{run_['row']} | {run_['set']} | seed {run_['seed']}"
+        try:
+            extra = rescore(run_["row"], run_["set"], run_["seed"], args.workdir, args.accelerator)
+        except Exception as error:  # one missing checkpoint must not stop the others
+            failed += 1
+            print(f"{head}: FAILED {type(error).__name__}: {error}", flush=True)
+            continue
+        report.merge_run(json_path, run_ | extra)
+        print(f"{head}: rescored, {extra['rescore_metrics']} (stored {run_['metrics']})", flush=True)
+    return 1 if failed else 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -422,6 +524,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--resume", action="store_true", help="skip runs already stored in the results")
     parser.add_argument("--render-only", action="store_true", help="re-render accuracy.md and .png from the JSON")
+    parser.add_argument(
+        "--rescore", action="store_true", help="record per-image scores of stored runs from their checkpoints (no fit)"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of accuracy.json/.md/.png")
     parser.add_argument("--workdir", type=Path, default=REPO / "kd_ext_runs" / "accuracy", help="checkpoints")
     args = parser.parse_args(argv)
@@ -521,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "../shared/data/README.md, set KD_EXT_DATA, or leave these sets out with --sets."
         )
     quiet()
+    if args.rescore:
+        return add_scores(args, json_path)
     command = shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
     invocation = f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} pid {os.getpid()}"
     jobs = plan(args)

@@ -5,8 +5,9 @@ AnomalibModule)``) rather than being an ``AnomalibModule`` subclass itself: anom
 and ``list_models`` only see *direct* subclasses of ``AnomalibModule``.
 """
 
+import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -17,7 +18,17 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from kd_ext.export.mixin import KDExtExportMixin
-from kd_ext.models.checkpoint import KDExtCheckpointMixin, teacher_pre_processor
+from kd_ext.models.checkpoint import KDExtCheckpointMixin, pre_processor_image_size, teacher_pre_processor
+from kd_ext.models.components.finetune import batches_at_size
+from kd_ext.models.distributed import (
+    average_moving_statistics,
+    broadcast_from_rank_zero,
+    restore_batch_norm,
+    setup_distributed,
+    undistributed_loader,
+)
+
+logger = logging.getLogger(__name__)
 
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
@@ -70,14 +81,59 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
         super().on_fit_start()  # type: ignore[misc]
 
     def on_train_start(self) -> None:
-        """Check the training images, then train in channels-last memory format.
+        """Check the training images, train in channels-last memory format, and adapt the teacher if asked to.
 
         The EfficientNet stages of teachers and students are depthwise convolutions, whose backward pass oneDNN
         runs about 3x faster on CPU in channels-last layout (measured here on the forward student, batch 8,
-        256x256); results agree with the default layout to float rounding.
+        256x256); results agree with the default layout to float rounding. Teacher fine-tuning
+        (``teacher_finetune``) runs here, inside the trainer and before the first distillation step, once.
         """
         super().on_train_start()  # type: ignore[misc]
         self.model.to(memory_format=torch.channels_last)
+        self.finetune_teacher_on_training_images()
+        broadcast_from_rank_zero(self.model)  # several processes start from one model (an adapted teacher included)
+
+    def setup(self, stage: str) -> None:
+        """With several processes: global batch statistics and each evaluation image scored once (see distributed)."""
+        super().setup(stage)  # type: ignore[misc]
+        setup_distributed(self.trainer, self.model, stage)  # type: ignore[attr-defined]
+
+    def teardown(self, stage: str) -> None:
+        """Give the batch-norm layers back their own classes after a distributed fit."""
+        restore_batch_norm(self.model)
+        super().teardown(stage)  # type: ignore[misc]
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """With several processes, average the moving statistics that each updated from its share of the batch."""
+        average_moving_statistics(self.model)
+        super().on_train_batch_end(*args, **kwargs)  # type: ignore[misc]
+
+    def finetune_teacher_on_training_images(self) -> None:
+        """Adapt the teacher to the normal training images when the model asks for it and has not done so yet.
+
+        See :mod:`kd_ext.models.components.finetune`. Images are resized to the pre-processor's size, synthetic
+        anomalies are drawn on them, and the pre-processor's transform normalises both.
+
+        Raises:
+            RuntimeError: If the trainer has no training images.
+        """
+        if not getattr(self.model, "teacher_finetune_pending", False):
+            return
+        transform = self.pre_processor.transform if self.pre_processor is not None else None  # type: ignore[attr-defined]
+        size = pre_processor_image_size(self.pre_processor)  # type: ignore[attr-defined]
+        raw = self.training_images("fine-tune its teacher on")
+        batches = batches_at_size(lambda: (self.training_input(images) for images in raw()), size)
+        with torch.inference_mode(False), torch.enable_grad():
+            reports = self.model.finetune_teachers(batches, transform if transform is not None else (lambda x: x))
+        for report in reports:
+            logger.info(
+                "%s teacher fine-tuned: %d steps, synthetic-anomaly loss %.4f -> %.4f, weight shift %.4f",
+                type(self).__name__,
+                report.steps,
+                report.first_loss,
+                report.last_loss,
+                report.weight_shift,
+            )
 
     def on_train_end(self) -> None:
         """Return to the default memory layout (inference, export and the kernels read NCHW)."""
@@ -109,25 +165,47 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
         """
         if not getattr(self.model, "needs_calibration", False):
             return
-        trainer = self.trainer  # type: ignore[attr-defined]
-        datamodule = getattr(trainer, "datamodule", None)
-        loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
-        if loader is None:
-            msg = (
-                f"{type(self).__name__} was trained in this process but the trainer has no training images to fit "
-                "its normal statistics on: score with the same datamodule it was trained with."
-            )
-            raise RuntimeError(msg)
         transform = self.pre_processor.transform if self.pre_processor is not None else None  # type: ignore[attr-defined]
-        device = self.device  # type: ignore[attr-defined]
+        raw = self.training_images("fit its normal statistics on")
 
         def batches() -> Iterator[torch.Tensor]:
-            for batch in loader:
-                images = batch.image.to(device)
+            for images in raw():
                 yield transform(images) if transform is not None else images
 
         with torch.inference_mode(False), torch.no_grad():
             self.model.calibrate(batches)
+
+    def training_images(self, purpose: str) -> Callable[[], Iterator[torch.Tensor]]:
+        """The trainer's normal training images (``[0, 1]``, on the model's device), as a fresh iterator per call.
+
+        They come from the trainer's datamodule, or from its training loader when it was given loaders.
+
+        Args:
+            purpose: What the images are for, as the error message should say it (``"fit its normal statistics on"``).
+
+        Returns:
+            Callable: Returns an iterator over batches of images.
+
+        Raises:
+            RuntimeError: If the trainer has no training images.
+        """
+        trainer = self.trainer  # type: ignore[attr-defined]
+        datamodule = getattr(trainer, "datamodule", None)
+        loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
+        loader = undistributed_loader(loader)  # every process calibrates on all training images
+        if loader is None:
+            msg = (
+                f"{type(self).__name__} needs normal training images to {purpose}, but the trainer has none: train "
+                "and score it with a datamodule (or training loader) of normal images."
+            )
+            raise RuntimeError(msg)
+        device = self.device  # type: ignore[attr-defined]
+
+        def images() -> Iterator[torch.Tensor]:
+            for batch in loader:
+                yield batch.image.to(device)
+
+        return images
 
     @staticmethod
     def training_input(images: torch.Tensor) -> torch.Tensor:
@@ -143,6 +221,7 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
                 on_epoch=True,
                 prog_bar=name == "loss",
                 batch_size=batch_size,
+                sync_dist=True,  # the global batch's mean with several processes
             )
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

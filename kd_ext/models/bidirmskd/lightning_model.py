@@ -20,7 +20,8 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from kd_ext.kernels import validate_sigma
 from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin, check_epochs
-from kd_ext.models.checkpoint import pre_processor_image_size, teacher_pre_processor
+from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, pre_processor_image_size, teacher_pre_processor
+from kd_ext.models.components import TeacherFinetune, resolve_teacher_finetune
 
 from .loss import BiDirMSKDLoss
 from .torch_model import BiDirMSKDModel
@@ -33,6 +34,15 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
     ``reverse_student=False, fusion=False`` is forward-only (STFPM-like with attention),
     ``forward_student=False, attention=False, fusion=False`` is reverse-only (RD-like),
     ``attention=False`` and ``fusion=False`` remove one module each.
+
+    Teacher fine-tuning (``teacher_finetune="synthetic"``, off by default): small, domain-specific sets (greyscale
+    medical slices) are far from the ImageNet photographs the teacher learnt on. Before the first distillation step,
+    inside the trainer, the teacher's last two stages are adapted to the normal training images by a separate
+    self-supervised task that has negatives: segmenting anomalib's Perlin synthetic anomalies drawn on those images,
+    with an L2-SP penalty towards the pretrained weights and batch-norm statistics kept. The teacher never sees the
+    distillation loss (trained jointly with the students it could collapse to features that are trivial to imitate),
+    and it is frozen again before distillation. Checkpoints hold the adapted teacher. See
+    :mod:`kd_ext.models.components.finetune`.
 
     Args:
         backbone: Teacher backbone: ``"efficientnet_lite0"`` (offline ImageNet weights, default),
@@ -53,11 +63,15 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
             ``"native"`` or ``"reference"`` (pure torch). Export always traces the torch reference.
         prior: Fuse a normal-feature prior (a per-location Gaussian of the teacher's deep features, fitted on
             the normal training images) into the anomaly map.
+        teacher_finetune: ``"none"`` (frozen ImageNet teacher, default) or ``"synthetic"`` (adapted to the normal
+            training images before distillation, then frozen; see above). ``True`` / ``False`` also work.
         pre_processor: Pre-processor; ``True`` resizes to 256x256 and normalises as the teacher expects.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default.
         visualizer: Visualizer, or ``True`` for anomalib's default.
     """
+
+    architecture_keys = (*ARCHITECTURE_KEYS, "teacher_finetune")
 
     def __init__(
         self,
@@ -75,11 +89,13 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         epochs: int = DEFAULT_EPOCHS,
         kernel_backend: str = "auto",
         prior: bool = False,
+        teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        teacher_finetune = resolve_teacher_finetune(teacher_finetune).value  # a plain str in the saved hparams
         if pre_processor is True:
             pre_processor = teacher_pre_processor(backbone)
         super().__init__(
@@ -104,6 +120,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
             score_mode=score_mode,
             kernel_backend=kernel_backend,
             prior=prior,
+            teacher_finetune=teacher_finetune,
         )
         self.loss = BiDirMSKDLoss()
 

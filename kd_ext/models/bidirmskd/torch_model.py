@@ -27,6 +27,7 @@ from kd_ext.models.components import (
     OneClassBottleneck,
     PriorFusion,
     ReverseDecoder,
+    TeacherFinetune,
     build_forward_student,
     build_teacher,
     check_score_options,
@@ -87,6 +88,9 @@ class BiDirMSKDModel(FrozenTeacherModel):
             available, torch reference while exporting), ``"native"`` or ``"reference"`` (force pure torch).
         prior: Fuse a normal-feature prior of the teacher's two deepest levels into the map (fitted on the
             normal training images by :meth:`calibrate`).
+        teacher_finetune: ``"none"`` (frozen pretrained teacher) or ``"synthetic"`` (its last stages adapted to the
+            normal training images by :meth:`finetune_teachers` before distillation, then frozen again; see
+            :mod:`kd_ext.models.components.finetune`). ``True`` / ``False`` also work.
     """
 
     def __init__(
@@ -104,8 +108,10 @@ class BiDirMSKDModel(FrozenTeacherModel):
         top_k_ratio: float = 0.01,
         kernel_backend: str = "auto",
         prior: bool = False,
+        teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
     ) -> None:
         super().__init__()
+        self.setup_teacher_finetune(teacher_finetune)
         if not (forward_student or reverse_student):
             msg = "At least one of forward_student and reverse_student must be enabled."
             raise ValueError(msg)

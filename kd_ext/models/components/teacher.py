@@ -7,6 +7,14 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .finetune import (
+    DEFAULT_SCHEDULE,
+    FinetuneReport,
+    FinetuneSchedule,
+    TeacherFinetune,
+    finetune_teacher,
+    resolve_teacher_finetune,
+)
 from .prior import PriorFusion
 
 PROBE_SIZE = 256
@@ -37,12 +45,63 @@ class FrozenTeacherModel(nn.Module):
 
     Subclasses assign ``self.teacher`` (see :func:`kd_ext.models.components.build_teacher`). Those with a
     normal-feature prior assign ``self.prior_fusion`` and implement ``_outputs`` (teacher features and the
-    distillation map of images); :meth:`calibrate` then fits both on normal training images.
+    distillation map of images); :meth:`calibrate` then fits both on normal training images. Those that offer
+    teacher fine-tuning call :meth:`setup_teacher_finetune`; :meth:`finetune_teachers` then adapts the teachers
+    (:mod:`kd_ext.models.components.finetune`) once, before distillation.
     """
 
     teacher: nn.Module
     prior_fusion: PriorFusion | None  # assigned by subclasses (a submodule: no class-level default may shadow it)
     needs_calibration: bool = False
+    teacher_finetune: TeacherFinetune = TeacherFinetune.NONE
+
+    def setup_teacher_finetune(self, mode: TeacherFinetune | str | bool) -> None:
+        """Choose how the teachers are prepared before distillation.
+
+        With a mode other than ``"none"`` the model gets a ``teacher_finetuned`` buffer (saved in checkpoints) that
+        records whether the adaptation has run, so a restored or resumed model is never adapted twice.
+
+        Args:
+            mode: A :class:`TeacherFinetune` mode, its value, or a boolean (``True`` = ``"synthetic"``).
+
+        Raises:
+            ValueError: If ``mode`` names no mode.
+        """
+        self.teacher_finetune = resolve_teacher_finetune(mode)
+        if self.teacher_finetune is not TeacherFinetune.NONE:
+            self.register_buffer("teacher_finetuned", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def teacher_finetune_pending(self) -> bool:
+        """Whether the teachers are to be adapted and have not been yet."""
+        return self.teacher_finetune is not TeacherFinetune.NONE and not bool(self.teacher_finetuned)
+
+    def finetuned_teachers(self) -> list[nn.Module]:
+        """The teachers that fine-tuning adapts (models with several teachers return them all)."""
+        return [self.teacher]
+
+    def finetune_teachers(
+        self,
+        batches: Callable[[], Iterable[torch.Tensor]],
+        normalise: Callable[[torch.Tensor], torch.Tensor],
+        schedule: FinetuneSchedule = DEFAULT_SCHEDULE,
+    ) -> list[FinetuneReport]:
+        """Adapt every teacher to the normal training images once, then freeze it again (no-op when not pending).
+
+        Args:
+            batches: Returns a fresh iterable of normal training images in ``[0, 1]`` at the model's input size.
+            normalise: The teachers' input normalisation.
+            schedule: The adaptation's settings.
+
+        Returns:
+            list[FinetuneReport]: One report per adapted teacher (empty when nothing ran).
+        """
+        if not self.teacher_finetune_pending:
+            return []
+        reports = [finetune_teacher(teacher, batches, normalise, schedule) for teacher in self.finetuned_teachers()]
+        self.teacher_finetuned.fill_(True)
+        self.train(self.training)  # every teacher back in eval mode, whatever mode the model is in
+        return reports
 
     def _outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         raise NotImplementedError

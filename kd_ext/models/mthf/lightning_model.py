@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from kd_ext.kernels import validate_sigma
 from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin, check_epochs
 from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, pre_processor_image_size, teacher_pre_processor
+from kd_ext.models.components import TeacherFinetune, resolve_teacher_finetune
 
 from .loss import MTHFLoss
 from .torch_model import GROUPS, MTHFModel
@@ -41,6 +42,12 @@ class MTHF(KDExtModelMixin, AnomalibModule):
 
     The ablations are the same class: ``groups=("A",)`` (one group), ``fusion_stages=1`` (all
     per-level maps averaged at once), ``fusion_modules=False`` (no fusion modules).
+
+    Teacher fine-tuning (``teacher_finetune="synthetic"``, off by default) adapts every teacher's last two stages to
+    the normal training images before distillation, inside the trainer, by segmenting anomalib's Perlin synthetic
+    anomalies with an L2-SP penalty towards the pretrained weights; the teachers never see the distillation loss
+    (which they could collapse onto) and are frozen again before the students train. Checkpoints hold the adapted
+    teachers. See :class:`~kd_ext.models.BiDirMSKD` and :mod:`kd_ext.models.components.finetune`.
 
     Args:
         backbone: Teacher backbone: ``"efficientnet_lite0"`` (offline ImageNet weights, default),
@@ -64,13 +71,17 @@ class MTHF(KDExtModelMixin, AnomalibModule):
             "efficientnet_lite2"]`` (the paper's distinct teacher-student pairs); ``None`` shares ``backbone``.
         prior: Fuse a normal-feature prior (a per-location Gaussian of the teacher's deep features, fitted on
             the normal training images) into the anomaly map.
+        teacher_finetune: ``"none"`` (frozen ImageNet teachers, default) or ``"synthetic"`` (adapted to the normal
+            training images before distillation, then frozen; see above). ``True`` / ``False`` also work.
         pre_processor: Pre-processor; ``True`` resizes to 256x256 and normalises as the teacher expects.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default.
         visualizer: Visualizer, or ``True`` for anomalib's default.
     """
 
-    architecture_keys = (*ARCHITECTURE_KEYS, "deep_layers", "groups", "fusion_modules", "group_backbones")
+    architecture_keys = (*ARCHITECTURE_KEYS, "deep_layers", "groups", "fusion_modules", "group_backbones",
+        "teacher_finetune",
+    )
 
     def __init__(
         self,
@@ -90,11 +101,13 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         kernel_backend: str = "auto",
         group_backbones: Sequence[str] | None = None,
         prior: bool = False,
+        teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        teacher_finetune = resolve_teacher_finetune(teacher_finetune).value  # a plain str in the saved hparams
         if pre_processor is True:
             pre_processor = teacher_pre_processor(backbone)
         super().__init__(
@@ -124,6 +137,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
             kernel_backend=kernel_backend,
             group_backbones=group_backbones,
             prior=prior,
+            teacher_finetune=teacher_finetune,
         )
         self.loss = MTHFLoss()
 

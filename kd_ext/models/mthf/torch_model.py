@@ -38,6 +38,7 @@ from kd_ext.models.components import (
     OneClassBottleneck,
     PriorFusion,
     ReverseDecoder,
+    TeacherFinetune,
     build_forward_student,
     build_teacher,
     check_score_options,
@@ -137,6 +138,9 @@ class MTHFModel(FrozenTeacherModel):
         group_backbones: One teacher backbone per group (in the order of ``groups``); ``None`` shares
             ``backbone``. Teachers must share one input normalisation.
         prior: Fuse a normal-feature prior of the main teacher's two deepest shallow levels into the map.
+        teacher_finetune: ``"none"`` (frozen pretrained teachers) or ``"synthetic"`` (every teacher's last stages
+            adapted to the normal training images by :meth:`finetune_teachers` before distillation, then frozen
+            again; see :mod:`kd_ext.models.components.finetune`). ``True`` / ``False`` also work.
 
     Raises:
         ValueError: If an argument is invalid.
@@ -159,8 +163,10 @@ class MTHFModel(FrozenTeacherModel):
         kernel_backend: str = "auto",
         group_backbones: Sequence[str] | None = None,
         prior: bool = False,
+        teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
     ) -> None:
         super().__init__()
+        self.setup_teacher_finetune(teacher_finetune)
         self.groups = validate_groups(groups)
         check_score_options(score_mode, top_k_ratio, SCORE_MODES)
         # Built first: it validates the map-fusion arguments before the networks are created.
@@ -285,6 +291,10 @@ class MTHFModel(FrozenTeacherModel):
 
     def _teachers(self) -> dict[str, nn.Module]:
         return {self.teacher_name: self.teacher, **dict(self.extra_teachers.items())}
+
+    def finetuned_teachers(self) -> list[nn.Module]:
+        """Every teacher (the shared one and those of ``group_backbones``): fine-tuning adapts each in turn."""
+        return list(self._teachers().values())
 
     @property
     def teacher_name(self) -> str:
