@@ -24,7 +24,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from kd_ext.cli import main
 from kd_ext.edge import EdgeModel
-from kd_ext.export import MAX_MAP_ERROR, KDExtExportMixin, export_onnx, export_openvino
+from kd_ext.export import MAX_MAP_ERROR, KDExtExportMixin, Precision, export_onnx, export_openvino, resolve_precision
 from kd_ext.export.quantization import holdout_split, quantize_on_training_images
 from kd_ext.models import BiDirMSKD
 
@@ -103,10 +103,29 @@ def test_mixin_replaces_anomalib_quantisation() -> None:
 
 def test_int8_needs_calibration() -> None:
     model = BiDirMSKD(pre_trained=False, visualizer=False)
-    with pytest.raises(ValueError, match="needs calibration"):
-        export_openvino(model, "unused", "int8")
+    for precision in ("int8_ptq", "int8_acq", CompressionType.INT8_PTQ):
+        with pytest.raises(ValueError, match="needs calibration"):
+            export_openvino(model, "unused", precision)
     with pytest.raises(ValueError, match="Unknown precision"):
         export_openvino(model, "unused", "int4")
+
+
+def test_precision_names_are_anomalibs() -> None:
+    """anomalib's CompressionType members, values and names are accepted; kd_ext's former names warn."""
+    calibration = object()
+    for member in CompressionType:
+        assert resolve_precision(member) is Precision(member.value)
+        assert resolve_precision(member.name) is Precision(member.value)
+        assert resolve_precision(member, calibration) is Precision(member.value)  # an Enum member is never the alias
+    assert resolve_precision(None) is Precision.FP32
+    assert resolve_precision("fp32") is Precision.FP32
+    assert resolve_precision("int8") is Precision.INT8  # anomalib's weight-only INT8
+    with pytest.warns(FutureWarning, match="'int8_weights' is deprecated; use 'int8'"):
+        assert resolve_precision("int8_weights") is Precision.INT8
+    with pytest.warns(FutureWarning, match="former name of 'int8_ptq'"):
+        assert resolve_precision("int8", calibration) is Precision.INT8_PTQ
+    with pytest.raises(ValueError, match="Unknown precision 'int4'"):
+        resolve_precision("int4")
 
 
 @needs_toy
@@ -141,6 +160,18 @@ def test_fp32_ir_matches_torch(toy: tuple[BiDirMSKD, Path], toy_fp32: Path) -> N
 @pytest.mark.slow
 def test_fp16_ir_close_to_torch(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> None:
     xml = export_openvino(toy[0], tmp_path, "fp16")
+    images, _, _ = test_images(toy_datamodule())
+    ref_maps, _, _ = torch_predict(toy[0], images[:8])
+    maps, _, _ = edge_predict(xml, images[:8])
+    assert np.abs(maps - ref_maps).max() < 0.05
+
+
+@needs_toy
+@pytest.mark.slow
+def test_int8_is_anomalibs_weight_only_compression(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> None:
+    xml = export_openvino(toy[0], tmp_path, "int8")  # no calibration data: weights only, as anomalib's INT8
+    assert EdgeModel(xml).describe()["export_precision"] == "int8"
+    assert "FakeQuantize" not in {op.get_type_name() for op in ov.Core().read_model(xml).get_ops()}
     images, _, _ = test_images(toy_datamodule())
     ref_maps, _, _ = torch_predict(toy[0], images[:8])
     maps, _, _ = edge_predict(xml, images[:8])
@@ -277,7 +308,7 @@ def test_bottle_parity_fp32_and_int8(bottle: BiDirMSKD, tmp_path: Path) -> None:
     assert abs(image - ref_image) <= 0.001
     assert abs(pixel - ref_pixel) <= 0.001
 
-    int8 = export_openvino(bottle, tmp_path / "int8", "int8", calibration=bottle_datamodule())
+    int8 = export_openvino(bottle, tmp_path / "int8", "int8_ptq", calibration=bottle_datamodule())
     maps, scores, _ = edge_predict(int8, images)
     int8_image, int8_pixel = aurocs(scores, maps, labels, masks)
     assert ref_image - int8_image <= 0.005, (ref_image, int8_image)

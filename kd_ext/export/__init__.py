@@ -4,15 +4,17 @@ anomalib's own route works for kd_ext models (``anomalib export --model BiDirMSK
 --ckpt_path ...`` and ``Engine.export``); kd_ext models additionally calibrate ``INT8_PTQ`` / ``INT8_ACQ`` on
 normal *training* images, keep the anomaly-map tail in floating point and check INT8 anomaly maps against FP32
 on held-out training images (see :class:`KDExtExportMixin`).
-:func:`export_openvino` does the same for any anomalib model and records what it did in the IR's ``rt_info``.
+:func:`export_openvino` does the same for any anomalib model and records what it did in the IR's ``rt_info``; its
+precision names are anomalib's ``CompressionType`` values (:class:`Precision`: ``fp32``, ``fp16``, ``int8`` weights
+only, ``int8_ptq``, ``int8_acq``).
 
 Example:
     >>> from kd_ext.export import export_openvino
-    >>> xml = export_openvino(model, "exports", precision="int8", calibration=datamodule)  # doctest: +SKIP
+    >>> xml = export_openvino(model, "exports", precision="int8_ptq", calibration=datamodule)  # doctest: +SKIP
 """
 
 from .mixin import KDExtExportMixin
-from .openvino import PRECISIONS, RT_INFO_KEY, export_onnx, export_openvino
+from .openvino import PRECISIONS, RT_INFO_KEY, Precision, export_onnx, export_openvino, resolve_precision
 from .quantization import (
     MAX_MAP_ERROR,
     anomaly_map_ignored_scope,
@@ -26,10 +28,12 @@ __all__ = [
     "PRECISIONS",
     "RT_INFO_KEY",
     "KDExtExportMixin",
+    "Precision",
     "anomaly_map_ignored_scope",
     "export_onnx",
     "export_openvino",
     "quantize_on_training_images",
     "quantize_with_accuracy_control",
+    "resolve_precision",
     "training_calibration_dataset",
 ]

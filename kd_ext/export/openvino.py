@@ -1,13 +1,16 @@
-"""ONNX / OpenVINO export with FP32, FP16 and INT8 (NNCF) precision.
+"""ONNX / OpenVINO export with FP32, FP16 and INT8 (NNCF) precision, named as anomalib's ``CompressionType``.
 
-INT8 is calibrated on normal training images with the anomaly-map tail kept in floating point; see
+INT8 quantisation (``int8_ptq``, ``int8_acq``) is calibrated on normal training images with the anomaly-map tail
+kept in floating point; see
 :mod:`kd_ext.export.quantization`. Every IR records what was done in its ``rt_info`` and is written atomically.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING
@@ -22,32 +25,105 @@ if TYPE_CHECKING:
     from anomalib.models import AnomalibModule
     from torchmetrics import Metric
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8_acq", "int8_weights")
-"""``fp32``; ``fp16`` (FP16 weights); ``int8`` (NNCF PTQ on training images, maps checked against FP32 on
-held-out training images); ``int8_acq`` (NNCF accuracy-aware
-PTQ: calibration on training images, accuracy on the test loader); ``int8_weights`` (weights only, no data)."""
+
+class Precision(str, Enum):
+    """Precision of an exported IR; the compressed ones carry the names of anomalib's ``CompressionType``.
+
+    Attributes:
+        FP32: No compression.
+        FP16: FP16 weights (anomalib's ``FP16``).
+        INT8: INT8 weights, dequantised before inference; no data needed (anomalib's ``INT8``).
+        INT8_PTQ: NNCF post-training quantisation calibrated on normal training images, the anomaly-map tail kept
+            in floating point and the maps checked against FP32 on held-out training images (anomalib's
+            ``INT8_PTQ``, with kd_ext's calibration).
+        INT8_ACQ: NNCF accuracy-aware quantisation: calibration on training images, accuracy on the test loader
+            (anomalib's ``INT8_ACQ``).
+    """
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT8_PTQ = "int8_ptq"
+    INT8_ACQ = "int8_acq"
+
+
+PRECISIONS = tuple(member.value for member in Precision)
+"""Values of :class:`Precision` (anomalib's ``CompressionType`` values and ``fp32``)."""
+DEPRECATED_PRECISIONS = {"int8_weights": Precision.INT8}
+"""kd_ext's former names, accepted with a ``FutureWarning`` (the former ``"int8"``: see :func:`resolve_precision`)."""
+CALIBRATED = (Precision.INT8_PTQ, Precision.INT8_ACQ)
+"""Precisions that need ``calibration`` (a datamodule with normal training images)."""
+
+
+def resolve_precision(precision: Precision | str | None, calibration: object | None = None) -> Precision:
+    """Return the :class:`Precision` a name stands for.
+
+    Accepted: :class:`Precision` members, anomalib's ``CompressionType`` members, their values or names in any case
+    (``"int8_ptq"``, ``"INT8_PTQ"``), and ``None`` (no compression, as anomalib's ``compression_type=None``).
+    kd_ext's former names still work with a ``FutureWarning``: ``"int8_weights"`` is ``int8``, and the plain string
+    ``"int8"`` *with* ``calibration`` data is taken in its former kd_ext meaning, ``int8_ptq`` (without calibration,
+    or as an Enum member, ``int8`` is anomalib's weight-only INT8).
+
+    Args:
+        precision: The requested precision.
+        calibration: The calibration datamodule of the call, if any (decides the former ``"int8"``).
+
+    Returns:
+        Precision: The precision to export.
+
+    Raises:
+        ValueError: If the name is unknown.
+    """
+    if precision is None:
+        return Precision.FP32
+    from_enum = isinstance(precision, Enum)
+    name = str(precision.value if from_enum else precision).lower()
+    if name in DEPRECATED_PRECISIONS:
+        resolved = DEPRECATED_PRECISIONS[name]
+        warnings.warn(
+            f"precision='{name}' is deprecated; use '{resolved.value}' (anomalib's CompressionType name).",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return resolved
+    if name == Precision.INT8.value and calibration is not None and not from_enum:
+        warnings.warn(
+            "precision='int8' with calibration data is kd_ext's former name of 'int8_ptq' (INT8 post-training "
+            "quantisation) and is exported as such; 'int8' now follows anomalib's CompressionType and means INT8 "
+            "weights only (no calibration). Pass precision='int8_ptq'.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return Precision.INT8_PTQ
+    try:
+        return Precision(name)
+    except ValueError:
+        msg = f"Unknown precision '{name}'; choose one of {PRECISIONS} (anomalib's CompressionType values)."
+        raise ValueError(msg) from None
+
+
 _PLACEHOLDER = "kd_ext_sha256_placeholder_" + "0" * 38
 
 
 def _compress(
     ov_model: ov.Model,
-    precision: str,
+    precision: Precision,
     calibration: AnomalibDataModule | None,
     metric: Metric | None,
     max_drop: float,
     subset_size: int,
     max_map_error: float | None,
 ) -> ov.Model:
-    if precision in {"fp32", "fp16"}:
+    if precision in {Precision.FP32, Precision.FP16}:
         return ov_model
-    if precision == "int8_weights":
+    if precision is Precision.INT8:
         import nncf  # noqa: PLC0415
 
         return nncf.compress_weights(ov_model)
     if calibration is None:
-        msg = f"precision='{precision}' needs calibration=<datamodule with normal training images>."
+        msg = f"precision='{precision.value}' needs calibration=<datamodule with normal training images>."
         raise ValueError(msg)
-    if precision == "int8":
+    if precision is Precision.INT8_PTQ:
         return quantize_on_training_images(ov_model, calibration, subset_size, max_map_error)
     return quantize_with_accuracy_control(ov_model, calibration, metric, max_drop, subset_size)
 
@@ -119,7 +195,7 @@ def export_onnx(
 def export_openvino(
     model: AnomalibModule,
     export_root: str | Path,
-    precision: str = "fp32",
+    precision: Precision | str | None = Precision.FP32,
     calibration: AnomalibDataModule | None = None,
     input_size: tuple[int, int] | None = (256, 256),
     model_file_name: str = "model",
@@ -139,8 +215,9 @@ def export_openvino(
     Args:
         model: Trained anomalib model.
         export_root: Output root; the IR goes to ``<export_root>/weights/openvino/<name>.xml`` like anomalib's.
-        precision: One of :data:`PRECISIONS`.
-        calibration: Datamodule whose *training* images calibrate ``int8`` / ``int8_acq`` (its test images
+        precision: A :class:`Precision`, anomalib ``CompressionType`` or their value (see
+            :func:`resolve_precision`; kd_ext's former names are deprecated).
+        calibration: Datamodule whose *training* images calibrate ``int8_ptq`` / ``int8_acq`` (its test images
             are the accuracy check of ``int8_acq``).
         input_size: Static ``(H, W)`` (recommended: batching and INT8 calibration need a fixed size), or
             ``None`` for dynamic height and width.
@@ -149,7 +226,7 @@ def export_openvino(
         max_drop: Largest accepted metric drop for ``int8_acq``.
         subset_size: Maximum number of calibration batches.
         convert: ONNX-to-OpenVINO conversion (``openvino.convert_model`` by default).
-        max_map_error: For ``int8``: largest mean difference between INT8 and FP32 normalised anomaly maps on
+        max_map_error: For ``int8_ptq``: largest mean difference between INT8 and FP32 normalised anomaly maps on
             held-out normal training images (ops are reverted to float until it holds), or ``None`` for plain
             PTQ. See :func:`kd_ext.export.quantize_on_training_images`.
 
@@ -161,11 +238,9 @@ def export_openvino(
     """
     import openvino as ov  # noqa: PLC0415
 
-    if precision not in PRECISIONS:
-        msg = f"Unknown precision '{precision}'; choose one of {PRECISIONS}."
-        raise ValueError(msg)
-    if precision in {"int8", "int8_acq"} and calibration is None:
-        msg = f"precision='{precision}' needs calibration=<datamodule with normal training images>."
+    precision = resolve_precision(precision, calibration)
+    if precision in CALIBRATED and calibration is None:
+        msg = f"precision='{precision.value}' needs calibration=<datamodule with normal training images>."
         raise ValueError(msg)
     xml_path = Path(export_root) / "weights" / "openvino" / f"{model_file_name}.xml"
     with TemporaryDirectory() as onnx_dir:
@@ -173,12 +248,12 @@ def export_openvino(
         ov_model = (convert or ov.convert_model)(onnx_path)
     ov_model = _compress(ov_model, precision, calibration, metric, max_drop, subset_size, max_map_error)
     info = {
-        "precision": precision,
+        "precision": precision.value,
         "model": type(model).__name__,
-        "calibration": "normal training images" if precision in {"int8", "int8_acq"} else "none",
+        "calibration": "normal training images" if precision in CALIBRATED else "none",
         "input_size": "dynamic" if input_size is None else f"{input_size[0]}x{input_size[1]}",
         "threshold": "0.5 (normalised)" if getattr(model, "post_processor", None) else "none",
     }
-    if precision == "int8":
+    if precision is Precision.INT8_PTQ:
         info["max_map_error"] = "none (plain PTQ)" if max_map_error is None else str(max_map_error)
     return save_ir(ov_model, xml_path, compress_to_fp16=precision == "fp16", info=info)

@@ -1,18 +1,16 @@
 """INT8 quantisation of anomaly-detection IRs with NNCF, calibrated on normal training images.
 
-Why not anomalib's ``INT8_PTQ`` as is: it calibrates on ``datamodule.val_dataloader()`` (for MVTecAD the
-*test* images, anomalies included) and quantises every quantisable op, including the anomaly-map tail
-(``1 - cos`` distances, upsampling, the Gaussian-blur convolution, score reduction and the
-normalisation/threshold post-processor). On this project that produced constant scores (image AUROC 0.5)
-for Padim. Here calibration uses the normal training images (what the model is supposed to see) and
-:func:`anomaly_map_ignored_scope` keeps everything after the networks' last convolutions in floating point.
+anomalib's ``INT8_PTQ`` calibrates on ``datamodule.val_dataloader()`` (for MVTecAD the *test* images, anomalies
+included) and quantises every quantisable op, including the anomaly-map tail (``1 - cos`` distances, upsampling,
+the Gaussian-blur convolution, score reduction and the normalisation/threshold post-processor). Here calibration
+uses the normal training images (what the model is supposed to see) and :func:`anomaly_map_ignored_scope` keeps
+everything after the networks' last convolutions in floating point.
 
-Plain post-training quantisation of the networks still moved the normalised anomaly maps of a 10-epoch
-BiDirMSKD on MVTec bottle by 0.086 on average and cost 0.0114 pixel AUROC. :func:`quantize_on_training_images`
-therefore holds every :data:`HOLDOUT_EVERY`-th training image out of calibration and lets NNCF's accuracy
-control put the most sensitive ops back into floating point until the INT8 maps of those normal images are
-within :data:`MAX_MAP_ERROR` of the FP32 maps. That needs no labels and no test images; on bottle it reverted 5
-of 135 quantised ops (mean map error 0.012) and kept pixel AUROC (0.9920 vs 0.9919 in FP32).
+Quantising the networks alone can still move the normalised anomaly maps, so :func:`quantize_on_training_images`
+holds every :data:`HOLDOUT_EVERY`-th training image out of calibration and lets NNCF's accuracy control put the
+most sensitive ops back into floating point until the INT8 maps of those normal images are within
+:data:`MAX_MAP_ERROR` of the FP32 maps. That needs no labels and no test images. Measured effects (map error,
+AUROC, reverted ops, latency) are in ``benchmarks/results/edge.md``.
 """
 
 from __future__ import annotations
