@@ -93,6 +93,15 @@ def test_a_file_with_one_normal_series_is_refused(tmp_path: Path) -> None:
         datamodule((train, test), tmp_path)
 
 
+def test_a_test_file_with_one_series_is_accepted_as_it_is(files: tuple[Path, Path], tmp_path: Path) -> None:
+    """One series is enough to score; no normal training series are moved into a test set without normal ones."""
+    single = write_ucr(tmp_path / "SINGLE_TEST.txt", normal=0, abnormal=1, seed=9)
+    module = datamodule((files[0], single), tmp_path)
+    assert len(module.test_data) == 1
+    assert module.test_data.samples.label_index.tolist() == [1]
+    assert len(module.train_data) + len(module.val_data) == NORMAL
+
+
 def test_test_series_of_another_length_are_refused(files: tuple[Path, Path], tmp_path: Path) -> None:
     short = tmp_path / "SHORT_TEST.txt"
     short.write_text("1 0.1 0.2 0.3\n-1 0.3 0.2 0.1\n")
@@ -217,6 +226,22 @@ def test_low_pass_removes_high_frequencies() -> None:
     spectrum, original = np.abs(np.fft.rfft(filtered)), np.abs(np.fft.rfft(values[0]))
     assert spectrum[256 // 4] < 0.1 * original[256 // 4]  # second-order Butterworth, forwards and backwards
     assert spectrum[256 // 64] > 0.95 * original[256 // 64]
+
+
+@pytest.mark.parametrize(
+    "band_pass", [(0, 0.25), (0.05, 1), (0.05, 0.4), (0.3, 0.35)], ids=["low", "high", "band", "narrow"]
+)
+def test_numpy_filter_matches_scipy(band_pass: tuple[float, float]) -> None:
+    """The one (numpy) filter of training and the edge equals scipy's butter + sosfiltfilt."""
+    from scipy.signal import butter, sosfiltfilt
+
+    from kd_ext.edge.series_preprocessing import FILTER_ORDER, filter_series
+
+    low, high = band_pass
+    kind, cut = ("lowpass", high) if low == 0 else ("highpass", low) if high == 1 else ("bandpass", [low, high])
+    values = np.random.default_rng(0).standard_normal((4, 96)).cumsum(axis=1)
+    expected = sosfiltfilt(butter(FILTER_ORDER, cut, btype=kind, output="sos"), values, axis=1)
+    np.testing.assert_allclose(filter_series(values, band_pass), expected, atol=1e-9, rtol=0)
 
 
 def test_anomalib_cli_parser_resolves_the_dotted_path(files: tuple[Path, Path]) -> None:
@@ -353,6 +378,27 @@ def test_engine_pretrains_the_teacher_on_every_training_series_then_tests(traine
     model, _, metrics, _ = trained_signal_kd
     assert int(model.model.pretraining_series_count) == NORMAL + ABNORMAL  # normal and abnormal, labels unused
     assert {"image_AUROC", "image_F1Score"} <= set(metrics[0])
+
+
+def test_signal_kd_records_the_datamodule_preprocessing(trained_signal_kd) -> None:
+    from kd_ext.edge.series_preprocessing import SeriesPreprocessing
+
+    model, module, _, _ = trained_signal_kd
+    assert model.series_preprocessing == module.preprocessing == SeriesPreprocessing(normalize=True, band_pass=None)
+
+
+def test_a_trained_signal_kd_refuses_test_series_of_another_length(trained_signal_kd, tmp_path: Path) -> None:
+    """Series of another length than the model's stop at the first test batch, naming both lengths."""
+    from anomalib.engine import Engine
+
+    model, _, _, _ = trained_signal_kd
+    rows = [f"{label} " + " ".join(["0.5", "-0.5"] * 20) for label in (1, 1, 1, -1)]
+    (tmp_path / "LONG_TRAIN.txt").write_text("\n".join(rows) + "\n")
+    (tmp_path / "LONG_TEST.txt").write_text("\n".join(rows) + "\n")
+    other = UCRSeries(tmp_path / "LONG_TRAIN.txt", tmp_path / "LONG_TEST.txt", seed=0, val_split_ratio=0.5)
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=rf"trained on series of {LENGTH} time steps, got 40: resample"):
+        engine.test(model, datamodule=other, verbose=False)
 
 
 def test_openvino_ir_matches_torch(trained_signal_kd) -> None:

@@ -20,6 +20,9 @@ Preprocessing, in this order, with the same settings for every split:
 2. per-series z-normalisation (``normalize``, on by default): each series minus its mean, divided by its
    standard deviation (a constant series becomes zeros).
 
+The rule lives in :mod:`kd_ext.edge.series_preprocessing` (numpy only), which the edge runtime applies too; SignalKD
+records the datamodule's settings (:attr:`UCRSeries.preprocessing`) and exports them with its IR.
+
 Two ways to feed a model (``as_image``):
 
 * ``None``: series. Batches are :class:`SeriesBatch`: anomalib's generic batch with anomalib's field names,
@@ -756,6 +759,13 @@ class UCRSeries(AnomalibDataModule):
         self.all_train_data = train
         self.train_data = train.subsample(normal.tolist())
         self.test_data = test
+
+    def _create_test_split(self) -> None:
+        """Keep the test file (or fold) as it is.
+
+        anomalib's default moves half of the normal training series into a test set that has no normal series (a
+        test file of abnormal series only, or of one abnormal series), which would silently halve training.
+        """
 
     @property
     def series_length(self) -> int:

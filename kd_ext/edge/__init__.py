@@ -1,5 +1,8 @@
 """Lean edge runtime: score images with an exported OpenVINO IR using only openvino, numpy and Pillow.
 
+A 1-D model's IR (SignalKD) scores files of series instead (:func:`score_series`, numpy and openvino only), with
+the preprocessing its model was trained with (:mod:`kd_ext.edge.series_preprocessing`).
+
 Importing this package never imports torch or anomalib (checked by the test suite), so a deployment needs
 ``pip install openvino numpy pillow`` and the IR, nothing else.
 
@@ -37,6 +40,7 @@ from .folder import (
     to_rgb,
 )
 from .runtime import EdgeModel, Prediction
+from .series import SeriesReport, load_series, score_series
 
 __all__ = [
     "EdgeError",
@@ -46,11 +50,14 @@ __all__ = [
     "EdgeModelError",
     "FolderReport",
     "Prediction",
+    "SeriesReport",
     "TerminationSignal",
     "list_images",
     "load_image",
+    "load_series",
     "remove_stale_staging",
     "score_folder",
+    "score_series",
     "terminate_as_interrupt",
     "text_name",
     "to_rgb",
