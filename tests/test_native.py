@@ -16,6 +16,7 @@ def test_build_info_reports_features() -> None:
     info = _native.build_info()
     assert isinstance(info["openmp"], bool)
     assert isinstance(info["cuda"], bool)
+    assert info["threads"] >= 1  # the CPU thread pool's size
 
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.5, 4.0])
