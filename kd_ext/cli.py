@@ -1,4 +1,4 @@
-"""``kd-ext`` command line: ``kd-ext infer MODEL.xml IMAGES_DIR --out OUT_DIR``, ``kd-ext distill CONFIG``.
+"""``kd-ext`` command line: ``kd-ext infer MODEL.xml IMAGES_DIR --out OUT_DIR``, ``kd-ext distill --config CONFIG``.
 
 Sub-commands are registered in :data:`COMMANDS`; each adds its own parser and imports its heavy
 dependencies only when run (``infer`` needs only openvino, numpy and Pillow: no torch, no anomalib;
@@ -238,24 +238,24 @@ def _infer(args: argparse.Namespace, stage: list[str]) -> int:
 
 
 def _add_distill(subparsers: argparse._SubParsersAction) -> None:
+    # jsonargparse parses distill's own arguments (--config, --print_config, dotted overrides, -h): argparse passes
+    # them through untouched (no option prefix of its own).
     parser = subparsers.add_parser(
         "distill",
-        help="distil trained task teachers into one multi-task edge student",
-        description=(
-            "Train one lightweight student (shared trunk, a head per task) from N trained anomaly models, each "
-            "with its own dataset, as described by CONFIG (YAML, see README). Writes the student's checkpoint, "
-            "one OpenVINO IR for all tasks and report.json (teacher vs student AUROC per task) into its output."
-        ),
+        help="distil trained task teachers into one multi-task edge student (--config FILE; -h for options)",
+        add_help=False,
+        prefix_chars="\0",
     )
-    parser.add_argument("config", type=Path, help="distillation config (YAML)")
+    parser.add_argument("arguments", nargs="*")
     parser.set_defaults(func=_run_distill)
 
 
 def _run_distill(args: argparse.Namespace) -> int:
-    from kd_ext.crosstask import DistillConfig, distill  # noqa: PLC0415
+    from kd_ext.models.cross_task.config import parse_distill_args  # noqa: PLC0415
+    from kd_ext.models.cross_task.distill import distill  # noqa: PLC0415
 
     try:
-        config = DistillConfig.from_yaml(args.config)
+        config = parse_distill_args(list(args.arguments))
         result = distill(config, log=lambda line: sys.stderr.write(line + "\n"))
     except (FileNotFoundError, ValueError) as error:
         sys.stderr.write(f"kd-ext distill: error: {error}\n")

@@ -18,12 +18,15 @@ from anomalib.models import Padim
 from PIL import Image
 
 from kd_ext.backbones import no_pretrained_downloads
-from kd_ext.crosstask import CrossTaskStudent, DistillConfig, distill, load_anomaly_model
-from kd_ext.crosstask.tasks import prepare_tasks
 from kd_ext.edge import EdgeModel
 from kd_ext.edge.errors import EdgeModelError
 from kd_ext.models import BiDirMSKD
 from kd_ext.models.checkpoint import teacher_pre_processor
+from kd_ext.models.cross_task import CrossTaskStudent
+from kd_ext.models.cross_task.config import DistillConfig
+from kd_ext.models.cross_task.distill import distill
+from kd_ext.models.cross_task.tasks import prepare_tasks
+from kd_ext.models.cross_task.teachers import load_anomaly_model
 
 SIZE = 64
 
@@ -224,7 +227,10 @@ def test_distill_cli_reports_config_errors(tmp_path: Path) -> None:
         "  - {name: a, checkpoint: missing.ckpt, data: {root: nowhere, category: b}}\n"
     )
     completed = subprocess.run(
-        [sys.executable, "-m", "kd_ext.cli", "distill", str(config)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "kd_ext.cli", "distill", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 2
     assert "Duplicate task names ['a']" in completed.stderr

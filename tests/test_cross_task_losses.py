@@ -6,9 +6,15 @@ import math
 import pytest
 import torch
 
-from kd_ext.crosstask import AdaptiveTemperature, DistillConfig, DynamicWeightAverage, soft_label_loss
-from kd_ext.crosstask.losses import class_balance_weights, cosine_curriculum
 from kd_ext.models.cross_task import TaskHead, check_task_names
+from kd_ext.models.cross_task.config import DistillConfig
+from kd_ext.models.cross_task.loss import (
+    AdaptiveTemperature,
+    DynamicWeightAverage,
+    class_balance_weights,
+    cosine_curriculum,
+    soft_label_loss,
+)
 
 
 def test_soft_label_loss_is_zero_only_when_student_matches_teacher() -> None:

@@ -1,32 +1,23 @@
-"""Cross-task adaptive distillation: N trained task teachers -> one lightweight multi-task edge student.
+"""Former home of the cross-task pipeline, now :mod:`kd_ext.models.cross_task` (kept so old imports still work).
 
-Library API: :func:`distill` with a :class:`DistillConfig` (or ``kd-ext distill CONFIG.yaml``); the trained
-student is :class:`CrossTaskStudent`, an anomalib model with a task selector, exportable to one OpenVINO IR
-for all tasks (:func:`export_all_tasks_openvino`).
+``kd_ext.crosstask.<module>`` resolves to ``kd_ext.models.cross_task.<module>`` for the pipeline's modules.
 """
 
-from kd_ext.models.cross_task import CalibratedPostProcessor, CrossTaskStudent
+import sys
 
-from .config import DistillConfig, ExportConfig, StudentConfig, TaskConfig, TrainingConfig
-from .distill import DistillResult, distill
-from .export import export_all_tasks_openvino
-from .losses import AdaptiveTemperature, DynamicWeightAverage, soft_label_loss
-from .teachers import TeacherCalibration, load_anomaly_model
+from kd_ext.models.cross_task import config, distill, export, loss, tasks, teachers, training
+from kd_ext.models.cross_task.config import DistillConfig, TaskConfig
+from kd_ext.models.cross_task.teachers import load_anomaly_model
 
-__all__ = [
-    "AdaptiveTemperature",
-    "CalibratedPostProcessor",
-    "CrossTaskStudent",
-    "DistillConfig",
-    "DistillResult",
-    "DynamicWeightAverage",
-    "ExportConfig",
-    "StudentConfig",
-    "TaskConfig",
-    "TeacherCalibration",
-    "TrainingConfig",
-    "distill",
-    "export_all_tasks_openvino",
-    "load_anomaly_model",
-    "soft_label_loss",
-]
+for _name, _module in {
+    "config": config,
+    "distill": distill,
+    "export": export,
+    "losses": loss,
+    "tasks": tasks,
+    "teachers": teachers,
+    "training": training,
+}.items():
+    sys.modules[f"{__name__}.{_name}"] = _module
+
+__all__ = ["DistillConfig", "TaskConfig", "load_anomaly_model"]

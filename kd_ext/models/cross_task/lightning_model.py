@@ -1,7 +1,7 @@
 """The cross-task student as an anomalib model (test, predict and export one task at a time).
 
-The student is trained by distillation from task teachers (``kd-ext distill CONFIG``, or
-:func:`kd_ext.crosstask.distill`), not by ``Engine.fit``; once trained it is an ordinary anomalib model
+The student is trained by distillation from task teachers (``kd-ext distill --config CONFIG``, or
+:func:`kd_ext.models.cross_task.distill.distill`), not by ``Engine.fit``; once trained it is an ordinary anomalib model
 with a task selector:
 
 Example:
@@ -28,9 +28,9 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from kd_ext.models.base import KDExtModelMixin
 from kd_ext.models.checkpoint import teacher_pre_processor
 
-from .torch_model import CrossTaskStudentModel
+from .torch_model import CrossTaskStudentModel, TrunkKind
 
-ARCHITECTURE_KEYS = ("tasks", "backbone", "layers", "hidden_channels", "image_size", "top_k")
+ARCHITECTURE_KEYS = ("tasks", "trunk", "backbone", "layers", "width", "hidden_channels", "image_size", "top_k")
 CALIBRATED_THRESHOLD = 0.5
 """Threshold of the student's probabilities: the teachers' calibrated threshold maps to 0.5."""
 
@@ -63,9 +63,12 @@ class CrossTaskStudent(KDExtModelMixin, AnomalibModule):
         tasks: Task names, one head each.
         task: Task served by ``forward`` / test / predict / single-task export (the first by default); change it
             with :meth:`select_task`.
-        backbone: Shared trunk (``"efficientnet_lite0"``: offline ImageNet weights).
+        trunk: ``"small"`` (narrow trainable trunk, distilled) or ``"frozen"`` (the earlier student: the frozen
+            ImageNet backbone with fitted-statistics heads), see :class:`CrossTaskStudentModel`.
+        backbone: The frozen trunk's backbone, and the normalisation of both trunks (``"efficientnet_lite0"``).
         layers: Trunk feature levels; ``None`` for the backbone's defaults.
         pre_trained: Load the trunk's ImageNet weights (``False`` when a checkpoint provides them).
+        width: Channel multiplier of the small trunk against Lite0.
         hidden_channels: Width of each task head.
         image_size: Input ``(H, W)`` (the teachers').
         sigma: Gaussian smoothing of the maps.
@@ -82,9 +85,11 @@ class CrossTaskStudent(KDExtModelMixin, AnomalibModule):
         self,
         tasks: Sequence[str] = ("default",),
         task: str | None = None,
+        trunk: str = TrunkKind.small,
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] | None = None,
         pre_trained: bool = True,
+        width: float = 0.5,
         hidden_channels: int = 32,
         image_size: Sequence[int] = (256, 256),
         sigma: float = 4.0,
@@ -108,9 +113,11 @@ class CrossTaskStudent(KDExtModelMixin, AnomalibModule):
         self.learning_rate = 1e-3
         self.model = CrossTaskStudentModel(
             tasks=list(tasks),
+            trunk=trunk,
             backbone=backbone,
             layers=layers,
             pre_trained=pre_trained,
+            width=width,
             hidden_channels=hidden_channels,
             image_size=image_size,
             sigma=sigma,
@@ -146,7 +153,7 @@ class CrossTaskStudent(KDExtModelMixin, AnomalibModule):
         del batch, args, kwargs
         msg = (
             "CrossTaskStudent is trained by distillation from trained task teachers, not by Engine.fit: run "
-            "`kd-ext distill CONFIG.yaml` (see README) or kd_ext.crosstask.distill(config)."
+            "`kd-ext distill --config CONFIG.yaml` (see README) or kd_ext.models.cross_task.distill.distill(config)."
         )
         raise RuntimeError(msg)
 

@@ -1,30 +1,73 @@
-"""The multi-task edge student: one shared pretrained trunk, one small anomaly head per task.
+"""The multi-task edge student: one shared trunk, one small anomaly head per task.
 
-Design (documented in the README): the trunk is the first stages of EfficientNet-Lite0 (up to ``blocks.4``,
-stride 16) with its ImageNet weights, shared by every task and frozen — the part the task teachers duplicate N
-times (each kd_ext teacher runs this backbone *and* one or two students of the same size); frozen, its features
-are computed once per training image. Each task adds a head of about 12 k parameters plus per-location normal
-statistics of the trunk features (fitted, not trained): the map logit is a calibrated diagonal-Gaussian
-deviation from the task's normal images plus a learned residual (see :class:`TaskHead`); the image-score logit
-is an affine function of the mean of the top-k map logits. At inference the logit map is
-upsampled to the image size, smoothed (Gaussian, the teachers' sigma) and passed through a sigmoid: maps and
-scores are probabilities whose 0.5 threshold is the teachers' calibrated one.
+Two trunks (:class:`TrunkKind`):
+
+* ``small`` (default): a narrow EfficientNet-Lite0-style net (width 0.5, up to ``blocks.4``; under half of the
+  Lite0 teacher backbone's parameters and FLOPs at the same input size, see
+  :func:`kd_ext.backbones.build_small_lite_trunk`), *trained* jointly on all tasks by distillation. Each task has a
+  :class:`DistilledHead`: a small conv stack over the trunk's levels that outputs the map logit directly (no
+  fitted statistics).
+* ``frozen`` (the earlier student, kept as a baseline): EfficientNet-Lite0's own first stages with their ImageNet
+  weights, frozen and shared; each task has a :class:`TaskHead` (fitted per-location normal statistics + a
+  learned residual). With a frozen trunk the tasks never interact.
+
+At inference the logit map is upsampled to the image size, smoothed (Gaussian, the teachers' sigma) and passed
+through a sigmoid: maps and scores are probabilities whose 0.5 threshold is the teachers' calibrated one.
 """
 
 import re
 from collections.abc import Sequence
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from kd_ext.backbones import get_backbone_spec
+from kd_ext.backbones import build_small_lite_trunk, get_backbone_spec
 from kd_ext.backbones.registry import resolve_layers
+from kd_ext.backbones.small_lite import SMALL_TRUNK_WIDTH
 from kd_ext.kernels.reference import gaussian_blur
 from kd_ext.models.components import build_teacher
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class TrunkKind(StrEnum):
+    """The student's shared trunk (member names equal values, as jsonargparse parses enums by name)."""
+
+    small = "small"
+    """Narrow EfficientNet-Lite0-style trunk, trained by distillation; :class:`DistilledHead` per task."""
+    frozen = "frozen"
+    """The frozen ImageNet backbone itself; :class:`TaskHead` (fitted normal statistics) per task."""
+
+
+def trunk_kind(value: str) -> TrunkKind:
+    """Parse a trunk name.
+
+    Raises:
+        ValueError: Naming the choices, if unknown.
+    """
+    try:
+        return TrunkKind(value)
+    except ValueError:
+        msg = f"Unknown trunk '{value}'; choose one of {[kind.value for kind in TrunkKind]}."
+        raise ValueError(msg) from None
+
+
+def stack_levels(features: Sequence[torch.Tensor], aggregate: nn.Module) -> torch.Tensor:
+    """Locally averaged trunk levels resized to the finest level's resolution, concatenated over channels."""
+    size = features[0].shape[-2:]
+    return torch.cat(
+        [F.interpolate(aggregate(feature), size=size, mode="bilinear", align_corners=False) for feature in features],
+        dim=1,
+    )
+
+
+def top_k_mean(map_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Mean of the ``top_k`` highest logits of each map ``[N, 1, h, w]`` -> ``[N]``."""
+    k = min(top_k, map_logits.shape[-2] * map_logits.shape[-1])
+    return torch.topk(map_logits.flatten(1), k, dim=1).values.mean(dim=1)
 
 
 def check_task_names(tasks: Sequence[str]) -> tuple[str, ...]:
@@ -105,14 +148,7 @@ class TaskHead(nn.Module):
 
     def stack(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Locally averaged trunk levels at the finest resolution, concatenated over channels."""
-        size = features[0].shape[-2:]
-        return torch.cat(
-            [
-                F.interpolate(self.aggregate(feature), size=size, mode="bilinear", align_corners=False)
-                for feature in features
-            ],
-            dim=1,
-        )
+        return stack_levels(features, self.aggregate)
 
     @torch.no_grad()
     def fit_normal_statistics(self, features: Sequence[torch.Tensor], batch_size: int = 32) -> None:
@@ -193,8 +229,7 @@ class TaskHead(nn.Module):
         self.score_bias.fill_(bias)
 
     def _peak(self, map_logits: torch.Tensor) -> torch.Tensor:
-        k = min(self.top_k, map_logits.shape[-2] * map_logits.shape[-1])
-        return torch.topk(map_logits.flatten(1), k, dim=1).values.mean(dim=1)
+        return top_k_mean(map_logits, self.top_k)
 
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Map and score logits.
@@ -212,19 +247,67 @@ class TaskHead(nn.Module):
         return map_logits, self.score_scale * self._peak(map_logits) + self.score_bias
 
 
+class DistilledHead(nn.Module):
+    """Anomaly head of one task over the trainable trunk, trained by distillation only (no fitted statistics).
+
+    The trunk levels are locally averaged (3x3), resized to the finest level and stacked; a 1x1 /
+    depthwise-3x3 + 1x1 / 1x1 conv stack turns them into the map logit. The image-score logit is an affine
+    function of the mean of the ``top_k`` highest map logits.
+
+    Args:
+        channels: Channels of each trunk level, shallow to deep.
+        hidden_channels: Width of the conv stack.
+        top_k: Number of highest map logits averaged into the image score.
+        initial_logit: Starting map logit (the teachers' calibrated logit of a typical normal pixel).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        hidden_channels: int = 32,
+        top_k: int = 10,
+        initial_logit: float = -4.0,
+    ) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.aggregate = nn.AvgPool2d(kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        self.layers = nn.Sequential(
+            nn.Conv2d(sum(channels), hidden_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(hidden_channels),
+            nn.ReLU(),
+            nn.Conv2d(hidden_channels, hidden_channels, kernel_size=3, padding=1, groups=hidden_channels, bias=False),
+            nn.Conv2d(hidden_channels, hidden_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(hidden_channels),
+            nn.ReLU(),
+            nn.Conv2d(hidden_channels, 1, kernel_size=1),
+        )
+        nn.init.constant_(self.layers[-1].bias, initial_logit)
+        self.score_scale = nn.Parameter(torch.ones(()))
+        self.score_bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map logits ``[N, 1, h, w]`` (finest level's resolution) and score logits ``[N]``."""
+        map_logits = self.layers(stack_levels(features, self.aggregate))
+        return map_logits, self.score_scale * top_k_mean(map_logits, self.top_k) + self.score_bias
+
+
 class CrossTaskStudentModel(nn.Module):
-    """Shared trunk + one :class:`TaskHead` per task.
+    """Shared trunk + one head per task.
 
     In training mode ``forward`` returns every task's logits; in eval mode it returns anomalib's
     ``InferenceBatch`` for the selected :attr:`task` (probability maps and scores).
 
     Args:
         tasks: Task names (one head each).
-        backbone: Trunk backbone (``"efficientnet_lite0"``: offline ImageNet weights).
-        layers: Trunk feature levels; ``None`` for the backbone's defaults.
-        pre_trained: Load the trunk's ImageNet weights.
+        trunk: ``"small"`` (trainable narrow trunk, :class:`DistilledHead`) or ``"frozen"`` (the frozen
+            ``backbone`` itself, :class:`TaskHead`).
+        backbone: The frozen trunk's backbone (``"efficientnet_lite0"``: offline ImageNet weights); the small trunk
+            is always Lite0-style and uses Lite0's normalisation.
+        layers: Trunk feature levels; ``None`` for the defaults (``blocks.1/2/4``).
+        pre_trained: Load the trunk's ImageNet weights (sliced for the small trunk).
+        width: Channel multiplier of the small trunk against Lite0.
         hidden_channels: Width of each head.
-        image_size: Input ``(H, W)`` (fixes the heads' normal-statistics resolution).
+        image_size: Input ``(H, W)`` (fixes the frozen heads' normal-statistics resolution).
         sigma: Gaussian smoothing of the full-size map (the teachers').
         top_k: Map logits averaged into the score.
     """
@@ -232,9 +315,11 @@ class CrossTaskStudentModel(nn.Module):
     def __init__(
         self,
         tasks: Sequence[str],
+        trunk: str = TrunkKind.small,
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] | None = None,
         pre_trained: bool = True,
+        width: float = SMALL_TRUNK_WIDTH,
         hidden_channels: int = 32,
         image_size: tuple[int, int] = (256, 256),
         sigma: float = 4.0,
@@ -243,15 +328,34 @@ class CrossTaskStudentModel(nn.Module):
         super().__init__()
         self.tasks = check_task_names(tasks)
         self.sigma = sigma
-        self.trunk = build_teacher(backbone, resolve_layers(get_backbone_spec(backbone), layers), pre_trained)
+        self.trunk_kind = trunk_kind(trunk)
+        levels_names = resolve_layers(get_backbone_spec(backbone), layers)
+        if self.trunk_kind == TrunkKind.small:
+            self.trunk = build_small_lite_trunk(width, levels_names, pre_trained)
+        else:
+            self.trunk = build_teacher(backbone, levels_names, pre_trained)
+        was_training = self.trunk.training
+        self.trunk.eval()
         with torch.no_grad():
             levels = self.trunk(torch.zeros(1, 3, *image_size))
+        self.trunk.train(was_training and self.trunk_is_trainable)
         channels = [level.shape[1] for level in levels]
-        feature_size = tuple(levels[0].shape[-2:])
-        self.heads = nn.ModuleDict(
-            {task: TaskHead(channels, feature_size, hidden_channels, top_k) for task in self.tasks}
-        )
+        if self.trunk_kind == TrunkKind.small:
+            heads = {task: DistilledHead(channels, hidden_channels, top_k) for task in self.tasks}
+        else:
+            feature_size = tuple(levels[0].shape[-2:])
+            heads = {task: TaskHead(channels, feature_size, hidden_channels, top_k) for task in self.tasks}
+        self.heads = nn.ModuleDict(heads)
         self.task = self.tasks[0]
+
+    @property
+    def trunk_is_trainable(self) -> bool:
+        """Whether distillation trains the shared trunk (the small trunk) or only the heads (the frozen one)."""
+        return self.trunk_kind == TrunkKind.small
+
+    def trunk_channels(self) -> list[int]:
+        """Channels of each trunk level."""
+        return self.trunk.channels()
 
     def select_task(self, task: str) -> None:
         """Choose the head used in eval mode.
@@ -268,15 +372,18 @@ class CrossTaskStudentModel(nn.Module):
         self.task = task
 
     def train(self, mode: bool = True) -> "CrossTaskStudentModel":
-        """Set training mode; the frozen trunk stays in eval mode (its BatchNorm statistics are ImageNet's)."""
+        """Set training mode; a frozen trunk stays in eval mode (its BatchNorm statistics are ImageNet's)."""
         super().train(mode)
-        self.trunk.eval()
+        if not self.trunk_is_trainable:
+            self.trunk.eval()
         return self
 
-    @torch.no_grad()
     def trunk_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Shared (frozen) trunk features of normalised images."""
-        return self.trunk(images)
+        """Shared trunk features of normalised images (without gradients for the frozen trunk)."""
+        if self.trunk_is_trainable:
+            return self.trunk(images)
+        with torch.no_grad():
+            return self.trunk(images)
 
     def head_logits(self, features: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Map and score logits of every task's head."""

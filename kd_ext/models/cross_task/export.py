@@ -13,7 +13,8 @@ from torch import nn
 
 from kd_ext.edge.runtime import OUTPUT_FIELDS
 from kd_ext.export.openvino import save_ir
-from kd_ext.models.cross_task import CALIBRATED_THRESHOLD, CrossTaskStudent
+
+from .lightning_model import CALIBRATED_THRESHOLD, CrossTaskStudent
 
 
 class _AllTasks(nn.Module):
@@ -66,6 +67,7 @@ def export_all_tasks_openvino(
     """
     import openvino as ov  # noqa: PLC0415
 
+    precision = str(precision)
     if precision not in {"fp32", "fp16"}:
         msg = f"Unknown precision '{precision}' for the multi-task IR; choose 'fp32' or 'fp16'."
         raise ValueError(msg)

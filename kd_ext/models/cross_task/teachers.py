@@ -203,6 +203,37 @@ def raw_predictions(model: AnomalibModule, images: torch.Tensor) -> tuple[torch.
     return anomaly_map, score.reshape(-1).float()
 
 
+@torch.no_grad()
+def teacher_features(model: AnomalibModule, images: torch.Tensor) -> list[torch.Tensor]:
+    """A teacher's intermediate (multi-scale backbone) features, shallow to deep; empty when it exposes none.
+
+    kd_ext models keep their frozen feature extractor as ``model.teacher`` (a list of levels); anomalib's Stfpm as
+    ``teacher_model`` and Padim / Patchcore / most others as ``feature_extractor`` (a dict of levels).
+
+    Args:
+        model: Teacher in eval mode.
+        images: RGB ``[N, 3, H, W]`` in ``[0, 1]`` at the teacher's image size.
+
+    Returns:
+        list[torch.Tensor]: Features per level ``[N, C_l, h_l, w_l]``.
+    """
+    batch = model.pre_processor.transform(images) if model.pre_processor is not None else images
+    network = model.model
+    extractor = next(
+        (
+            getattr(network, name)
+            for name in ("teacher", "teacher_model", "feature_extractor")
+            if isinstance(getattr(network, name, None), torch.nn.Module)
+        ),
+        None,
+    )
+    if extractor is None:
+        return []
+    features = extractor(batch)
+    levels = list(features.values()) if isinstance(features, dict) else list(features)
+    return [level.float() for level in levels if isinstance(level, torch.Tensor) and level.dim() == 4]
+
+
 @dataclass(frozen=True)
 class TeacherCalibration:
     """Maps a teacher's raw values to logits: ``sharpness * (raw - high) / (high - median)``.

@@ -4,14 +4,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from anomalib.data import MVTecAD
+from anomalib.data import Folder, MVTecAD
+from anomalib.data.datamodules.base import AnomalibDataModule
 from anomalib.models import AnomalibModule
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
-from kd_ext.models.cross_task import check_task_names
-
-from .config import TaskConfig
+from .config import DataLayout, TaskConfig
 from .teachers import image_size_of, load_anomaly_model, model_class
+from .torch_model import check_task_names
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -35,15 +35,38 @@ class PreparedTask:
         """Task name."""
         return self.config.name
 
-    def datamodule(self, batch_size: int = 8) -> MVTecAD:
-        """The task's images as an anomalib datamodule (MVTec AD folder layout)."""
-        return MVTecAD(
-            root=self.config.root,
-            category=self.config.category,
-            train_batch_size=batch_size,
-            eval_batch_size=batch_size,
-            num_workers=0,
+    def datamodule(self, batch_size: int = 8) -> AnomalibDataModule:
+        """The task's images as an anomalib datamodule (see :func:`task_datamodule`)."""
+        return task_datamodule(self.config, batch_size)
+
+
+def task_datamodule(task: TaskConfig, batch_size: int = 8) -> AnomalibDataModule:
+    """A task's images as an anomalib datamodule: ``MVTecAD``, ``Folder`` or :class:`kd_ext.data.VideoFrames`.
+
+    Validation reuses the test images (``same_as_test``), so that the whole test set is scored.
+    """
+    loading = {
+        "train_batch_size": batch_size,
+        "eval_batch_size": batch_size,
+        "num_workers": 0,
+        "val_split_mode": "same_as_test",
+    }
+    if task.layout == DataLayout.folder:
+        test = task.data_dir / "test"
+        abnormal = sorted(path.name for path in test.iterdir() if path.is_dir() and path.name != "good")
+        return Folder(
+            name=task.name,
+            root=task.data_dir,
+            normal_dir="train/good",
+            normal_test_dir="test/good",
+            abnormal_dir=[f"test/{name}" for name in abnormal],
+            **loading,
         )
+    if task.layout == DataLayout.video:
+        from kd_ext.data import VideoFrames  # noqa: PLC0415
+
+        return VideoFrames(root=task.data_dir, frame_stride=task.frame_stride, **loading)
+    return MVTecAD(root=task.root, category=task.category, **loading)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -63,6 +86,14 @@ def data_problems(task: TaskConfig) -> list[str]:
     """
     if not task.data_dir.is_dir():
         return [f"task '{task.name}': data folder {task.data_dir} does not exist"]
+    if task.layout == DataLayout.video:
+        problems = []
+        if not _images_in(task.data_dir / "training" / "frames"):
+            problems.append(f"task '{task.name}': no training frames in {task.data_dir / 'training' / 'frames'}")
+        if not (task.data_dir / "testing" / "frame_labels.csv").is_file():
+            labels = task.data_dir / "testing" / "frame_labels.csv"
+            problems.append(f"task '{task.name}': no {labels} (needed for evaluation)")
+        return problems
     problems = []
     if not _images_in(task.data_dir / "train" / "good"):
         problems.append(f"task '{task.name}': no normal training images in {task.data_dir / 'train' / 'good'}")

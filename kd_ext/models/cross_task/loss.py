@@ -1,4 +1,4 @@
-"""Soft-label distillation of anomaly maps, adaptive temperature and dynamic task weights.
+"""Cross-task distillation losses: soft labels, features, adaptive temperature and dynamic task weights.
 
 * :func:`soft_label_loss`: binary KL divergence between the teacher's and the student's per-pixel (or per-image)
   anomaly probabilities, both softened by a temperature ``tau`` and scaled by ``tau**2`` (Hinton et al.), with
@@ -8,15 +8,44 @@
   curriculum (CTKD, Li et al. 2023): the temperature moves to where distillation is hardest for the student.
 * :class:`DynamicWeightAverage`: task weights ``lambda_k = K * softmax(r_k / T)``, ``r_k = L_k(t-1) / L_k(t-2)``
   from the last two epochs' mean losses (Liu et al. 2019): a task whose loss falls slowly gets more weight.
+* :class:`UncertaintyWeighting`: ``sum_k exp(-s_k) L_k + s_k`` with a learnable log-variance ``s_k`` per task
+  (Kendall et al. 2018): a task whose loss stays high is down-weighted, at a cost that stops ``s_k`` running off.
+* :func:`feature_distillation_loss`: ``1 - cosine`` over channels between the student trunk's adapted features
+  and a teacher's intermediate features, per location and level (the discrepancy the teachers themselves score).
 """
 
 import math
+from collections.abc import Sequence
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-IMBALANCE_MODES = ("balanced", "none")
+
+class TaskWeighting(StrEnum):
+    """How the tasks' losses are weighted in the shared trunk's loss (member names equal values)."""
+
+    fixed = "fixed"
+    dwa = "dwa"
+    uncertainty = "uncertainty"
+
+
+class TemperatureMode(StrEnum):
+    """Distillation temperature: fixed, or learnable per task with the CTKD curriculum."""
+
+    fixed = "fixed"
+    adaptive = "adaptive"
+
+
+class Imbalance(StrEnum):
+    """Class imbalance handling of the soft-label loss."""
+
+    balanced = "balanced"
+    none = "none"
+
+
+IMBALANCE_MODES = tuple(mode.value for mode in Imbalance)
 
 
 def class_balance_weights(teacher_logits: torch.Tensor, max_weight: float = 50.0) -> torch.Tensor:
@@ -50,7 +79,8 @@ def soft_label_loss(
 
     Args:
         student_logits: Student logits (any shape).
-        teacher_logits: Teacher logits of the same shape (see :class:`~kd_ext.crosstask.teachers.TeacherCalibration`).
+        teacher_logits: Teacher logits of the same shape (see
+            :class:`~kd_ext.models.cross_task.teachers.TeacherCalibration`).
         temperature: ``tau >= 1`` (a scalar tensor when learnt).
         imbalance: ``"balanced"`` (class-balanced weights, :func:`class_balance_weights`) or ``"none"``.
 
@@ -193,3 +223,57 @@ class DynamicWeightAverage:
             msg = f"Expected {self.num_tasks} task losses, got {len(epoch_losses)}."
             raise ValueError(msg)
         self.history.append([float(loss) for loss in epoch_losses])
+
+
+class UncertaintyWeighting(nn.Module):
+    """Homoscedastic-uncertainty task weighting (Kendall, Gal and Cipolla, CVPR 2018).
+
+    ``total = sum_k exp(-s_k) * L_k + s_k`` with one learnable ``s_k = log sigma_k^2`` per task, starting at 0
+    (weight 1). Minimising it sets ``exp(-s_k)`` near ``1 / L_k``.
+
+    Args:
+        num_tasks: Number of tasks.
+    """
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.log_variance = nn.Parameter(torch.zeros(num_tasks))
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        """The weighted total of the task losses ``[K]``."""
+        return (torch.exp(-self.log_variance) * losses + self.log_variance).sum()
+
+    def weights(self) -> list[float]:
+        """Current task weights ``exp(-s_k)``."""
+        with torch.no_grad():
+            return torch.exp(-self.log_variance).tolist()
+
+
+def feature_distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean ``1 - cosine`` over channels between adapted student features and teacher features, over levels.
+
+    Each student level is resized (bilinear) to its teacher level's resolution first.
+
+    Args:
+        student: Adapted student features per level ``[N, C_l, h, w]``.
+        teacher: Teacher features per level ``[N, C_l, H_l, W_l]`` (same channels).
+
+    Returns:
+        torch.Tensor: Scalar loss in ``[0, 2]``; zero when every adapted feature points along the teacher's.
+
+    Raises:
+        ValueError: If the number of levels or the channels differ.
+    """
+    if len(student) != len(teacher) or not student:
+        msg = f"Got {len(student)} student and {len(teacher)} teacher feature levels; they must pair up (>= 1)."
+        raise ValueError(msg)
+    losses = []
+    for level, target in zip(student, teacher, strict=True):
+        if level.shape[1] != target.shape[1]:
+            msg = f"Adapted student features have {level.shape[1]} channels, the teacher's {target.shape[1]}."
+            raise ValueError(msg)
+        adapted = level
+        if adapted.shape[-2:] != target.shape[-2:]:
+            adapted = F.interpolate(level, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        losses.append((1 - F.cosine_similarity(adapted, target, dim=1)).mean())
+    return torch.stack(losses).mean()

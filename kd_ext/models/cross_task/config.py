@@ -1,0 +1,344 @@
+"""The ``kd-ext distill`` configuration: tasks (teacher checkpoint + data), student, training, export.
+
+``kd-ext distill`` parses it with jsonargparse, as anomalib's CLI does: ``--config FILE`` (repeatable, later files
+and arguments override earlier ones), ``--print_config`` and dotted overrides (``--training.epochs 5``,
+``--student.trunk frozen``). Example YAML (relative paths are relative to the working directory)::
+
+    output: runs/cross_task
+    tasks:
+      - name: hazelnut
+        checkpoint: results/BiDirMSKD/MVTecAD/hazelnut_toy/latest/weights/lightning/model.ckpt
+        data: {root: ../shared/data, category: hazelnut_toy}
+      - name: brain
+        checkpoint: results/Padim/brain_mri/latest/weights/lightning/model.ckpt
+        model: Padim          # anomalib checkpoints do not record their class; kd_ext ones do
+        data: {root: ../shared/data, category: brain_mri, layout: folder}
+    student: {trunk: small, hidden_channels: 32}
+    training: {epochs: 20, batch_size: 8, task_weighting: dwa, temperature: adaptive}
+    export: {precision: fp32}
+"""
+
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from .loss import Imbalance, TaskWeighting, TemperatureMode
+from .torch_model import TrunkKind, check_task_names
+
+
+class DataLayout(StrEnum):
+    """How a task's images are stored (member names equal values)."""
+
+    mvtec = "mvtec"
+    """MVTec AD: ``train/good``, ``test/<defect>``, optional ``ground_truth/<defect>/*_mask.png``."""
+    folder = "folder"
+    """``train/good``, ``test/good`` and ``test/<abnormal>`` without masks (anomalib ``Folder``), e.g. brain MRI."""
+    video = "video"
+    """Video frames (:class:`kd_ext.data.VideoFrames`), scored per frame, e.g. UCSD Ped2."""
+
+
+class TargetKind(StrEnum):
+    """What the student learns from."""
+
+    teacher = "teacher"
+    """The teachers: soft maps and scores, and intermediate features (distillation)."""
+    synthetic = "synthetic"
+    """No teacher: the synthetic anomalies' own masks and labels (the small trunk trained directly, a baseline)."""
+
+
+class ExportPrecision(StrEnum):
+    """Precision of the multi-task OpenVINO IR (``none``: no export)."""
+
+    none = "none"
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+def _choice(enum: type[StrEnum], value: object, name: str) -> StrEnum:
+    try:
+        return enum(value)
+    except ValueError:
+        msg = f"Unknown {name} '{value}'; choose one of {tuple(member.value for member in enum)}."
+        raise ValueError(msg) from None
+
+
+def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        msg = f"'{where}' must be a mapping, got {type(values).__name__}."
+        raise ValueError(msg)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        msg = f"Unknown keys {unknown} in '{where}'; allowed: {sorted(known)}."
+        raise ValueError(msg)
+    return cls(**values)
+
+
+@dataclass
+class TaskConfig:
+    """One task: a trained teacher and the folder of its images.
+
+    Attributes:
+        name: Task name (head name, IR output prefix).
+        checkpoint: The teacher's Lightning checkpoint.
+        root: Dataset root (the folder holding ``category``).
+        category: Category folder (see ``layout``).
+        model: Teacher class name; required for anomalib checkpoints.
+        layout: How the images are stored: ``mvtec``, ``folder`` or ``video``.
+        frame_stride: For ``video``: train on every ``frame_stride``-th training frame.
+    """
+
+    name: str
+    checkpoint: Path
+    root: Path
+    category: str
+    model: str | None = None
+    layout: DataLayout = DataLayout.mvtec
+    frame_stride: int = 10
+
+    def __post_init__(self) -> None:
+        self.checkpoint = Path(self.checkpoint)
+        self.root = Path(self.root)
+        self.layout = _choice(DataLayout, self.layout, f"data layout of task '{self.name}'")
+
+    @property
+    def data_dir(self) -> Path:
+        """``root / category``."""
+        return self.root / self.category
+
+
+TASK_KEYS = ("name", "checkpoint", "data", "model")
+DATA_KEYS = ("root", "category", "layout", "frame_stride")
+
+
+def task_from_dict(task: object, index: int) -> TaskConfig:
+    """One entry of ``tasks`` (``{name, checkpoint, data: {root, category[, layout, frame_stride]}[, model]}``).
+
+    Raises:
+        ValueError: Naming the entry and the missing or unknown keys.
+    """
+    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+        msg = f"tasks[{index}] needs name, checkpoint and data: {{root, category}}."
+        raise ValueError(msg)
+    data = task["data"]
+    missing = [key for key in ("name", "checkpoint") if key not in task] + [
+        f"data.{key}" for key in ("root", "category") if key not in data
+    ]
+    if missing:
+        msg = f"tasks[{index}] lacks {missing}."
+        raise ValueError(msg)
+    extra = sorted(set(task) - set(TASK_KEYS)) + sorted(f"data.{key}" for key in set(data) - set(DATA_KEYS))
+    if extra:
+        msg = f"tasks[{index}] has unknown keys {extra}; allowed: {list(TASK_KEYS)}, data: {list(DATA_KEYS)}."
+        raise ValueError(msg)
+    return TaskConfig(
+        task["name"],
+        task["checkpoint"],
+        data["root"],
+        data["category"],
+        task.get("model"),
+        data.get("layout", DataLayout.mvtec),
+        int(data.get("frame_stride", 10)),
+    )
+
+
+@dataclass
+class StudentConfig:
+    """Student architecture (see :class:`~kd_ext.models.cross_task.torch_model.CrossTaskStudentModel`).
+
+    Attributes:
+        trunk: ``small`` (narrow trainable trunk, distilled) or ``frozen`` (the frozen-trunk prior baseline).
+        backbone: The frozen trunk's backbone (and both trunks' normalisation).
+        layers: Trunk feature levels; ``None`` for the defaults.
+        width: Channel multiplier of the small trunk against EfficientNet-Lite0.
+        hidden_channels: Width of each task head.
+        top_k: Map logits averaged into the image score.
+    """
+
+    trunk: TrunkKind = TrunkKind.small
+    backbone: str = "efficientnet_lite0"
+    layers: list[str] | None = None
+    width: float = 0.5
+    hidden_channels: int = 32
+    top_k: int = 10
+
+    def __post_init__(self) -> None:
+        self.trunk = _choice(TrunkKind, self.trunk, "trunk")
+
+
+@dataclass
+class TrainingConfig:
+    """Distillation settings.
+
+    Attributes:
+        epochs: Passes over the largest task's samples.
+        batch_size: Samples per task per step.
+        learning_rate: Adam learning rate of trunk, heads, adapters, task weights and temperatures.
+        synthetic_per_image: Perlin synthetic anomalies generated per normal training image.
+        crop_size: Side of the random square crop (aligned to 32 pixels) the trainable trunk trains on at each
+            step, targets cropped alike; 0 trains on whole images. The student is fully convolutional, so it
+            still scores whole images; crops cut the training compute by ``(H / crop_size)**2``.
+        targets: ``teacher`` (distillation) or ``synthetic`` (the synthetic anomalies' masks, no teacher).
+        feature_distillation: Also distil the teachers' intermediate features into the trainable trunk through
+            per-task 1x1 adapters (off by itself for a frozen trunk or synthetic targets).
+        feature_weight: Weight of the feature loss in each task's loss.
+        task_weighting: ``fixed`` (all 1), ``dwa`` (Dynamic Weight Average) or ``uncertainty`` (learned).
+        dwa_temperature: Softmax temperature of DWA.
+        temperature: ``fixed`` or ``adaptive`` (learnable per task, adversarial, cosine curriculum).
+        initial_temperature: Fixed temperature, or the adaptive one's start.
+        imbalance: ``balanced`` (class-balanced loss weights) or ``none``.
+        score_weight: Weight of the image-score loss against the map loss.
+        seed: Random seed (synthetic anomalies, initialisation, order).
+    """
+
+    epochs: int = 20
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    synthetic_per_image: int = 2
+    crop_size: int = 128
+    targets: TargetKind = TargetKind.teacher
+    feature_distillation: bool = True
+    feature_weight: float = 1.0
+    task_weighting: TaskWeighting = TaskWeighting.dwa
+    dwa_temperature: float = 2.0
+    temperature: TemperatureMode = TemperatureMode.adaptive
+    initial_temperature: float = 4.0
+    imbalance: Imbalance = Imbalance.balanced
+    score_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.task_weighting = _choice(TaskWeighting, self.task_weighting, "task_weighting")
+        self.temperature = _choice(TemperatureMode, self.temperature, "temperature")
+        self.imbalance = _choice(Imbalance, self.imbalance, "imbalance")
+        self.targets = _choice(TargetKind, self.targets, "targets")
+        if self.epochs < 1 or self.batch_size < 2 or self.synthetic_per_image < 0:
+            msg = "Need epochs >= 1, batch_size >= 2 (BatchNorm) and synthetic_per_image >= 0."
+            raise ValueError(msg)
+        if self.targets == TargetKind.synthetic and self.synthetic_per_image < 1:
+            msg = "targets 'synthetic' learns from synthetic anomalies: set synthetic_per_image >= 1."
+            raise ValueError(msg)
+
+
+@dataclass
+class ExportConfig:
+    """OpenVINO export of the trained student (one IR with every task's outputs)."""
+
+    precision: ExportPrecision = ExportPrecision.fp32
+
+    def __post_init__(self) -> None:
+        self.precision = _choice(ExportPrecision, self.precision, "export precision")
+
+
+@dataclass
+class DistillConfig:
+    """Everything ``kd-ext distill`` needs."""
+
+    tasks: list[TaskConfig]
+    output: Path
+    student: StudentConfig = field(default_factory=StudentConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        check_task_names([task.name for task in self.tasks])
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DistillConfig":
+        """Build from plain data (a parsed YAML file).
+
+        Raises:
+            ValueError: On missing or unknown keys and invalid values.
+        """
+        if not isinstance(values, dict):
+            msg = "The distillation config must be a mapping with 'tasks' and 'output'."
+            raise ValueError(msg)
+        unknown = sorted(set(values) - {"tasks", "output", "student", "training", "export"})
+        if unknown:
+            msg = f"Unknown top-level keys {unknown}; allowed: tasks, output, student, training, export."
+            raise ValueError(msg)
+        if not values.get("tasks") or "output" not in values:
+            msg = "The distillation config needs 'output' and a non-empty list 'tasks'."
+            raise ValueError(msg)
+        return cls(
+            tasks=[task_from_dict(task, index) for index, task in enumerate(values["tasks"])],
+            output=values["output"],
+            student=_build(StudentConfig, values.get("student"), "student"),
+            training=_build(TrainingConfig, values.get("training"), "training"),
+            export=_build(ExportConfig, values.get("export"), "export"),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "DistillConfig":
+        """Read a YAML config file (the library route; ``kd-ext distill`` uses :func:`parse_distill_args`).
+
+        Raises:
+            FileNotFoundError: If the file does not exist.
+            ValueError: If it is not valid YAML or not a valid config.
+        """
+        import yaml  # noqa: PLC0415
+
+        path = Path(path)
+        if not path.is_file():
+            msg = f"Config file not found: {path}"
+            raise FileNotFoundError(msg)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            msg = f"{path} is not valid YAML: {error}"
+            raise ValueError(msg) from error
+        return cls.from_dict(values)
+
+
+def distill_parser() -> Any:
+    """The jsonargparse parser of ``kd-ext distill`` (``--config``, ``--print_config``, dotted overrides).
+
+    ``tasks`` is a list of mappings checked by :func:`task_from_dict`; ``student``, ``training`` and ``export`` are
+    the dataclasses above, one dotted option per field (``--training.task_weighting uncertainty``).
+
+    Returns:
+        jsonargparse.ArgumentParser: The parser.
+    """
+    from jsonargparse import ActionConfigFile, ArgumentParser  # noqa: PLC0415
+
+    parser = ArgumentParser(
+        prog="kd-ext distill",
+        description=(
+            "Distil N trained task teachers into one lightweight multi-task student (a shared trunk, a head per "
+            "task) and write its checkpoint, one OpenVINO IR for all tasks and report.json (teacher vs student AUROC "
+            "per task, size and compute) into OUTPUT. Every task is checked before any training."
+        ),
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file (see README)")
+    parser.add_argument("--output", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--tasks",
+        type=list[dict[str, Any]],
+        required=True,
+        help="tasks: [{name, checkpoint, data: {root, category[, layout, frame_stride]}[, model]}, ...]",
+    )
+    parser.add_class_arguments(StudentConfig, "student", instantiate=False)
+    parser.add_class_arguments(TrainingConfig, "training", instantiate=False)
+    parser.add_class_arguments(ExportConfig, "export", instantiate=False)
+    return parser
+
+
+def parse_distill_args(argv: list[str]) -> DistillConfig:
+    """Parse ``kd-ext distill`` arguments into a checked :class:`DistillConfig`.
+
+    jsonargparse exits with status 2 on syntax and type errors (``--print_config`` prints and exits 0).
+
+    Raises:
+        ValueError: On invalid tasks or values (the messages of :meth:`DistillConfig.from_dict`).
+    """
+    parser = distill_parser()
+    namespace = parser.parse_args(argv)
+    values = namespace.as_dict()
+    values.pop("config", None)
+    values.pop("__path__", None)
+    return DistillConfig.from_dict(values)

@@ -1,0 +1,274 @@
+"""``distill``: N trained task teachers -> one multi-task student, evaluated per task and exported.
+
+Steps: check every task (names, data, checkpoints, image sizes) -> cache teacher soft targets and features on
+normal and synthetic images -> train -> test teacher and student per task -> save the student's checkpoint, one
+OpenVINO IR for all tasks and ``report.json``.
+"""
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.models import AnomalibModule
+from lightning.pytorch import Trainer, seed_everything
+from torch.utils.flop_counter import FlopCounterMode
+from torchmetrics.functional.classification import binary_auroc
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF  # noqa: N812
+
+from kd_ext.backbones import lite0_reference_trunk
+
+from .config import DistillConfig, ExportPrecision, StudentConfig, TargetKind, TrainingConfig
+from .export import export_all_tasks_openvino
+from .lightning_model import CrossTaskStudent
+from .tasks import PreparedTask, prepare_tasks
+from .teachers import raw_predictions
+from .training import TaskSamples, adapter_parameters, build_task_samples, teacher_targets, train_student
+
+EVALUATION_BATCH = 8
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill` produced.
+
+    Attributes:
+        student: The trained student.
+        checkpoint: Its Lightning checkpoint.
+        ir: The multi-task OpenVINO IR (``None`` when export is off).
+        report: Metrics, sizes, compute and training history (also in ``report.json``).
+    """
+
+    student: CrossTaskStudent
+    checkpoint: Path
+    ir: Path | None
+    report: dict[str, Any]
+
+
+def build_student(
+    tasks: list[str], image_size: tuple[int, int], config: StudentConfig | None = None
+) -> CrossTaskStudent:
+    """The untrained student for the given tasks."""
+    config = config or StudentConfig()
+    return CrossTaskStudent(
+        tasks=tasks,
+        trunk=config.trunk,
+        backbone=config.backbone,
+        layers=config.layers,
+        width=config.width,
+        hidden_channels=config.hidden_channels,
+        image_size=image_size,
+        top_k=config.top_k,
+        visualizer=False,
+    )
+
+
+def _normalised(values: torch.Tensor) -> torch.Tensor:
+    """Min-max to ``[0, 1]`` (rank-preserving), so that torchmetrics does not pass raw values through a sigmoid."""
+    low, high = values.min(), values.max()
+    return (values - low) / (high - low) if high > low else torch.zeros_like(values)
+
+
+@torch.no_grad()
+def test_metrics(model: AnomalibModule, task: PreparedTask) -> dict[str, float]:
+    """Image AUROC (and pixel AUROC where the test set has masks) of a model's raw outputs on a task's test set.
+
+    Every test image is resized to the task's image size; AUROC ranks the raw scores and map values (torchmetrics'
+    ``binary_auroc`` after a rank-preserving min-max scaling).
+
+    Returns:
+        dict: ``image_AUROC`` and, with masks, ``pixel_AUROC``.
+    """
+    datamodule = task.datamodule()
+    datamodule.setup()
+    items = list(datamodule.test_data)
+    scores, maps, labels, masks = [], [], [], []
+    for start in range(0, len(items), EVALUATION_BATCH):
+        chunk = items[start : start + EVALUATION_BATCH]
+        images = torch.stack([TF.resize(item.image, list(task.image_size), antialias=True) for item in chunk])
+        anomaly_map, score = raw_predictions(model, images.clamp(0, 1))
+        scores.append(score)
+        maps.append(anomaly_map)
+        labels += [int(item.gt_label) for item in chunk]
+        if all(item.gt_mask is not None for item in chunk):
+            masks += [
+                TF.resize(
+                    item.gt_mask.reshape(1, *item.gt_mask.shape[-2:]).float(),
+                    list(task.image_size),
+                    interpolation=InterpolationMode.NEAREST,
+                )[0]
+                for item in chunk
+            ]
+    target = torch.tensor(labels)
+    metrics = {"image_AUROC": float(binary_auroc(_normalised(torch.cat(scores)), target))}
+    if len(masks) == len(items) and any(mask.any() for mask in masks):
+        values = _normalised(torch.cat(maps).flatten())
+        metrics["pixel_AUROC"] = float(binary_auroc(values, (torch.stack(masks).flatten() > 0.5).long()))
+    return metrics
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """All parameters (trainable and frozen)."""
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def buffer_count(module: torch.nn.Module) -> int:
+    """All floating-point buffers (BatchNorm statistics, fitted normal statistics)."""
+    return sum(buffer.numel() for buffer in module.buffers() if buffer.is_floating_point())
+
+
+@torch.no_grad()
+def flops_per_image(function: Callable[[torch.Tensor], object], image_size: tuple[int, int]) -> int:
+    """Floating-point operations of one call on one image (``torch.utils.flop_counter``, 2 per multiply-add)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        function(torch.rand(1, 3, *image_size))
+    return int(counter.get_total_flops())
+
+
+def compute_report(student: CrossTaskStudent, teachers: dict[str, AnomalibModule], image_size: tuple[int, int]) -> dict:
+    """Size and compute of the student (one trunk pass, all heads) against the teachers together.
+
+    Memory counts every float32 tensor the deployed model holds: parameters and buffers, including the frozen
+    heads' fitted normal statistics. The trunk is also compared with EfficientNet-Lite0 cut at the same levels
+    (the teachers' feature extractor).
+    """
+    model = student.model.eval()
+    reference = lite0_reference_trunk().eval()
+    heads = {name: head for name, head in model.heads.items()}
+    teacher_rows = {
+        name: {
+            "parameters": parameter_count(teacher.model),
+            "bytes": 4 * (parameter_count(teacher.model) + buffer_count(teacher.model)),
+            "flops": flops_per_image(teacher.model.eval(), image_size),
+        }
+        for name, teacher in teachers.items()
+    }
+    return {
+        "trunk": model.trunk_kind.value,
+        "student_parameters": parameter_count(model),
+        "student_bytes": 4 * (parameter_count(model) + buffer_count(model)),
+        "student_normal_statistics": sum(
+            buffer.numel() for head in heads.values() for name, buffer in head.named_buffers() if "normal_" in name
+        ),
+        "student_trunk_parameters": parameter_count(model.trunk),
+        "student_trunk_flops": flops_per_image(model.trunk, image_size),
+        "lite0_trunk_parameters": parameter_count(reference),
+        "lite0_trunk_flops": flops_per_image(reference, image_size),
+        "student_head_parameters": {name: parameter_count(head) for name, head in heads.items()},
+        "student_head_bytes": {name: 4 * (parameter_count(head) + buffer_count(head)) for name, head in heads.items()},
+        "student_flops": flops_per_image(model.forward_all, image_size),
+        "teachers": teacher_rows,
+        "teachers_parameters": sum(row["parameters"] for row in teacher_rows.values()),
+        "teachers_bytes": sum(row["bytes"] for row in teacher_rows.values()),
+        "teachers_flops": sum(row["flops"] for row in teacher_rows.values()),
+    }
+
+
+def cache_samples(
+    tasks: list[PreparedTask],
+    student: CrossTaskStudent,
+    config: TrainingConfig,
+    log: Callable[[str], None] = print,
+) -> dict[str, TaskSamples]:
+    """Targets (and teacher features, or frozen-trunk features) of every task."""
+    start = time.perf_counter()
+    samples = {}
+    distilled = config.targets == TargetKind.teacher
+    features = distilled and config.feature_distillation and student.model.trunk_is_trainable
+    for task in tasks:
+        targets = teacher_targets(task, config.synthetic_per_image, teacher=distilled, features=features)
+        samples[task.name] = build_task_samples(task.name, targets, student, config)
+        log(f"task {task.name}: {len(samples[task.name])} samples cached ({time.perf_counter() - start:.0f} s)")
+    return samples
+
+
+def evaluate_teachers(tasks: list[PreparedTask]) -> dict[str, dict[str, float]]:
+    """Each teacher's AUROCs on its task's test images."""
+    return {task.name: test_metrics(task.teacher, task) for task in tasks}
+
+
+def evaluate_student(student: CrossTaskStudent, tasks: list[PreparedTask]) -> dict[str, dict[str, float]]:
+    """The student's AUROCs per task (its head selected in turn)."""
+    student.eval()
+    metrics = {}
+    for task in tasks:
+        student.select_task(task.name)
+        metrics[task.name] = test_metrics(student, task)
+    student.select_task(tasks[0].name)
+    return metrics
+
+
+def comparison(teacher: dict[str, dict[str, float]], student: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """Per task: teacher and student metrics and the fraction of the teacher's AUROC the student keeps."""
+    rows = {}
+    for name, values in student.items():
+        row = {"teacher": teacher[name], "student": values}
+        for metric in ("image_AUROC", "pixel_AUROC"):
+            if metric in values and metric in teacher[name]:
+                row[f"{metric}_retained"] = values[metric] / teacher[name][metric]
+        rows[name] = row
+    return rows
+
+
+def save_checkpoint(student: CrossTaskStudent, path: Path) -> Path:
+    """Write a Lightning checkpoint of the student (``CrossTaskStudent.load_from_checkpoint`` reads it)."""
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu", devices=1)
+    trainer.strategy.connect(student)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def distill(config: DistillConfig, log: Callable[[str], None] = print) -> DistillResult:
+    """Distil the configured task teachers into one student; evaluate, save and export it.
+
+    Args:
+        config: Tasks, student, training and export settings.
+        log: Progress sink.
+
+    Returns:
+        DistillResult: The student, its files and the report.
+
+    Raises:
+        ValueError: Before any training, naming every problem with the tasks (see :func:`prepare_tasks`).
+    """
+    tasks = prepare_tasks(config.tasks)
+    seed_everything(config.training.seed, workers=True)
+    output = config.output
+    output.mkdir(parents=True, exist_ok=True)
+    student = build_student([task.name for task in tasks], tasks[0].image_size, config.student)
+    start = time.perf_counter()
+    samples = cache_samples(tasks, student, config.training, log)
+    cache_seconds = time.perf_counter() - start
+    history = train_student(student, samples, config.training, log)
+    train_seconds = time.perf_counter() - start - cache_seconds
+    teacher_metrics = evaluate_teachers(tasks)
+    student_metrics = evaluate_student(student, tasks)
+    results = comparison(teacher_metrics, student_metrics)
+    for task in tasks:
+        results[task.name]["teacher_model"] = type(task.teacher).__name__
+        log(f"task {task.name}: teacher {teacher_metrics[task.name]}, student {student_metrics[task.name]}")
+    checkpoint = save_checkpoint(student, output / "student.ckpt")
+    ir = None
+    if config.export.precision != ExportPrecision.none:
+        ir = export_all_tasks_openvino(
+            student, output / "openvino" / "student.xml", tasks[0].image_size, config.export.precision
+        )
+    compute = compute_report(student, {task.name: task.teacher for task in tasks}, tasks[0].image_size)
+    compute["training_only_adapter_parameters"] = adapter_parameters(student, samples)
+    report = {
+        "tasks": results,
+        "compute": compute,
+        "cache_seconds": round(cache_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "history": history,
+        "config": json.loads(json.dumps(asdict(config), default=str)),
+        "checkpoint": str(checkpoint),
+        "openvino": str(ir) if ir else None,
+    }
+    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return DistillResult(student=student, checkpoint=checkpoint, ir=ir, report=report)

@@ -1,0 +1,188 @@
+"""The small trainable student: its size against EfficientNet-Lite0, joint training and the switchable mechanisms.
+
+Tiny 64x64 inputs and made-up teacher targets: these tests check our own training logic, not accuracy
+(``benchmarks/cross_task.py`` measures that).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from kd_ext.backbones import build_small_lite_trunk, create_backbone, lite0_reference_trunk
+from kd_ext.backbones.small_lite import slice_state_dict
+from kd_ext.models.cross_task import CrossTaskStudent, DistilledHead, TaskHead
+from kd_ext.models.cross_task.config import DistillConfig, TrainingConfig, parse_distill_args
+from kd_ext.models.cross_task.distill import flops_per_image, parameter_count
+from kd_ext.models.cross_task.loss import DynamicWeightAverage
+from kd_ext.models.cross_task.training import TaskSamples, train_student
+
+SIZE = 64
+TASKS = ("a", "b")
+
+
+def _student(trunk: str = "small") -> CrossTaskStudent:
+    return CrossTaskStudent(
+        tasks=list(TASKS), trunk=trunk, pre_trained=False, image_size=(SIZE, SIZE), hidden_channels=8, visualizer=False
+    )
+
+
+def _samples(student: CrossTaskStudent, sizes: dict[str, int], features: bool = True) -> dict[str, TaskSamples]:
+    """Made-up targets: task 'a' is easy (constant), task 'b' noisy; teacher features are random projections."""
+    generator = torch.Generator().manual_seed(0)
+    samples = {}
+    for task, count in sizes.items():
+        images = torch.randn(count, 3, SIZE, SIZE, generator=generator)
+        scale = 0.5 if task == "a" else 4.0
+        maps = torch.randn(count, 1, SIZE // 4, SIZE // 4, generator=generator) * scale - 2
+        scores = torch.randn(count, generator=generator) * scale
+        teacher = [torch.randn(count, 24, SIZE // 4, SIZE // 4, generator=generator)] if features else []
+        if student.model.trunk_is_trainable:
+            samples[task] = TaskSamples(images, None, maps, scores, teacher)
+        else:
+            with torch.no_grad():
+                inputs = student.model.trunk_features(images)
+            samples[task] = TaskSamples(None, inputs, maps, scores)
+    return samples
+
+
+def _train(student: CrossTaskStudent, epochs: int = 3, features: bool = True, **settings: object) -> list[dict]:
+    config = TrainingConfig(epochs=epochs, batch_size=4, **settings)
+    return train_student(student, _samples(student, {"a": 8, "b": 12}, features), config, log=lambda line: None)
+
+
+def test_small_trunk_has_at_most_half_of_lite0s_parameters_and_flops() -> None:
+    trunk = build_small_lite_trunk(pre_trained=False).eval()
+    reference = lite0_reference_trunk().eval()  # EfficientNet-Lite0 cut at the same levels (blocks.1/2/4)
+    full = create_backbone("efficientnet_lite0", pre_trained=False).eval()
+    size = (256, 256)
+    assert parameter_count(trunk) <= parameter_count(reference) / 2
+    assert flops_per_image(trunk, size) <= flops_per_image(reference, size) / 2
+    assert parameter_count(trunk) <= parameter_count(full) / 2
+    assert flops_per_image(trunk, size) <= flops_per_image(full, size) / 2
+    assert [level.shape[-1] for level in trunk(torch.zeros(1, 3, *size))] == [64, 32, 16]  # strides 4 / 8 / 16
+
+
+def test_small_trunk_starts_from_sliced_lite0_weights() -> None:
+    trunk = build_small_lite_trunk(pre_trained=True)
+    lite0 = create_backbone("efficientnet_lite0", pre_trained=True).state_dict()
+    stem = trunk.state_dict()["stages.0.0.weight"]
+    assert torch.equal(stem, lite0["conv_stem.weight"][: stem.shape[0], :3])
+    with pytest.raises(ValueError, match="Cannot slice"):
+        slice_state_dict({"w": torch.zeros(2, 2)}, {"w": torch.zeros(3, 2)})
+    with pytest.raises(ValueError, match="width"):
+        build_small_lite_trunk(width=1.5, pre_trained=False)
+
+
+def test_student_heads_are_small_and_the_default_is_the_distilled_one() -> None:
+    student = _student()
+    assert all(isinstance(head, DistilledHead) for head in student.model.heads.values())
+    assert all(parameter_count(head) < 5_000 for head in student.model.heads.values())
+    assert not any("normal_" in name for name, _ in student.model.named_buffers())  # no fitted statistics
+    frozen = _student("frozen")
+    assert all(isinstance(head, TaskHead) for head in frozen.model.heads.values())
+    with pytest.raises(ValueError, match="Unknown trunk 'tiny'"):
+        _student("tiny")
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[CrossTaskStudent, dict[str, torch.Tensor], list[dict]]:
+    """One small student trained 4 epochs with DWA, the adaptive temperature and feature distillation."""
+    torch.manual_seed(0)
+    student = _student()
+    before = {name: value.detach().clone() for name, value in student.model.trunk.named_parameters()}
+    history = _train(
+        student, epochs=4, task_weighting="dwa", dwa_temperature=0.05, temperature="adaptive", learning_rate=0.05
+    )
+    return student, before, history
+
+
+def test_trunk_receives_gradients_and_its_weights_change_in_training(trained: tuple) -> None:
+    student, before, history = trained
+    changed = [name for name, value in student.model.trunk.named_parameters() if not torch.equal(value, before[name])]
+    assert len(changed) == len(before)  # every trunk tensor moved: the tasks' losses reach the shared trunk
+    assert history[-1]["parts"]["a"]["feature"] > 0  # the feature-distillation term is on
+    assert student.model.training is False
+
+
+def test_frozen_trunk_baseline_keeps_its_trunk() -> None:
+    torch.manual_seed(0)
+    student = _student("frozen")
+    before = {name: value.detach().clone() for name, value in student.model.trunk.named_parameters()}
+    history = _train(student, epochs=1)
+    assert all(torch.equal(value, before[name]) for name, value in student.model.trunk.named_parameters())
+    assert history[0]["parts"]["b"]["feature"] == 0.0
+
+
+def test_dwa_weights_follow_the_recorded_loss_ratios(trained: tuple) -> None:
+    history = trained[2]
+    assert [record["weight"] for record in history[:2]] == [{"a": 1.0, "b": 1.0}] * 2
+    for epoch in (2, 3):
+        dwa = DynamicWeightAverage(2, temperature=0.05)
+        for record in history[epoch - 2 : epoch]:
+            dwa.update([record["loss"]["a"], record["loss"]["b"]])
+        assert list(history[epoch]["weight"].values()) == pytest.approx(dwa.weights(), rel=1e-6)
+    assert history[2]["weight"]["a"] != pytest.approx(1.0, abs=1e-3)  # the losses fell at different rates
+
+
+def test_uncertainty_weighting_learns_task_weights() -> None:
+    torch.manual_seed(0)
+    history = _train(_student(), epochs=2, task_weighting="uncertainty", temperature="fixed", learning_rate=0.05)
+    weights = history[-1]["weight"]
+    assert weights["a"] != pytest.approx(1.0, abs=1e-3)
+    assert weights["a"] > weights["b"]  # the noisier task's loss stays higher: it is down-weighted
+
+
+def test_adaptive_temperature_is_learned_within_its_curriculum_bounds(trained: tuple) -> None:
+    history = trained[2]
+    assert history[0]["reversal"] == 0.0 and history[-1]["reversal"] == pytest.approx(1.0)
+    # Epoch 1: the curriculum's reversal strength is 0, so the temperature cannot move yet.
+    assert list(history[0]["temperature"].values()) == pytest.approx([4.0, 4.0], abs=1e-6)
+    final = list(history[-1]["temperature"].values())
+    assert all(1.0 <= tau <= 21.0 for tau in final)
+    assert all(abs(tau - 4.0) > 1e-3 for tau in final)
+
+
+def test_switches_off_give_the_fixed_versions() -> None:
+    torch.manual_seed(0)
+    history = _train(_student(), epochs=2, task_weighting="fixed", temperature="fixed", feature_distillation=False)
+    for record in history:
+        assert record["weight"] == {"a": 1.0, "b": 1.0}
+        assert record["temperature"] == {"a": 4.0, "b": 4.0}
+        assert record["parts"]["a"]["feature"] == 0.0
+
+
+def test_one_ir_for_all_tasks_matches_torch(trained: tuple, tmp_path) -> None:
+    from kd_ext.edge import EdgeModel
+    from kd_ext.models.cross_task.export import export_all_tasks_openvino
+
+    student = trained[0]
+    xml = export_all_tasks_openvino(student, tmp_path / "student.xml", (SIZE, SIZE))
+    images = torch.rand(2, 3, SIZE, SIZE)
+    for task in TASKS:
+        student.select_task(task)
+        with torch.no_grad():
+            expected = student(images)
+        prediction = EdgeModel(xml, task=task, mode="latency").predict(images.numpy())
+        np.testing.assert_allclose(prediction.anomaly_map, expected.anomaly_map[:, 0].numpy(), atol=1e-3)
+        np.testing.assert_allclose(prediction.pred_score, expected.pred_score.numpy(), atol=1e-3)
+
+
+def test_distill_config_parses_like_anomalib(tmp_path) -> None:
+    config = tmp_path / "distill.yaml"
+    config.write_text(
+        "output: out\ntasks:\n  - {name: brain, checkpoint: b.ckpt, data: {root: d, category: brain_mri, "
+        "layout: folder}}\ntraining: {epochs: 3}\n"
+    )
+    parsed = parse_distill_args(
+        ["--config", str(config), "--training.task_weighting", "uncertainty", "--student.trunk", "frozen"]
+    )
+    assert isinstance(parsed, DistillConfig)
+    assert (parsed.training.epochs, parsed.training.task_weighting, parsed.student.trunk) == (
+        3,
+        "uncertainty",
+        "frozen",
+    )
+    assert parsed.tasks[0].layout == "folder"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_distill_args(["--config", str(config), "--training.temperature", "hot"])
+    assert exit_info.value.code == 2
