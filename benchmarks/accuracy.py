@@ -437,7 +437,15 @@ def run(row: str, set_name: str, seed: int, epochs: int, accelerator: str, workd
         "trainable_parameters": trainable_parameters(model),
         "machine": machine(engine.trainer.strategy.root_device.type),
         "image_scores": recorder.records,
-    }
+    } | finetune_record(model)
+
+
+def finetune_record(model: Any) -> dict:
+    """What the teacher fine-tuning of a ``+finetune`` row did (steps, losses, weight shift), else nothing."""
+    import dataclasses
+
+    reports = getattr(model, "teacher_finetune_reports", ())
+    return {"teacher_finetune": [dataclasses.asdict(report) for report in reports]} if reports else {}
 
 
 def rescore(row: str, set_name: str, seed: int, workdir: Path, accelerator: str) -> dict:

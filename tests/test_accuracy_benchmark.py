@@ -280,3 +280,96 @@ def test_metrics_rank_raw_scores_and_sets_without_masks_get_image_metrics_only()
         metric.update(batch)
         assert metric.compute().item() == pytest.approx(1.0)
     assert [metric.name for metric in accuracy.evaluator(masks=True).test_metrics][2:] == ["pixel_AUROC", "pixel_AUPRO"]
+
+
+# --- per-image scores, rescoring and the medical report -----------------------------------------------------
+
+
+def test_score_recorder_keeps_raw_scores_labels_and_relative_paths(tmp_path):
+    import torch
+    from anomalib.data import ImageBatch
+
+    recorder = accuracy.score_recorder(tmp_path)
+    inside, outside = str(tmp_path / "test" / "good" / "a.png"), "/elsewhere/b.png"
+    batch = ImageBatch(
+        image=torch.zeros(2, 3, 8, 8),
+        pred_score=torch.tensor([12.5, 3.25]),
+        gt_label=torch.tensor([1, 0]),
+        image_path=[inside, outside],
+    )
+    recorder.on_test_batch_end(None, None, batch, batch, 0)
+    assert recorder.records == {
+        "pred_score": [12.5, 3.25],
+        "gt_label": [1, 0],
+        "image_path": ["test/good/a.png", outside],
+    }
+
+
+def test_rescore_picks_stored_runs_without_scores_and_refuses_a_missing_checkpoint(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "accuracy.json"
+    scored = make_run("BiDirMSKD", "brain_mri", 0, {"image_AUROC": 0.8}) | {"image_scores": {"pred_score": []}}
+    for run in (scored, make_run("BiDirMSKD", "brain_mri", 1, {"image_AUROC": 0.7})):
+        report.merge_run(path, run)
+    calls = []
+
+    def fake_rescore(row, set_name, seed, workdir, accelerator):
+        calls.append((row, set_name, seed))
+        return {"image_scores": {"pred_score": [1.0], "gt_label": [1], "image_path": ["x"]}, "rescore_metrics": {}}
+
+    monkeypatch.setattr(accuracy, "rescore", fake_rescore)
+    args = accuracy.parse_args(["--sets", "brain_mri", "--rows", "BiDirMSKD", "--seeds", "0", "1", "2", "--rescore"])
+    assert accuracy.add_scores(args, path) == 0
+    assert calls == [("BiDirMSKD", "brain_mri", 1)]  # seed 0 has scores, seed 2 never ran
+    stored = {run["seed"]: run for run in report.load(path)["runs"]}
+    assert stored[1]["image_scores"]["pred_score"] == [1.0] and stored[1]["metrics"] == {"image_AUROC": 0.7}
+
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        accuracy.rescore("BiDirMSKD", "brain_mri", 2, tmp_path / "nowhere", "cpu")
+
+
+def test_medical_report_roc_finetune_verdicts_and_files(tmp_path):
+    import signals_medical_report as medical
+    from sklearn.metrics import roc_auc_score
+
+    labels, scores = [0, 0, 1, 1, 1, 0], [0.1, 0.4, 0.35, 0.8, 0.4, 0.2]
+    fpr, tpr = medical.roc_curve(labels, scores)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert medical.auc(fpr, tpr) == pytest.approx(roc_auc_score(labels, scores))
+    with pytest.raises(ValueError, match="both normal and abnormal"):
+        medical.roc_curve([1, 1], [0.1, 0.2])
+
+    def run(row, seed, auroc, one_pass=False):
+        record = make_run(row, "brain_mri", seed, {"image_AUROC": auroc, "image_F1Max": 0.9}, one_pass=one_pass)
+        return record | {"image_scores": {"pred_score": scores, "gt_label": labels, "image_path": ["p"] * 6}}
+
+    runs = [run("BiDirMSKD", s, a) for s, a in enumerate([0.80, 0.82, 0.84])]
+    runs += [run("BiDirMSKD +finetune", s, a) for s, a in enumerate([0.90, 0.91, 0.92])]  # beyond the spread
+    runs += [run("MTHF", s, a) for s, a in enumerate([0.80, 0.85, 0.90])]
+    runs += [run("MTHF +finetune", s, a) for s, a in enumerate([0.82, 0.86, 0.90])]  # within the spread
+    runs += [run("anomalib Padim", 0, 0.88, one_pass=True)]
+    (tmp_path / "accuracy.json").write_text(json.dumps({"runs": runs}))
+    signals = {
+        "runs": [
+            {"row": "Isolation Forest", "split": split, "seed": seed, "input": "series",
+             "metrics": {"auroc": 0.8, "f1": 0.5, "accuracy": 0.7, "recall": 0.4}}
+            | ({"scores": scores, "labels": labels} if split == "test" else {})
+            for split in ("fold0", "test")
+            for seed in (0, 1)
+        ],
+        "commands": ["python benchmarks/signals.py --rows 'Isolation Forest'"],
+    }  # fmt: skip
+    (tmp_path / "signals.json").write_text(json.dumps(signals))
+    assert medical.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "signals_medical.md").read_text()
+    verdicts = {line.split(" vs ")[0][2:]: line for line in text.splitlines() if " vs " in line and "spread" in line}
+    assert "**fine-tuning helps**" in verdicts["BiDirMSKD +finetune"]
+    assert "no difference beyond the seed spread" in verdicts["MTHF +finetune"]
+    assert "BiDirMSKD reverse-only +finetune vs BiDirMSKD reverse-only: not both run yet" in text
+    assert "| anomalib Padim | 1 pass | 0.8800 |" in text
+    assert "python benchmarks/signals.py --rows 'Isolation Forest'" in text
+    data = json.loads((tmp_path / "signals_medical.json").read_text())
+    assert sorted(data["mri"]["BiDirMSKD"]["roc"]) == ["0", "1", "2"]
+    assert data["ecg"]["Isolation Forest"]["test"]["auroc"]["n"] == 2
+    for name in ("signals_medical_mri_roc.png", "signals_medical_ecg_roc.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

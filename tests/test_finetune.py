@@ -8,6 +8,7 @@ import torch
 from kd_ext.models import MTHF, BiDirMSKD
 from kd_ext.models.bidirmskd.torch_model import BiDirMSKDModel
 from kd_ext.models.components import FinetuneSchedule, TeacherFinetune, finetune_teacher, resolve_teacher_finetune
+from kd_ext.models.components.finetune import DEFAULT_SCHEDULE
 from kd_ext.models.mthf.torch_model import MTHFModel
 
 SIZE = (64, 64)
@@ -53,6 +54,7 @@ def test_off_keeps_the_teacher_bit_identical_through_a_fit(tmp_path: Path, tiny_
     after = teacher_state(model.model)
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert "teacher_finetuned" not in model.model.state_dict()
+    assert not model.teacher_finetune_reports
 
 
 def test_on_adapts_the_last_stages_once_then_freezes_the_teacher(tmp_path: Path, tiny_folder_datamodule) -> None:
@@ -79,6 +81,9 @@ def test_on_adapts_the_last_stages_once_then_freezes_the_teacher(tmp_path: Path,
     assert all(not parameter.requires_grad for parameter in model.model.teacher.parameters())
     assert not model.model.teacher.training
     assert bool(model.model.teacher_finetuned)
+    (report,) = model.teacher_finetune_reports
+    assert report.steps == DEFAULT_SCHEDULE.epochs * 2  # 6 training images, batch 3
+    assert report.weight_shift > 0
 
     # Checkpoint round trip: the adapted teacher comes back, and a resumed fit does not adapt again.
     checkpoint = tmp_path / "model.ckpt"

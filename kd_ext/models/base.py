@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from kd_ext.export.mixin import KDExtExportMixin
 from kd_ext.models.checkpoint import KDExtCheckpointMixin, pre_processor_image_size, teacher_pre_processor
-from kd_ext.models.components.finetune import batches_at_size
+from kd_ext.models.components.finetune import FinetuneReport, batches_at_size
 from kd_ext.models.distributed import (
     average_moving_statistics,
     broadcast_from_rank_zero,
@@ -54,6 +54,8 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
     learning_rate: float
     epochs: int | None = None
     model: torch.nn.Module
+    teacher_finetune_reports: tuple[FinetuneReport, ...] | list[FinetuneReport] = ()
+    """What the teacher fine-tuning of the last fit did (empty when it did not run)."""
 
     @classmethod
     def configure_pre_processor(
@@ -125,6 +127,7 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
         batches = batches_at_size(lambda: (self.training_input(images) for images in raw()), size)
         with torch.inference_mode(False), torch.enable_grad():
             reports = self.model.finetune_teachers(batches, transform if transform is not None else (lambda x: x))
+        self.teacher_finetune_reports = reports
         for report in reports:
             logger.info(
                 "%s teacher fine-tuned: %d steps, synthetic-anomaly loss %.4f -> %.4f, weight shift %.4f",
