@@ -1,27 +1,27 @@
-"""Edge benchmark: PyTorch eager vs OpenVINO FP32 / FP16 / INT8 for BiDirMSKD, anomalib Stfpm and Padim.
+"""Edge benchmark: BiDirMSKD's standard and features IRs (FP32, INT8_PTQ) against anomalib Stfpm FP32, one run.
 
 One run measures, side by side on the same machine and data (MVTec AD bottle, 256x256):
-- latency at batch 1 (median ms) and throughput at batch 8 (images/s) for torch eager and the OpenVINO IRs
-  (``INFERENCE_PRECISION_HINT=f32``; INT8 calibrated on normal training images, its maps held within 0.02 of
-  FP32 on held-out training images), interleaved in rounds so
-  that load from other jobs hits all rows alike;
-- accuracy of the IRs vs torch for BiDirMSKD: max |map difference| and image / pixel AUROC on the 83 test images;
-- peak memory (max RSS of the whole process, ``/usr/bin/time -v``) of ``kd-ext infer`` vs anomalib's
-  ``OpenVINOInferencer`` scoring the same 83 files with the same IR;
-- where the anomaly-map tail should run: inside the IR (OpenVINO) vs the fused C++ kernel on raw features.
+- latency at batch 1 (median ms) and throughput at batch 8 (images/s) through :class:`kd_ext.edge.EdgeModel`
+  (``INFERENCE_PRECISION_HINT=f32``) for BiDirMSKD exported in both modes (``standard``: anomalib's whole forward;
+  ``features``: the IR ends at the per-scale features and the tail runs in kd_ext's fused C++ kernel) at FP32 and
+  INT8_PTQ (calibrated on normal training images, maps held within 0.02 of FP32 on held-out training images), and
+  anomalib Stfpm FP32 (standard IR), interleaved in rounds so that load from other jobs hits all rows alike; the
+  goal ratio (BiDirMSKD INT8 latency / Stfpm FP32 latency) is taken per round;
+- accuracy of the BiDirMSKD IRs vs torch: max |map| and |score| differences, labels differing, image / pixel AUROC
+  on the 83 test images;
+- MTHF's two-stage fusion on the edge: one weighted kernel call vs per-group kernel calls plus a numpy step, with
+  the features of an MTHF on 8 bottle images.
 
 Run:
-    python benchmarks/edge.py --ckpt kd_ext_runs/edge/bottle.ckpt
+    python benchmarks/edge.py --epochs 1
+    python benchmarks/edge.py --ckpt path/to/bidirmskd_bottle.ckpt
 """
 
 import argparse
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,14 +39,18 @@ from anomalib.models import Padim
 
 from kd_ext.backbones import no_pretrained_downloads
 from kd_ext.edge import EdgeModel
+from kd_ext.edge.contract import AnomalyTail, TailGroup
+from kd_ext.edge.tail import raw_map_and_score, two_stage_numpy
 from kd_ext.export import export_openvino
 from kd_ext.export.quantization import HOLDOUT_EVERY, MAX_MAP_ERROR
-from kd_ext.models import BiDirMSKD
+from kd_ext.models import MTHF, BiDirMSKD
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("KD_EXT_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "benchmarks" / "results"
-PRECISIONS = ("fp32", "fp16", "int8")
+MODES = ("standard", "features")
+PRECISIONS = ("fp32", "int8_ptq")
+BASELINE = "anomalib Stfpm OpenVINO FP32 (standard)"
 
 
 def datamodule() -> MVTecAD:
@@ -86,14 +90,6 @@ def test_images() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.cat(images), torch.cat(labels), torch.cat(masks)
 
 
-def torch_runner(model):
-    @torch.no_grad()
-    def run(x: np.ndarray) -> None:
-        model(torch.from_numpy(x))
-
-    return run
-
-
 def ov_latency_runner(xml: Path):
     edge = EdgeModel(xml, precision_hint="f32", mode="latency")
     return edge.predict
@@ -119,165 +115,136 @@ def timed(run, x: np.ndarray, repeats: int) -> float:
     return float(np.median(times))
 
 
-def max_rss_mib(command: list[str], cwd: Path) -> tuple[float, float]:
-    start = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-v", *command], cwd=cwd, capture_output=True, text=True, check=True)
-    seconds = time.perf_counter() - start
-    kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return kib / 1024, seconds
+def row_name(mode: str, precision: str) -> str:
+    return f"BiDirMSKD OpenVINO {precision.upper()} ({mode})"
 
 
-INFERENCER = """
-import sys
-from pathlib import Path
-from anomalib.deploy import OpenVINOInferencer
-inferencer = OpenVINOInferencer(sys.argv[1], device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
-files = sorted(p for p in Path(sys.argv[2]).rglob("*.png"))
-for path in files:
-    inferencer.predict(path)
-print(len(files))
-"""
-
-
-def tail_placement(model: BiDirMSKD, images: torch.Tensor, workdir: Path) -> dict:
-    """ms/image at batch 8 of the anomaly-map tail: in an IR (OpenVINO f32), torch, and the C++ kernel."""
+def mthf_two_stage(images: torch.Tensor) -> dict:
+    """ms/image at batch 8 of MTHF's tail: the fused weighted kernel call vs per-group calls + a numpy step."""
+    torch.manual_seed(0)
+    model = MTHF(pre_trained=False, visualizer=False).eval()
     inner = model.model
-    x = model.pre_processor(images[:8])
+    generator = inner.anomaly_map_generator
     with torch.no_grad():
-        teacher, forward, reverse = inner.distill(x)
-    features = [*teacher, *forward, *reverse]
-
-    class Tail(torch.nn.Module):
-        def forward(self, *feats: torch.Tensor) -> torch.Tensor:
-            t, f, r = feats[0:3], feats[3:6], feats[6:9]
-            anomaly_map = inner.anomaly_map_generator(t, [f, r], (256, 256))
-            return anomaly_map, anomaly_map.flatten(1).amax(dim=1)
-
-    tail = Tail().eval()
-    onnx_path = workdir / "tail.onnx"
-    torch.onnx.export(tail, tuple(features), str(onnx_path), dynamo=True, opset_version=18)
-    compiled = ov.Core().compile_model(ov.convert_model(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    arrays = [np.ascontiguousarray(f.numpy()) for f in features]
-    request = compiled.create_infer_request()
+        x = model.pre_processor(images[:8])
+        pairs = list(inner.distill(x, inner.teacher_features(x)).values())
+        maps = generator.group_maps(pairs, (256, 256))
+        generator.map_mean.copy_(torch.tensor([float(m.mean()) for m in maps]))
+        generator.map_std.copy_(torch.tensor([float(m.std()) for m in maps]))
+        expected = model.model(x).anomaly_map.numpy()
+    features, groups = {}, []
+    for g, (teacher, student) in enumerate(pairs):
+        names = []
+        for level, (t, s) in enumerate(zip(teacher, student, strict=True)):
+            features[f"t{g}{level}"] = np.ascontiguousarray(t.numpy())
+            features[f"s{g}{level}"] = np.ascontiguousarray(s.numpy())
+            names.append((f"t{g}{level}", f"s{g}{level}"))
+        groups.append(TailGroup(pairs=tuple(names), fusion="mean"))
+    tail = AnomalyTail(
+        output_size=(256, 256),
+        groups=tuple(groups),
+        sigma=generator.sigma,
+        group_fusion="mean",
+        group_mean=tuple(generator.map_mean.tolist()),
+        group_std=tuple(generator.map_std.tolist()),
+    )
+    fused, _ = raw_map_and_score(tail, features)
+    stepped, _ = two_stage_numpy(tail, features)
     result = {
-        "raw_feature_bytes_per_image": int(sum(a[0].nbytes for a in arrays)),
-        "in_ir_output_bytes_per_image": 256 * 256 * 4 + 256 * 256 + 8,
-        "openvino_tail_ms_per_image": 1000 * timed(lambda _: request.infer(arrays), None, 10) / 8,
+        "fused_max_abs_diff_vs_torch": float(np.abs(fused - expected).max()),
+        "numpy_step_max_abs_diff_vs_torch": float(np.abs(stepped - expected).max()),
+        "map_range": float(expected.max() - expected.min()),
+        "fused_ms": [],
+        "numpy_step_ms": [],
     }
-    with torch.no_grad():
-        ref_map, _ = tail(*features)
-        result["torch_tail_ms_per_image"] = 1000 * timed(lambda _: tail(*features), None, 10) / 8
-    try:
-        from kd_ext import _native
-
-        def kernel(_: object) -> tuple:
-            return _native.anomaly_map(arrays[0:3] * 2, arrays[3:9], 256, 256, fusion="mean", sigma=4.0, score="max")
-
-        kernel_map, _ = kernel(None)
-        result["cpp_kernel_ms_per_image"] = 1000 * timed(kernel, None, 10) / 8
-        result["cpp_kernel_max_abs_diff_vs_torch"] = float(np.abs(kernel_map - ref_map.numpy()).max())
-    except (ImportError, AttributeError, TypeError, ValueError) as error:
-        result["cpp_kernel"] = f"not available: {error}"
+    for _ in range(5):
+        result["fused_ms"].append(1000 * timed(lambda _: raw_map_and_score(tail, features), None, 3) / 8)
+        result["numpy_step_ms"].append(1000 * timed(lambda _: two_stage_numpy(tail, features), None, 3) / 8)
+    result["fused_ms_per_image"] = float(np.median(result["fused_ms"]))
+    result["numpy_step_ms_per_image"] = float(np.median(result["numpy_step_ms"]))
     return result
 
 
-def tail_or_error(model: BiDirMSKD, images: torch.Tensor, workdir: Path) -> dict:
-    try:
-        return tail_placement(model, images, workdir)
-    except Exception as error:  # keep the other sections of the report
-        return {"error": f"{type(error).__name__}: {error}"[:500]}
-
-
 def render(report: dict) -> str:
+    speed = report["speed"]
+    goal = report["goal"]
     lines = [
-        "# Edge deployment: PyTorch eager vs OpenVINO",
+        "# Edge deployment: standard vs features IRs (tail in kd_ext's kernel), FP32 and INT8",
         "",
         f"Command: `{report['command']}`",
         "",
         report["machine"],
         "",
-        "## Speed (MVTec bottle images, 256x256; OpenVINO with `INFERENCE_PRECISION_HINT=f32`)",
+        "## Speed (MVTec bottle images, 256x256; `kd_ext.edge.EdgeModel`, `INFERENCE_PRECISION_HINT=f32`)",
         "",
-        "| model | runtime | batch-1 latency ms | batch-8 throughput img/s | speed-up vs eager (throughput) |",
-        "|---|---|---:|---:|---:|",
+        "| model / IR | batch-1 latency ms | batch-8 throughput img/s | latency vs Stfpm FP32 (per-round ratio) |",
+        "|---|---:|---:|---:|",
     ]
-    for model, rows in report["speed"].items():
-        eager = rows["torch eager"]["throughput_img_s"]
-        for runtime, row in rows.items():
-            lines.append(
-                f"| {model} | {runtime} | {row['latency_ms']:.1f} | {row['throughput_img_s']:.1f} | "
-                f"{row['throughput_img_s'] / eager:.2f}x |"
-            )
+    for name, row in speed.items():
+        lines.append(
+            f"| {name} | {row['latency_ms']:.1f} | {row['throughput_img_s']:.1f} | "
+            f"{row['latency_ratio_to_baseline']:.2f}x |"
+        )
+    met = "met" if goal["ratio"] <= 1.0 else "not met"
+    lines += [
+        "",
+        f"Goal (BiDirMSKD INT8 batch-1 latency at or below anomalib Stfpm FP32's, same run): **{met}** -- the faster "
+        f"BiDirMSKD INT8 IR ({goal['row']}) takes {goal['ratio']:.2f}x Stfpm FP32's latency (median of the "
+        f"per-round ratios; rounds: {', '.join(f'{r:.2f}' for r in goal['rounds'])}).",
+        "",
+        f"Default export mode chosen from this run: `{report['default_mode']}` ({report['default_reason']}).",
+    ]
     acc = report["accuracy"]
     lines += [
         "",
         f"## Accuracy of the BiDirMSKD IRs vs torch (bottle test set, {acc['images']} images, "
-        f"model trained {acc['epochs']} epochs)",
+        f"model trained {acc['epochs']} epoch(s))",
         "",
-        "| runtime | image AUROC | pixel AUROC | max abs map diff vs torch (normalised) | labels differing |",
-        "|---|---:|---:|---:|---:|",
+        "| IR | image AUROC | pixel AUROC | max abs map diff vs torch (normalised) | max abs score diff "
+        "| labels differing |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in acc["rows"].items():
         lines.append(
             f"| {name} | {row['image_AUROC']:.4f} | {row['pixel_AUROC']:.4f} | "
-            f"{row.get('max_map_diff', 0):.2e} | {row.get('labels_differing', 0)} |"
+            f"{row.get('max_map_diff', 0):.2e} | {row.get('max_score_diff', 0):.2e} | "
+            f"{row.get('labels_differing', 0)} |"
         )
     lines += [
         "",
-        f"INT8: NNCF post-training quantisation calibrated on normal training images (every {HOLDOUT_EVERY}th held "
-        "out), anomaly-map tail in float; NNCF accuracy control reverts ops to float until the INT8 maps of the "
-        f"held-out images are within {MAX_MAP_ERROR} (mean, normalised) of FP32 "
-        "(`kd_ext.export.quantize_on_training_images`).",
+        f"INT8_PTQ: NNCF post-training quantisation calibrated on normal training images (every {HOLDOUT_EVERY}th held "
+        "out); NNCF accuracy control reverts ops to float until the INT8 maps of the held-out images are within "
+        f"{MAX_MAP_ERROR} (mean, normalised) of FP32 (`kd_ext.export.quantize_on_training_images`). In the standard "
+        "IR the tail stays in float inside the IR; in the features IR it runs in float32 in the C++ kernel.",
     ]
-    mem = report["memory"]
-    inferencer = next(row for name, row in mem.items() if "OpenVINOInferencer" in name)
+    mthf = report["mthf_two_stage"]
     lines += [
         "",
-        "## Peak memory scoring the 83 test files from disk (whole process, max RSS, `/usr/bin/time -v`), FP32 IR",
+        "## MTHF's two-stage fusion on the edge (3 groups, 8 bottle images, 256x256, ms per image)",
         "",
-        "| runner | max RSS MiB | vs OpenVINOInferencer | wall s |",
-        "|---|---:|---:|---:|",
-        *[
-            f"| {name} | {row['max_rss_mib']:.0f} | {row['max_rss_mib'] / inferencer['max_rss_mib']:.2f}x | "
-            f"{row['seconds']:.1f} |"
-            for name, row in mem.items()
-        ],
+        "| stage 2 (standardise groups, mean, blur, score) | ms / image | max abs map diff vs torch |",
+        "|---|---:|---:|",
+        f'| one weighted kernel call, constant shift (used for `group_fusion="mean"`) | '
+        f"{mthf['fused_ms_per_image']:.2f} | {mthf['fused_max_abs_diff_vs_torch']:.1e} |",
+        f'| one kernel call per group + numpy standardise/mean/blur + kernel score (used for `"max"`) | '
+        f"{mthf['numpy_step_ms_per_image']:.2f} | {mthf['numpy_step_max_abs_diff_vs_torch']:.1e} |",
         "",
-        "## Where the anomaly-map tail runs (BiDirMSKD, batch 8)",
+        f"Raw (unnormalised) maps, range {mthf['map_range']:.2f}; untrained MTHF with statistics set from these maps.",
         "",
     ]
-    tail = report["tail"]
-    if "error" in tail or "cpp_kernel_ms_per_image" not in tail:
-        lines += ["```json", json.dumps(tail, indent=2), "```", ""]
-    else:
-        lines += [
-            "| tail (cosine maps, upsampling, fusion, blur, score) | ms / image | bytes out of the IR per image |",
-            "|---|---:|---:|",
-            f"| inside the IR (OpenVINO f32) | {tail['openvino_tail_ms_per_image']:.2f} | "
-            f"{tail['in_ir_output_bytes_per_image']:,} |",
-            f"| torch reference | {tail['torch_tail_ms_per_image']:.2f} | - |",
-            f"| C++ kernel on the IR's raw per-scale features | {tail['cpp_kernel_ms_per_image']:.2f} | "
-            f"{tail['raw_feature_bytes_per_image']:,} |",
-            "",
-            f"C++ kernel vs torch reference: max |map difference| {tail['cpp_kernel_max_abs_diff_vs_torch']:.1e}.",
-            "",
-        ]
     return "\n".join(lines)
 
 
 def main() -> None:  # noqa: PLR0915
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, help="trained BiDirMSKD checkpoint (else trained --epochs here)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument(
-        "--baseline-epochs", type=int, default=0, help="Stfpm epochs (speed rows only; 0: untrained, same graph)"
-    )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reuse", action="store_true", help="reuse IRs already exported into --workdir")
     parser.add_argument("--workdir", type=Path, default=REPO / "kd_ext_runs" / "edge_bench")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    args.workdir = args.workdir.resolve()  # the memory runs start in a temporary directory
+    args.workdir = args.workdir.resolve()
     torch.set_num_threads(os.cpu_count() or 1)
     args.workdir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/edge.py " + " ".join(sys.argv[1:])
@@ -287,52 +254,68 @@ def main() -> None:  # noqa: PLR0915
         epochs = torch.load(args.ckpt, map_location="cpu", weights_only=True).get("epoch", -1) + 1
     else:
         epochs = args.epochs
-        bidir = fit(BiDirMSKD(visualizer=False, epochs=epochs), epochs, args.workdir / "bidir")
-    models = {
-        "BiDirMSKD": bidir,
-        "anomalib Stfpm": fit(stfpm(), args.baseline_epochs, args.workdir / "stfpm"),
-        "anomalib Padim": fit(padim(), 1, args.workdir / "padim"),
+        ckpt = args.workdir / "bidir.ckpt"
+        if args.reuse and ckpt.is_file():
+            bidir = BiDirMSKD.load_from_checkpoint(ckpt).eval()
+        else:
+            seed_everything(0, workers=True)
+            bidir = BiDirMSKD(visualizer=False, epochs=epochs)
+            engine = Engine(
+                max_epochs=epochs, default_root_dir=args.workdir / "bidir", logger=False, accelerator="cpu", devices=1
+            )
+            engine.fit(bidir, datamodule=datamodule())
+            engine.trainer.save_checkpoint(ckpt)
+            bidir.eval()
+    stfpm_model = fit(stfpm(), 0, args.workdir / "stfpm")
+
+    def export(model, name: str, mode: str, precision: str) -> Path:
+        root = args.workdir / "ir" / name / mode / precision
+        existing = root / "weights" / "openvino" / "model.xml"
+        if args.reuse and existing.is_file():
+            return existing
+        start = time.perf_counter()
+        xml = export_openvino(model, root, precision, calibration=datamodule(), mode=mode)
+        print(name, mode, precision, xml, round(time.perf_counter() - start, 1), "s", flush=True)
+        return xml
+
+    irs = {
+        row_name(mode, precision): export(bidir, "BiDirMSKD", mode, precision)
+        for mode in MODES
+        for precision in PRECISIONS
     }
-    irs: dict[str, dict[str, Path]] = {}
-    export_seconds: dict[str, dict[str, float]] = {}
-    for name, model in models.items():
-        irs[name], export_seconds[name] = {}, {}
-        for precision in PRECISIONS:
-            start = time.perf_counter()
-            root = args.workdir / "ir" / name.replace(" ", "_") / precision
-            existing = root / "weights" / "openvino" / "model.xml"
-            if args.reuse and existing.is_file():
-                irs[name][precision] = existing
-                continue
-            irs[name][precision] = export_openvino(model, root, precision, calibration=datamodule())
-            export_seconds[name][precision] = round(time.perf_counter() - start, 1)
-            print(name, precision, irs[name][precision], export_seconds[name][precision], flush=True)
+    irs[BASELINE] = export(stfpm_model, "Stfpm", "standard", "fp32")
 
     images, labels, masks = test_images()
     x1, x8 = images[:1].numpy(), images[:32].numpy()
-    speed: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for name, model in models.items():
-        runners = {"torch eager": (torch_runner(model), torch_runner(model))}
-        for precision in PRECISIONS:
-            _, throughput = ov_throughput_runner(irs[name][precision])
-            runners[f"OpenVINO {precision.upper()}"] = (ov_latency_runner(irs[name][precision]), throughput)
-        speed[name] = {runtime: {"latency": [], "throughput": []} for runtime in runners}
-        for _ in range(args.rounds):
-            for runtime, (latency, throughput) in runners.items():
-                speed[name][runtime]["latency"].append(timed(latency, x1, 5) * 1000)
-                speed[name][runtime]["throughput"].append(len(x8) / timed(throughput, x8, 2))
-        print(name, {k: (np.median(v["latency"]), np.median(v["throughput"])) for k, v in speed[name].items()})
-    speed_rows = {
+    runners = {}
+    for name, xml in irs.items():
+        _, throughput = ov_throughput_runner(xml)
+        runners[name] = (ov_latency_runner(xml), throughput)
+    samples = {name: {"latency": [], "throughput": []} for name in runners}
+    for round_index in range(args.rounds):
+        order = list(runners) if round_index % 2 == 0 else list(reversed(runners))
+        for name in order:
+            latency, throughput = runners[name]
+            samples[name]["latency"].append(timed(latency, x1, 5) * 1000)
+            samples[name]["throughput"].append(len(x8) / timed(throughput, x8, 2))
+        print({k: round(v["latency"][-1], 1) for k, v in samples.items()}, flush=True)
+    baseline = np.array(samples[BASELINE]["latency"])
+    speed = {
         name: {
-            runtime: {
-                "latency_ms": float(np.median(v["latency"])),
-                "throughput_img_s": float(np.median(v["throughput"])),
-                "latency_ms_rounds": [round(t, 2) for t in v["latency"]],
-                "throughput_rounds": [round(t, 2) for t in v["throughput"]],
-            }
-            for runtime, v in rows.items()
+            "latency_ms": float(np.median(v["latency"])),
+            "throughput_img_s": float(np.median(v["throughput"])),
+            "latency_ratio_to_baseline": float(np.median(np.array(v["latency"]) / baseline)),
+            "latency_ms_rounds": [round(t, 2) for t in v["latency"]],
+            "throughput_rounds": [round(t, 2) for t in v["throughput"]],
         }
-        for name, rows in speed.items()
+        for name, v in samples.items()
+    }
+    int8_rows = [row_name(mode, "int8_ptq") for mode in MODES]
+    best_int8 = min(int8_rows, key=lambda name: speed[name]["latency_ratio_to_baseline"])
+    goal = {
+        "row": best_int8,
+        "ratio": speed[best_int8]["latency_ratio_to_baseline"],
+        "rounds": list(np.array(samples[best_int8]["latency"]) / baseline),
     }
 
     # Accuracy of BiDirMSKD: torch vs IRs on the same test images.
@@ -350,13 +333,13 @@ def main() -> None:  # noqa: PLR0915
         }
 
     accuracy = {"torch eager": aurocs(ref_score, ref_map)}
-    for precision in PRECISIONS:
-        edge = EdgeModel(irs["BiDirMSKD"][precision], precision_hint="f32")
+    for name in [row_name(mode, precision) for mode in MODES for precision in PRECISIONS]:
+        edge = EdgeModel(irs[name], precision_hint="f32")
         preds = [edge.predict(images[i : i + 8].numpy()) for i in range(0, len(images), 8)]
         amap = torch.from_numpy(np.concatenate([p.anomaly_map for p in preds]))
         score = torch.from_numpy(np.concatenate([p.pred_score for p in preds]))
         label = torch.from_numpy(np.concatenate([p.pred_label for p in preds]))
-        accuracy[f"OpenVINO {precision.upper()}"] = {
+        accuracy[name] = {
             **aurocs(score, amap),
             "max_map_diff": float((amap - ref_map).abs().max()),
             "max_score_diff": float((score - ref_score).abs().max()),
@@ -364,39 +347,34 @@ def main() -> None:  # noqa: PLR0915
         }
     print(json.dumps(accuracy, indent=1), flush=True)
 
-    # Peak memory: kd-ext infer vs anomalib's OpenVINOInferencer on the FP32 IR, 83 files.
-    test_dir = DATA / "mvtec_ad" / "bottle" / "test"
-    memory = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        kd_ext_cli = [sys.executable, "-m", "kd_ext.cli", "infer", str(irs["BiDirMSKD"]["fp32"]), str(test_dir)]
-        for batch_size in (1, 8):
-            out = Path(tmp) / f"out{batch_size}"
-            rss, seconds = max_rss_mib(
-                [*kd_ext_cli, "--out", str(out), "--recursive", "--quiet", "--batch-size", str(batch_size)], REPO
-            )
-            memory[f"kd-ext infer --batch-size {batch_size} (openvino + numpy + PIL), masks + overlays written"] = {
-                "max_rss_mib": rss,
-                "seconds": seconds,
-            }
-        script = Path(tmp) / "inferencer.py"
-        script.write_text(INFERENCER)
-        rss, seconds = max_rss_mib([sys.executable, str(script), str(irs["BiDirMSKD"]["fp32"]), str(test_dir)], tmp)
-        memory["anomalib OpenVINOInferencer (predict per file)"] = {"max_rss_mib": rss, "seconds": seconds}
-    print(json.dumps(memory), flush=True)
+    parity = accuracy[row_name("features", "fp32")]
+    faster = (
+        speed[row_name("features", "fp32")]["latency_ratio_to_baseline"]
+        < speed[row_name("standard", "fp32")]["latency_ratio_to_baseline"]
+    )
+    keeps_parity = parity["max_map_diff"] <= 1e-5 and parity["labels_differing"] == 0
+    default_mode = "features" if faster and keeps_parity else "standard"
+    reason = (
+        f"features FP32 latency {speed[row_name('features', 'fp32')]['latency_ms']:.1f} ms vs standard "
+        f"{speed[row_name('standard', 'fp32')]['latency_ms']:.1f} ms; features FP32 vs torch: max map diff "
+        f"{parity['max_map_diff']:.1e}, {parity['labels_differing']} labels differing"
+    )
 
     report = {
         "command": command,
         "machine": (
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (load average "
-            f"{os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}, OpenVINO {ov.get_version()}. "
-            "Medians over interleaved rounds; latency: 5 runs per round, batch 1; throughput: 32 images in "
-            "batches of 8 (OpenVINO: AsyncInferQueue, THROUGHPUT hint; torch: sequential batches)."
+            f"{os.getloadavg()[0]:.1f} at the end: the machine was heavily loaded, so absolute times are inflated and "
+            f"noisy; compare rows by the per-round ratios). torch {torch.__version__}, OpenVINO {ov.get_version()}. "
+            f"{args.rounds} interleaved rounds (order reversed every other round), medians; latency: 5 runs per "
+            "round, batch 1, LATENCY hint; throughput: 32 images in batches of 8 (AsyncInferQueue, THROUGHPUT hint)."
         ),
-        "export_seconds": export_seconds,
-        "speed": speed_rows,
+        "speed": speed,
+        "goal": goal,
+        "default_mode": default_mode,
+        "default_reason": reason,
         "accuracy": {"images": len(images), "epochs": epochs, "rows": accuracy},
-        "memory": memory,
-        "tail": tail_or_error(bidir, images, args.workdir),
+        "mthf_two_stage": mthf_two_stage(images),
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "edge.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -86,7 +86,7 @@ class Block:
             raise ImportError(f"blocked import of {name}")
         return None
 sys.meta_path.insert(0, Block())
-import kd_ext.edge, kd_ext.cli
+import kd_ext.edge, kd_ext.cli, kd_ext.edge.contract, kd_ext.edge.tail
 from kd_ext.edge import EdgeModel, score_folder
 assert not any(name.split(".")[0] in {"torch", "anomalib"} for name in sys.modules)
 print("ok")
@@ -260,10 +260,10 @@ def test_existing_output_and_overwrite(ir: Path, images: Path, tmp_path: Path) -
 
 
 def test_failure_midway_leaves_nothing(ir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kd_ext.edge import folder
+    from kd_ext.edge import results
 
     calls = {"n": 0}
-    original = folder.overlay
+    original = results.overlay
 
     def failing_overlay(*args: object, **kwargs: object) -> Image.Image:
         calls["n"] += 1
@@ -272,7 +272,7 @@ def test_failure_midway_leaves_nothing(ir: Path, images: Path, tmp_path: Path, m
             raise OSError(msg)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(folder, "overlay", failing_overlay)
+    monkeypatch.setattr(results, "overlay", failing_overlay)
     with pytest.raises(OSError, match="disk full"):
         score_folder(EdgeModel(ir), images, tmp_path / "out", batch_size=2, progress=None)
     assert not (tmp_path / "out").exists()

@@ -6,16 +6,13 @@ the preprocessing its model was trained with (:mod:`kd_ext.edge.series_preproces
 Importing this package never imports torch or anomalib (checked by the test suite), so a deployment needs
 ``pip install openvino numpy pillow`` and the IR, nothing else.
 
-Post-processing placement: the anomaly-map tail (per-scale ``1 - cos`` distances, upsampling, fusion,
-Gaussian blur, image score, normalisation and thresholds) runs **inside the IR**, as anomalib exports it, so
-that the IR stays a standard anomalib IR (``OpenVINOInferencer`` reads it too), the runtime needs no compiled
-extension and the normalisation and thresholds are not re-implemented outside the model. Measured
-(``benchmarks/results/edge.md``, 10-epoch BiDirMSKD, batch 8, loaded 2-core CPU): the in-IR tail costs
-11.4 ms per image, the fused C++ kernel ``kd_ext._native.anomaly_map`` on the raw per-scale features 1.3 ms
-(torch 3.1 ms), identical maps; the whole IR takes 87.5 ms (FP32) and 54.5 ms (INT8) per image at batch 1. A
-raw-feature IR (2.0 MB out per image instead of 0.33 MB) plus the C++ tail would save roughly 12 % (FP32) to
-19 % (INT8) of the latency, at the price of a non-standard IR, a compiled dependency on the device and a second
-copy of anomalib's normalisation; MTHF's two-stage fusion is not a kernel at all. We keep the tail in the IR.
+Post-processing placement: a standard IR (anomalib's export) runs the anomaly-map tail (per-scale ``1 - cos``
+distances, upsampling, fusion, Gaussian blur, image score, normalisation and thresholds) inside the IR, so that
+any anomalib runtime reads it. A features IR (``kd_ext.export.export_openvino(..., mode="features")``) ends at the
+per-scale teacher/student features and records the tail in its ``rt_info``; :class:`EdgeModel` detects it and
+runs the tail in kd_ext's fused C++ kernel (:mod:`kd_ext.kernels`, ``kd_ext._native``) plus numpy for anomalib's
+normalisation and thresholds (:mod:`kd_ext.edge.tail`), with the same outputs. Which is faster, and by how much,
+is measured in ``benchmarks/results/edge.md``. The names both sides use are in :mod:`kd_ext.edge.contract`.
 
 Precision: this CPU runs "FP32" IRs in bf16 unless told otherwise, which moved anomaly maps by up to 0.04.
 :class:`EdgeModel` therefore sets ``INFERENCE_PRECISION_HINT`` explicitly (``f32`` by default, for FP32,

@@ -10,11 +10,16 @@ the score and the map here.
 
 A cross-task student's IR serves several tasks from one trunk pass: its outputs are ``<task>/pred_score``,
 ``<task>/anomaly_map``, ... and :class:`EdgeModel` reads one task's (``task=``).
+
+A features IR (``export_openvino(..., mode="features")``) ends at the per-scale teacher/student features and
+records its anomaly-map tail in ``rt_info`` (:class:`~kd_ext.edge.contract.AnomalyTail`); :class:`EdgeModel`
+detects it and runs the tail and anomalib's post-processing with :mod:`kd_ext.kernels` and numpy
+(:mod:`kd_ext.edge.tail`), returning the same fields as for the standard IR. The names an IR is read by live in
+:mod:`kd_ext.edge.contract`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 from collections.abc import Iterable, Iterator
@@ -26,17 +31,41 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
+from .contract import (
+    CHECKSUM_KEY,
+    OUTPUT_FIELDS,
+    REQUIRED_OUTPUTS,
+    RT_INFO_KEY,
+    TAIL_KEY,
+    AnomalyTail,
+    file_sha256,
+    task_output,
+    tasks_of,
+)
 from .errors import EdgeInputError, EdgeModelError, text_name
+from .tail import run_tail
 
-REQUIRED_OUTPUTS = ("pred_score", "anomaly_map")
-OUTPUT_FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
 PRECISION_HINTS = ("f32", "bf16", "f16")
 MODES = ("throughput", "latency")
 DEFAULT_IMAGE_SIZE = (256, 256)
 IMAGE, SERIES = "image", "series"
 """Values of :attr:`EdgeModel.input_kind`: ``[N, 3, H, W]`` images or ``[N, C, L]`` series."""
-RT_INFO_KEY = "kd_ext"
-"""Section of the IR's ``rt_info`` where kd_ext's exporter records precision, calibration and the weights' checksum."""
+
+__all__ = [
+    "DEFAULT_IMAGE_SIZE",
+    "IMAGE",
+    "MODES",
+    "OUTPUT_FIELDS",
+    "PRECISION_HINTS",
+    "REQUIRED_OUTPUTS",
+    "RT_INFO_KEY",
+    "SERIES",
+    "EdgeModel",
+    "Prediction",
+    "file_sha256",
+    "fold_constant_nan_checks",
+    "openvino_message",
+]
 
 
 @dataclass
@@ -54,15 +83,6 @@ class Prediction:
     pred_label: np.ndarray
     anomaly_map: np.ndarray
     pred_mask: np.ndarray
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file (an IR's weights), read in 1 MiB chunks; the exporter records it, the runtime checks it."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def openvino_message(error: BaseException) -> str:
@@ -161,7 +181,8 @@ class EdgeModel:
         self.core = core or ov.Core()
         self.model = self._read(verify_weights)
         self.task = task
-        self.output_prefix = f"{task}/" if task is not None else ""
+        self.output_prefix = task_output(task, "")
+        self.tail = self._read_tail()
         self.output_names = self._check_outputs()
         self.input_kind = IMAGE
         self.channels = 3
@@ -211,7 +232,7 @@ class EdgeModel:
                 f".bin from different exports?): {openvino_message(error)}"
             )
             raise EdgeModelError(msg) from error
-        expected = _rt_info(model, "weights_sha256")
+        expected = _rt_info(model, CHECKSUM_KEY)
         if verify_weights and expected is not None and file_sha256(self.bin_path) != expected:
             msg = (
                 f"{self.bin_path.name} does not belong to {self.xml_path.name}: its checksum differs from the one "
@@ -221,10 +242,40 @@ class EdgeModel:
         fold_constant_nan_checks(model)
         return model
 
+    def _read_tail(self) -> AnomalyTail | None:
+        """The anomaly-map tail of a features IR (``None`` for a standard IR)."""
+        text = _rt_info(self.model, TAIL_KEY)
+        if text is None:
+            return None
+        try:
+            tail = AnomalyTail.from_json(text)
+        except ValueError as error:
+            msg = f"{self.xml_path.name}: {error}"
+            raise EdgeModelError(msg) from error
+        from kd_ext.kernels import native_available  # noqa: PLC0415 - only features IRs need the compiled kernels
+
+        if not native_available():
+            msg = (
+                f"{self.xml_path.name} is a features IR whose anomaly-map tail runs in kd_ext's compiled kernels, "
+                "but kd_ext._native is not importable here. Install a kd_ext wheel built for this platform, or "
+                "export the model with mode='standard'."
+            )
+            raise EdgeModelError(msg)
+        if self.task is not None:
+            msg = f"{self.xml_path.name} is a single-task features IR: drop --task."
+            raise EdgeModelError(msg)
+        return tail
+
     def _check_outputs(self) -> set[str]:
         """Output field names (without the task prefix) this IR provides for the chosen task."""
         names = {name for output in self.model.outputs for name in output.get_names()}
-        tasks = sorted(name.split("/", 1)[0] for name in names if name.endswith("/pred_score"))
+        if self.tail is not None:
+            missing = sorted(set(self.tail.feature_names) - names)
+            if missing:
+                msg = f"{self.xml_path.name} lacks the feature outputs {missing} its anomaly tail reads; re-export it."
+                raise EdgeModelError(msg)
+            return set(OUTPUT_FIELDS if self.tail.thresholds else REQUIRED_OUTPUTS)
+        tasks = tasks_of(names)
         if self.task is not None and self.task not in tasks:
             msg = f"{self.xml_path.name} has no task '{self.task}'; " + (
                 f"its tasks are {tasks}." if tasks else "it is a single-task IR: drop --task."
@@ -316,7 +367,8 @@ class EdgeModel:
             "threshold": self.threshold if self.threshold is not None else "IR (0.5 on normalised scores)",
             "input_size": list(self.input_size),
             "num_requests": self.num_requests,
-            "outputs": sorted(self.output_names & {"pred_score", "pred_label", "anomaly_map", "pred_mask"}),
+            "outputs": sorted(self.output_names & set(OUTPUT_FIELDS)),
+            "anomaly_tail": "IR" if self.tail is None else "kd_ext.kernels (native) + numpy",
         }
 
     def _check_batch(self, images: np.ndarray) -> tuple[np.ndarray, int]:
@@ -356,6 +408,8 @@ class EdgeModel:
 
     def _prediction(self, outputs: dict[str, np.ndarray], count: int) -> Prediction:
         outputs = {name: value[:count] if value.ndim else value for name, value in outputs.items()}
+        if self.tail is not None:
+            outputs = run_tail(self.tail, {name: np.ascontiguousarray(value) for name, value in outputs.items()})
         score = outputs["pred_score"].reshape(-1).astype(np.float32)
         anomaly_map = outputs["anomaly_map"].astype(np.float32)
         spatial = 1 if self.input_kind == SERIES else 2
@@ -373,10 +427,11 @@ class EdgeModel:
 
     def _outputs(self, request: ov.InferRequest) -> dict[str, np.ndarray]:
         outputs: dict[str, np.ndarray] = {}
+        wanted = set(OUTPUT_FIELDS) if self.tail is None else set(self.tail.feature_names)
         for index, port in enumerate(self.compiled.outputs):
             for name in port.get_names():
                 field = name.removeprefix(self.output_prefix) if name.startswith(self.output_prefix) else None
-                if field in OUTPUT_FIELDS:
+                if field in wanted:
                     outputs[field] = np.array(request.get_output_tensor(index).data, copy=True)
         return outputs
 

@@ -6,12 +6,16 @@ normal *training* images, keep the anomaly-map tail in floating point and check 
 on held-out training images (see :class:`KDExtExportMixin`).
 :func:`export_openvino` does the same for any anomalib model and records what it did in the IR's ``rt_info``; its
 precision names are anomalib's ``CompressionType`` values (:class:`Precision`: ``fp32``, ``fp16``, ``int8`` weights
-only, ``int8_ptq``, ``int8_acq``).
+only, ``int8_ptq``, ``int8_acq``). Its ``mode`` (:class:`ExportMode`) is ``"standard"`` (anomalib's whole forward)
+or, for BiDirMSKD and MTHF, ``"features"``: the IR ends at the per-scale features and kd_ext's edge runtime runs the
+anomaly-map tail with the C++ kernel (:mod:`kd_ext.export.features`).
 
 Example:
     >>> from kd_ext.export import export_openvino
     >>> xml = export_openvino(model, "exports", precision="int8_ptq", calibration=datamodule)  # doctest: +SKIP
 """
+
+from kd_ext.edge.contract import ExportMode
 
 from .mixin import KDExtExportMixin
 from .openvino import PRECISIONS, RT_INFO_KEY, Precision, export_onnx, export_openvino, resolve_precision
@@ -27,6 +31,7 @@ __all__ = [
     "MAX_MAP_ERROR",
     "PRECISIONS",
     "RT_INFO_KEY",
+    "ExportMode",
     "KDExtExportMixin",
     "Precision",
     "anomaly_map_ignored_scope",

@@ -15,9 +15,9 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING
 
-from kd_ext.edge.runtime import RT_INFO_KEY, file_sha256
+from kd_ext.edge.contract import CHECKSUM_KEY, EXPORT_MODE_KEY, RT_INFO_KEY, TAIL_KEY, ExportMode, file_sha256
 
-from .quantization import MAX_MAP_ERROR, quantize_on_training_images, quantize_with_accuracy_control
+from .quantization import MAX_MAP_ERROR, MapFunction, quantize_on_training_images, quantize_with_accuracy_control
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -113,6 +113,7 @@ def _compress(
     max_drop: float,
     subset_size: int,
     max_map_error: float | None,
+    maps: MapFunction | None = None,
 ) -> ov.Model:
     if precision in {Precision.FP32, Precision.FP16}:
         return ov_model
@@ -124,8 +125,24 @@ def _compress(
         msg = f"precision='{precision.value}' needs calibration=<datamodule with normal training images>."
         raise ValueError(msg)
     if precision is Precision.INT8_PTQ:
-        return quantize_on_training_images(ov_model, calibration, subset_size, max_map_error)
+        return quantize_on_training_images(ov_model, calibration, subset_size, max_map_error, maps)
     return quantize_with_accuracy_control(ov_model, calibration, metric, max_drop, subset_size)
+
+
+def _export_mode(mode: ExportMode | str, precision: Precision, input_size: tuple[int, int] | None) -> ExportMode:
+    try:
+        mode = ExportMode(mode)
+    except ValueError:
+        choices = [member.value for member in ExportMode]
+        msg = f"Unknown export mode '{mode}'; choose one of {choices}."
+        raise ValueError(msg) from None
+    if mode is ExportMode.FEATURES and input_size is None:
+        msg = "mode='features' needs a static input_size (the anomaly-map size is fixed at export), e.g. (256, 256)."
+        raise ValueError(msg)
+    if mode is ExportMode.FEATURES and precision is Precision.INT8_ACQ:
+        msg = "int8_acq checks the IR's scores, which a features IR does not output; use int8_ptq or mode='standard'."
+        raise ValueError(msg)
+    return mode
 
 
 def save_ir(ov_model: ov.Model, xml_path: Path, compress_to_fp16: bool, info: dict[str, str]) -> Path:
@@ -152,7 +169,7 @@ def save_ir(ov_model: ov.Model, xml_path: Path, compress_to_fp16: bool, info: di
     try:
         for key, value in info.items():
             ov_model.set_rt_info(str(value), [RT_INFO_KEY, key])
-        ov_model.set_rt_info(_PLACEHOLDER, [RT_INFO_KEY, "weights_sha256"])
+        ov_model.set_rt_info(_PLACEHOLDER, [RT_INFO_KEY, CHECKSUM_KEY])
         ov.save_model(ov_model, tmp_xml, compress_to_fp16=compress_to_fp16)
         text = tmp_xml.read_text(encoding="utf-8")
         if text.count(_PLACEHOLDER) != 1:
@@ -204,13 +221,17 @@ def export_openvino(
     subset_size: int = 300,
     convert: Callable[[Path], ov.Model] | None = None,
     max_map_error: float | None = MAX_MAP_ERROR,
+    mode: ExportMode | str = ExportMode.STANDARD,
 ) -> Path:
     """Export an anomalib model to OpenVINO IR at the given precision.
 
-    The IR is the whole ``AnomalibModule.forward``: it takes ``float32`` RGB images in ``[0, 1]``,
-    ``[N, 3, H, W]`` (batch dynamic), and outputs anomalib's ``InferenceBatch`` fields ``pred_score``,
+    With ``mode="standard"`` the IR is the whole ``AnomalibModule.forward``: it takes ``float32`` RGB images in
+    ``[0, 1]``, ``[N, 3, H, W]`` (batch dynamic), and outputs anomalib's ``InferenceBatch`` fields ``pred_score``,
     ``pred_label``, ``anomaly_map``, ``pred_mask`` (normalised so that the threshold is 0.5, when the
-    model's post-processor has statistics).
+    model's post-processor has statistics). With ``mode="features"`` (BiDirMSKD and MTHF) the IR takes the same
+    input and ends at the per-scale teacher/student features; the anomaly-map tail and the post-processor are
+    recorded in its ``rt_info`` and :class:`kd_ext.edge.EdgeModel` runs them with :mod:`kd_ext.kernels`, giving the
+    same four fields (:mod:`kd_ext.export.features`). Only :class:`kd_ext.edge.EdgeModel` reads a features IR.
 
     Args:
         model: Trained anomalib model.
@@ -229,6 +250,8 @@ def export_openvino(
         max_map_error: For ``int8_ptq``: largest mean difference between INT8 and FP32 normalised anomaly maps on
             held-out normal training images (ops are reverted to float until it holds), or ``None`` for plain
             PTQ. See :func:`kd_ext.export.quantize_on_training_images`.
+        mode: :class:`~kd_ext.edge.contract.ExportMode` or its value: ``"standard"`` (anomalib's IR) or
+            ``"features"`` (needs a static ``input_size``; not with ``int8_acq``).
 
     Returns:
         Path: The ``.xml`` file (its ``.bin`` is next to it).
@@ -239,15 +262,26 @@ def export_openvino(
     import openvino as ov  # noqa: PLC0415
 
     precision = resolve_precision(precision, calibration)
+    mode = _export_mode(mode, precision, input_size)
     if precision in CALIBRATED and calibration is None:
         msg = f"precision='{precision.value}' needs calibration=<datamodule with normal training images>."
         raise ValueError(msg)
     xml_path = Path(export_root) / "weights" / "openvino" / f"{model_file_name}.xml"
+    tail = maps = None
     with TemporaryDirectory() as onnx_dir:
-        onnx_path = export_onnx(model, onnx_dir, input_size, model_file_name)
+        if mode is ExportMode.FEATURES:
+            from .features import anomaly_tail, export_features_onnx, features_map_function  # noqa: PLC0415
+
+            model.eval()
+            tail, outputs = anomaly_tail(model, input_size)
+            maps = features_map_function(tail)
+            onnx_path = export_features_onnx(model, Path(onnx_dir) / f"{model_file_name}.onnx", input_size, outputs)
+        else:
+            onnx_path = export_onnx(model, onnx_dir, input_size, model_file_name)
         ov_model = (convert or ov.convert_model)(onnx_path)
-    ov_model = _compress(ov_model, precision, calibration, metric, max_drop, subset_size, max_map_error)
+    ov_model = _compress(ov_model, precision, calibration, metric, max_drop, subset_size, max_map_error, maps)
     info = {
+        EXPORT_MODE_KEY: mode.value,
         "precision": precision.value,
         "model": type(model).__name__,
         "calibration": "normal training images" if precision in CALIBRATED else "none",
@@ -256,4 +290,6 @@ def export_openvino(
     }
     if precision is Precision.INT8_PTQ:
         info["max_map_error"] = "none (plain PTQ)" if max_map_error is None else str(max_map_error)
+    if tail is not None:
+        info[TAIL_KEY] = tail.to_json()
     return save_ir(ov_model, xml_path, compress_to_fp16=precision == "fp16", info=info)

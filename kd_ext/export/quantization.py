@@ -16,7 +16,8 @@ AUROC, reverted ops, latency) are in ``benchmarks/results/edge.md``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -111,15 +112,23 @@ def holdout_split(n_images: int, every: int = HOLDOUT_EVERY) -> tuple[list[int],
     return [index for index in range(n_images) if index not in held_set], held
 
 
-def _map_output(compiled: Any) -> str:
+MapFunction = Callable[[dict[str, np.ndarray]], np.ndarray]
+"""Maps of a compiled IR's outputs by name (a features IR's tail); ``None``: the IR's ``anomaly_map`` output."""
+
+
+def _maps(compiled: Any, image: np.ndarray, maps: MapFunction | None) -> np.ndarray:
+    result = compiled(image)
+    if maps is not None:
+        return np.asarray(maps({port.get_any_name(): value for port, value in result.items()})).reshape(-1)
     names = {name for output in compiled.outputs for name in output.get_names()}
-    return "anomaly_map" if "anomaly_map" in names else "pred_score"
+    return np.asarray(result["anomaly_map" if "anomaly_map" in names else "pred_score"]).reshape(-1)
 
 
 def map_fidelity_dataset(
     ov_model: ov.Model,
     datamodule: AnomalibDataModule,
     indices: list[int],
+    maps: MapFunction | None = None,
 ) -> nncf.Dataset:
     """Held-out normal images paired with the FP32 model's anomaly maps (scores for map-less models).
 
@@ -127,6 +136,7 @@ def map_fidelity_dataset(
         ov_model: The FP32 OpenVINO model.
         datamodule: Datamodule with the normal training images.
         indices: The held-out training images.
+        maps: Maps of the IR's outputs (a features IR's tail), or ``None`` for its ``anomaly_map`` output.
 
     Returns:
         nncf.Dataset: Items ``(image [1, 3, H, W], fp32_map)``; the model input is the image.
@@ -135,32 +145,30 @@ def map_fidelity_dataset(
     import openvino as ov  # noqa: PLC0415
 
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    output = _map_output(compiled)
     size = _static_hw(ov_model)
     items = []
     for batch in _training_loader(datamodule, indices):
         images = _batch_images(batch, size)
         for image in images:
             item = image[None]
-            items.append((item, np.asarray(compiled(item)[output]).reshape(-1)))
+            items.append((item, _maps(compiled, item, maps)))
     return nncf.Dataset(items, lambda item: item[0])
 
 
-def map_fidelity(compiled: Any, items: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, list[float]]:
+def map_fidelity(
+    compiled: Any, items: Iterable[tuple[np.ndarray, np.ndarray]], maps: MapFunction | None = None
+) -> tuple[float, list[float]]:
     """NNCF validation function: ``1 -`` mean absolute difference to the FP32 maps (1.0 = identical).
 
     Args:
         compiled: Compiled (quantised) model.
         items: ``(image, fp32_map)`` pairs from :func:`map_fidelity_dataset`.
+        maps: As in :func:`map_fidelity_dataset`.
 
     Returns:
         tuple[float, list[float]]: The mean fidelity and each image's, as NNCF ranks per sample.
     """
-    output = _map_output(compiled)
-    per_image = [
-        1.0 - float(np.abs(np.asarray(compiled(image)[output]).reshape(-1) - reference).mean())
-        for image, reference in items
-    ]
+    per_image = [1.0 - float(np.abs(_maps(compiled, image, maps) - reference).mean()) for image, reference in items]
     return float(np.mean(per_image)), per_image
 
 
@@ -215,6 +223,7 @@ def quantize_on_training_images(
     datamodule: AnomalibDataModule,
     subset_size: int = 300,
     max_map_error: float | None = MAX_MAP_ERROR,
+    maps: MapFunction | None = None,
 ) -> ov.Model:
     """INT8 post-training quantisation on normal training images, anomaly maps kept close to FP32.
 
@@ -228,6 +237,8 @@ def quantize_on_training_images(
         datamodule: Datamodule with the normal training images.
         subset_size: Maximum number of calibration batches NNCF draws.
         max_map_error: Largest accepted mean map difference, or ``None`` for plain PTQ on all training images.
+        maps: Maps of the IR's outputs by name (a features IR's tail, see
+            :func:`kd_ext.export.features.features_map_function`); ``None``: the IR's ``anomaly_map`` output.
 
     Returns:
         ov.Model: The quantised model.
@@ -252,8 +263,8 @@ def quantize_on_training_images(
     return nncf.quantize_with_accuracy_control(
         ov_model,
         training_calibration_dataset(datamodule, ov_model, calibration_indices),
-        map_fidelity_dataset(ov_model, datamodule, held_out),
-        map_fidelity,
+        map_fidelity_dataset(ov_model, datamodule, held_out, maps),
+        partial(map_fidelity, maps=maps),
         max_drop=max_map_error,
         subset_size=subset_size,
         ignored_scope=ignored_scope,

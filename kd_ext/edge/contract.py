@@ -1,0 +1,299 @@
+"""The IR contract between kd_ext's exporter and its edge runtime, in one torch-free module.
+
+Both sides import their names from here: the ``rt_info`` section and keys kd_ext writes into an IR, the output
+field names (anomalib's ``InferenceBatch`` fields), how a multi-task IR names a task's outputs, the weights'
+checksum, and the description of an anomaly-map tail that runs *outside* the IR (:class:`AnomalyTail`).
+
+Two kinds of image IR exist:
+
+* **standard** (:attr:`ExportMode.STANDARD`): anomalib's whole ``AnomalibModule.forward``; outputs ``pred_score``,
+  ``anomaly_map`` and, when the post-processor thresholds, ``pred_label``, ``pred_mask``. Any anomalib runtime reads it.
+* **features** (:attr:`ExportMode.FEATURES`): the pre-processor and networks only; its outputs are the per-scale
+  teacher and student features, named ``feature/<index>``, and ``rt_info[kd_ext][tail]`` holds the
+  :class:`AnomalyTail` (JSON) that turns them into the same four fields with :mod:`kd_ext.kernels` and numpy.
+
+Nothing here imports torch, anomalib or openvino.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+RT_INFO_KEY = "kd_ext"
+"""Section of the IR's ``rt_info`` where kd_ext's exporter records what it did."""
+CHECKSUM_KEY = "weights_sha256"
+"""Key (under :data:`RT_INFO_KEY`) of the SHA-256 of the IR's ``.bin``."""
+TAIL_KEY = "tail"
+"""Key (under :data:`RT_INFO_KEY`) of a features IR's :class:`AnomalyTail` (JSON)."""
+EXPORT_MODE_KEY = "export_mode"
+"""Key (under :data:`RT_INFO_KEY`) of the :class:`ExportMode` an IR was exported with."""
+REQUIRED_OUTPUTS = ("pred_score", "anomaly_map")
+"""Outputs every standard anomaly IR has."""
+OUTPUT_FIELDS = ("pred_score", "anomaly_map", "pred_label", "pred_mask")
+"""anomalib's ``InferenceBatch`` fields an anomaly IR may output (and the edge runtime returns)."""
+TASK_SEPARATOR = "/"
+"""A multi-task IR names a task's outputs ``<task>/<field>``."""
+FEATURE_PREFIX = "feature/"
+"""A features IR names its outputs ``feature/<index>``."""
+TAIL_VERSION = 1
+"""Version of the :class:`AnomalyTail` layout; the runtime refuses a newer one."""
+
+
+class ExportMode(str, Enum):
+    """Where an exported image IR ends.
+
+    Attributes:
+        STANDARD: anomalib's whole forward (pre-processor, networks, anomaly-map tail, post-processor).
+        FEATURES: pre-processor and networks; the tail runs in the edge runtime through :mod:`kd_ext.kernels`.
+    """
+
+    STANDARD = "standard"
+    FEATURES = "features"
+
+
+def task_output(task: str | None, output: str) -> str:
+    """Name of a task's output in a multi-task IR (``output`` itself for a single-task IR).
+
+    Args:
+        task: Task name, or ``None``.
+        output: Field name (one of :data:`OUTPUT_FIELDS`).
+
+    Returns:
+        str: ``<task>/<output>`` or ``output``.
+    """
+    return output if task is None else f"{task}{TASK_SEPARATOR}{output}"
+
+
+def tasks_of(names: set[str]) -> list[str]:
+    """Tasks of a multi-task IR, from its output names (empty for a single-task IR).
+
+    Args:
+        names: All output names of the IR.
+
+    Returns:
+        list[str]: Sorted task names.
+    """
+    suffix = f"{TASK_SEPARATOR}pred_score"
+    return sorted(name.split(TASK_SEPARATOR, 1)[0] for name in names if name.endswith(suffix))
+
+
+def feature_output(index: int) -> str:
+    """Name of a features IR's ``index``-th output."""
+    return f"{FEATURE_PREFIX}{index}"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file (an IR's weights), read in 1 MiB chunks; the exporter records it, the runtime checks it."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TailGroup:
+    """Teacher/student feature pairs whose maps are fused in one kernel call.
+
+    Attributes:
+        pairs: ``(teacher output, student output)`` names of :data:`FEATURE_PREFIX` outputs, one per scale.
+        fusion: :class:`kd_ext.kernels.Fusion` value across the pairs.
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+    fusion: str = "mean"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """anomalib ``PostProcessor`` statistics (raw values; NaN = not collected).
+
+    Attributes:
+        image_min: Minimum image score on the validation images.
+        image_max: Maximum image score.
+        image_threshold: Image threshold (raw scale).
+        pixel_min: Minimum map value.
+        pixel_max: Maximum map value.
+        pixel_threshold: Pixel threshold (raw scale).
+    """
+
+    image_min: float
+    image_max: float
+    image_threshold: float
+    pixel_min: float
+    pixel_max: float
+    pixel_threshold: float
+
+
+@dataclass(frozen=True)
+class AnomalyTail:
+    """Everything a features IR's anomaly-map tail needs, recorded at export in the IR's ``rt_info``.
+
+    Stage 1: each group's pairs give a map through the fused kernel (``distance``, bilinear upsampling to
+    ``output_size`` with ``align_corners``, the group's ``fusion``). With one group and ``group_fusion`` ``"none"``
+    the kernel also blurs (``sigma``) and scores. Stage 2 (MTHF): each group map ``M_g`` is standardised,
+    ``(M_g - group_mean[g]) / group_std[g]``, the standardised maps are combined by ``group_fusion`` (``"mean"`` or
+    ``"max"``) and blurred. The image score is ``score`` (``"max"`` or ``"topk"`` of ``top_k`` values). Then
+    anomalib's post-processor: min-max normalisation around the threshold (``normalization``) and the labels and
+    masks at ``image_threshold`` / ``pixel_threshold`` of the normalised values (``None``: no labels).
+
+    Attributes:
+        output_size: ``(H, W)`` of the maps.
+        groups: Feature pairs of each group.
+        distance: :class:`kd_ext.kernels.Distance` value.
+        align_corners: Bilinear ``align_corners``.
+        sigma: Gaussian sigma of the final map (0: none).
+        score: :class:`kd_ext.kernels.ScoreMode` value.
+        top_k: Values averaged by ``"topk"``.
+        group_fusion: ``"none"`` (one group), ``"mean"`` or ``"max"``.
+        group_mean: Per-group map means on normal training images (stage 2).
+        group_std: Per-group map standard deviations (stage 2).
+        normalization: Post-processor statistics, or ``None`` (raw outputs).
+        image_threshold: Threshold of the (normalised) score, or ``None``.
+        pixel_threshold: Threshold of the (normalised) map, or ``None``.
+        version: :data:`TAIL_VERSION` of the writer.
+    """
+
+    output_size: tuple[int, int]
+    groups: tuple[TailGroup, ...]
+    distance: str = "cosine"
+    align_corners: bool = False
+    sigma: float = 4.0
+    score: str = "max"
+    top_k: int | None = None
+    group_fusion: str = "none"
+    group_mean: tuple[float, ...] = field(default_factory=tuple)
+    group_std: tuple[float, ...] = field(default_factory=tuple)
+    normalization: Normalization | None = None
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    version: int = TAIL_VERSION
+
+    def __post_init__(self) -> None:
+        """Check what the runtime relies on.
+
+        Raises:
+            ValueError: If the layout is inconsistent (named in the message).
+        """
+        if not self.groups or any(not group.pairs for group in self.groups):
+            msg = "An anomaly tail needs at least one group with at least one feature pair."
+            raise ValueError(msg)
+        if self.group_fusion not in {"none", "mean", "max"}:
+            msg = f"Unknown group_fusion '{self.group_fusion}'; choose 'none', 'mean' or 'max'."
+            raise ValueError(msg)
+        if self.group_fusion == "none" and len(self.groups) != 1:
+            msg = f"group_fusion='none' takes one group, got {len(self.groups)}; use 'mean' or 'max'."
+            raise ValueError(msg)
+        if self.group_fusion != "none" and not (len(self.group_mean) == len(self.group_std) == len(self.groups)):
+            msg = "Stage-2 fusion needs one group_mean and one group_std per group."
+            raise ValueError(msg)
+        if any(not math.isfinite(value) or value <= 0 for value in self.group_std):
+            msg = f"group_std must be finite and positive, got {self.group_std}."
+            raise ValueError(msg)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The IR outputs the tail reads, in first-use order."""
+        names: dict[str, None] = {}
+        for group in self.groups:
+            for teacher, student in group.pairs:
+                names[teacher] = names[student] = None
+        return tuple(names)
+
+    @property
+    def thresholds(self) -> bool:
+        """Whether the tail produces labels and masks."""
+        return self.image_threshold is not None and self.pixel_threshold is not None
+
+    def to_json(self) -> str:
+        """The tail as compact JSON (NaN statistics written as ``null``)."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            if isinstance(value, dict):
+                return {key: clean(item) for key, item in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [clean(item) for item in value]
+            return value
+
+        return json.dumps(clean(asdict(self)), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AnomalyTail:
+        """Read a tail written by :meth:`to_json`.
+
+        Args:
+            text: The JSON text.
+
+        Returns:
+            AnomalyTail: The tail.
+
+        Raises:
+            ValueError: If the text is not a tail of a version this runtime reads.
+        """
+        try:
+            data = json.loads(text)
+            version = int(data.get("version", 0))
+            if version > TAIL_VERSION:
+                msg = (
+                    f"The IR's anomaly tail has layout version {version}; this kd_ext reads up to {TAIL_VERSION}. "
+                    "Upgrade kd_ext on the device, or export with mode='standard'."
+                )
+                raise ValueError(msg)
+            normalization = data.get("normalization")
+            return cls(
+                output_size=(int(data["output_size"][0]), int(data["output_size"][1])),
+                groups=tuple(
+                    TailGroup(pairs=tuple((str(t), str(s)) for t, s in group["pairs"]), fusion=str(group["fusion"]))
+                    for group in data["groups"]
+                ),
+                distance=str(data["distance"]),
+                align_corners=bool(data["align_corners"]),
+                sigma=float(data["sigma"]),
+                score=str(data["score"]),
+                top_k=None if data.get("top_k") is None else int(data["top_k"]),
+                group_fusion=str(data["group_fusion"]),
+                group_mean=tuple(float(value) for value in data.get("group_mean", ())),
+                group_std=tuple(float(value) for value in data.get("group_std", ())),
+                normalization=None
+                if normalization is None
+                else Normalization(**{key: _number(value) for key, value in normalization.items()}),
+                image_threshold=None if data.get("image_threshold") is None else float(data["image_threshold"]),
+                pixel_threshold=None if data.get("pixel_threshold") is None else float(data["pixel_threshold"]),
+                version=version,
+            )
+        except (KeyError, TypeError, IndexError, json.JSONDecodeError) as error:
+            msg = f"The IR's anomaly tail (rt_info {RT_INFO_KEY}/{TAIL_KEY}) is unreadable: {error!r}. Re-export it."
+            raise ValueError(msg) from error
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+__all__ = [
+    "CHECKSUM_KEY",
+    "EXPORT_MODE_KEY",
+    "FEATURE_PREFIX",
+    "OUTPUT_FIELDS",
+    "REQUIRED_OUTPUTS",
+    "RT_INFO_KEY",
+    "TAIL_KEY",
+    "TAIL_VERSION",
+    "TASK_SEPARATOR",
+    "AnomalyTail",
+    "ExportMode",
+    "Normalization",
+    "TailGroup",
+    "feature_output",
+    "file_sha256",
+    "task_output",
+    "tasks_of",
+]

@@ -1,0 +1,213 @@
+"""The anomaly-map tail of a features IR, run outside OpenVINO: :mod:`kd_ext.kernels` plus numpy, torch-free.
+
+:func:`run_tail` turns the per-scale teacher/student features a features IR outputs into anomalib's fields
+``pred_score``, ``anomaly_map``, ``pred_label``, ``pred_mask``, as the standard IR's in-graph tail and
+post-processor would (see :class:`~kd_ext.edge.contract.AnomalyTail` for the steps). The per-scale distances,
+upsampling, fusion, blur and score run in one call of the fused native kernel (``backend="native"``: the compiled
+``kd_ext._native``, never torch). MTHF's two-stage fusion with ``group_fusion="mean"`` is that same single call:
+standardising a group map is affine and the blur is linear and keeps constants, so the standardised mean of the
+groups is one weighted kernel fusion (weight ``1 / (G * L_g * std_g)`` per pair of group ``g``) minus the constant
+``sum_g mean_g / (G * std_g)``, subtracted from map and score after the kernel. ``group_fusion="max"`` is not
+linear: per-group kernel maps, a numpy maximum, :func:`gaussian_blur` and the kernel's image score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kd_ext import kernels
+from kd_ext.kernels._options import gaussian_radius
+
+from .contract import AnomalyTail, Normalization, TailGroup
+
+Features = dict[str, np.ndarray]
+
+
+def gaussian_taps(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps (float32, computed in float64), the kernels' rule."""
+    radius = gaussian_radius(sigma)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * offsets * offsets / (sigma * sigma))
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of ``[B, 1, H, W]`` maps with reflect padding (the kernels' blur), in numpy.
+
+    Args:
+        maps: ``float32`` maps; ``H`` and ``W`` must exceed the radius.
+        sigma: Standard deviation; ``0`` returns ``maps``.
+
+    Returns:
+        np.ndarray: Blurred maps of the same shape.
+    """
+    if sigma <= 0:
+        return maps
+    radius = gaussian_radius(sigma)
+    taps = gaussian_taps(sigma)
+    padded = np.pad(maps, ((0, 0), (0, 0), (radius, radius), (radius, radius)), mode="reflect")
+    height, width = maps.shape[-2:]
+    rows = np.zeros((*maps.shape[:2], height + 2 * radius, width), dtype=np.float32)
+    for index, tap in enumerate(taps):
+        rows += tap * padded[..., index : index + width]
+    out = np.zeros_like(maps, dtype=np.float32)
+    for index, tap in enumerate(taps):
+        out += tap * rows[..., index : index + height, :]
+    return out
+
+
+def _pairs(group: TailGroup, features: Features) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return [features[teacher] for teacher, _ in group.pairs], [features[student] for _, student in group.pairs]
+
+
+def _fused_two_stage(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2 with ``group_fusion="mean"`` as one weighted kernel call (see the module docstring)."""
+    count = len(tail.groups)
+    teachers: list[np.ndarray] = []
+    students: list[np.ndarray] = []
+    weights: list[float] = []
+    for group, std in zip(tail.groups, tail.group_std, strict=True):
+        group_teachers, group_students = _pairs(group, features)
+        teachers += group_teachers
+        students += group_students
+        per_pair = 1.0 / (count * std * (len(group.pairs) if group.fusion == "mean" else 1))
+        weights += [per_pair] * len(group.pairs)
+    shift = np.float32(sum(mean / (count * std) for mean, std in zip(tail.group_mean, tail.group_std, strict=True)))
+    maps, scores = kernels.anomaly_map_and_score(
+        teachers,
+        students,
+        tail.output_size,
+        distance=tail.distance,
+        fusion="weighted",
+        weights=weights,
+        align_corners=tail.align_corners,
+        sigma=tail.sigma,
+        score=tail.score,
+        top_k=tail.top_k,
+        backend="native",
+    )
+    return maps - shift, scores - shift
+
+
+def two_stage_numpy(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2 as a numpy step after one unsmoothed kernel call per group (any ``group_fusion``).
+
+    Args:
+        tail: The IR's tail (``group_fusion`` ``"mean"`` or ``"max"``).
+        features: The IR's outputs by name.
+
+    Returns:
+        tuple: Raw maps ``[B, 1, H, W]`` and scores ``[B]``.
+    """
+    standardised = []
+    for group, mean, std in zip(tail.groups, tail.group_mean, tail.group_std, strict=True):
+        teachers, students = _pairs(group, features)
+        group_map = kernels.anomaly_map(
+            teachers,
+            students,
+            tail.output_size,
+            distance=tail.distance,
+            fusion=group.fusion,
+            align_corners=tail.align_corners,
+            sigma=0.0,
+            backend="native",
+        )
+        standardised.append((group_map - np.float32(mean)) / np.float32(std))
+    stacked = np.concatenate(standardised, axis=1)
+    fused = stacked.mean(axis=1, keepdims=True) if tail.group_fusion == "mean" else stacked.max(axis=1, keepdims=True)
+    maps = np.ascontiguousarray(gaussian_blur(fused.astype(np.float32), tail.sigma))
+    return maps, kernels.image_score(maps, tail.score, tail.top_k, backend="native")
+
+
+def raw_map_and_score(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, np.ndarray]:
+    """Unnormalised anomaly maps ``[B, 1, H, W]`` and scores ``[B]`` of a features IR's outputs.
+
+    Args:
+        tail: The IR's tail.
+        features: The IR's outputs by name (every name of :attr:`AnomalyTail.feature_names`).
+
+    Returns:
+        tuple: Maps and scores, ``float32``.
+    """
+    if tail.group_fusion == "none":
+        teachers, students = _pairs(tail.groups[0], features)
+        return kernels.anomaly_map_and_score(
+            teachers,
+            students,
+            tail.output_size,
+            distance=tail.distance,
+            fusion=tail.groups[0].fusion,
+            align_corners=tail.align_corners,
+            sigma=tail.sigma,
+            score=tail.score,
+            top_k=tail.top_k,
+            backend="native",
+        )
+    if tail.group_fusion == "mean" and all(group.fusion in {"mean", "sum"} for group in tail.groups):
+        return _fused_two_stage(tail, features)
+    return two_stage_numpy(tail, features)
+
+
+def normalize(values: np.ndarray, low: float, high: float, threshold: float) -> np.ndarray:
+    """Normalise as anomalib's ``PostProcessor._normalize``, in numpy.
+
+    The result is ``clip((v - threshold) / (high - low) + 0.5, 0, 1)``. A NaN threshold is the middle of the
+    range; a zero range gives 1 / 0 / 0.5 above / below / at the threshold; NaN statistics leave the values raw.
+
+    Args:
+        values: Raw scores or maps.
+        low: Minimum on the validation images.
+        high: Maximum on the validation images.
+        threshold: Raw threshold.
+
+    Returns:
+        np.ndarray: Normalised ``float32`` values.
+    """
+    if np.isnan(low) or np.isnan(high):
+        return values
+    low32, high32 = np.float32(low), np.float32(high)
+    threshold32 = (high32 + low32) / np.float32(2) if np.isnan(threshold) else np.float32(threshold)
+    value_range = high32 - low32
+    if value_range == 0:
+        return np.where(values > threshold32, 1.0, np.where(values < threshold32, 0.0, 0.5)).astype(np.float32)
+    return np.clip(((values - threshold32) / value_range) + np.float32(0.5), 0, 1).astype(np.float32)
+
+
+def post_process(tail: AnomalyTail, maps: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Apply anomalib's post-processor to raw maps and scores: normalisation, then labels and masks.
+
+    Args:
+        tail: The IR's tail (its normalisation statistics and thresholds).
+        maps: Raw maps ``[B, 1, H, W]``.
+        scores: Raw scores ``[B]``.
+
+    Returns:
+        dict: ``pred_score``, ``anomaly_map`` and, with thresholds, ``pred_label``, ``pred_mask``.
+    """
+    stats: Normalization | None = tail.normalization
+    if stats is not None:
+        scores = normalize(scores, stats.image_min, stats.image_max, stats.image_threshold)
+        maps = normalize(maps, stats.pixel_min, stats.pixel_max, stats.pixel_threshold)
+    outputs = {"pred_score": scores, "anomaly_map": maps}
+    if tail.image_threshold is not None and tail.pixel_threshold is not None:
+        outputs["pred_label"] = scores > np.float32(tail.image_threshold)
+        outputs["pred_mask"] = maps > np.float32(tail.pixel_threshold)
+    return outputs
+
+
+def run_tail(tail: AnomalyTail, features: Features) -> dict[str, np.ndarray]:
+    """Compute anomalib's output fields from a features IR's outputs (the tail the standard IR runs in-graph).
+
+    Args:
+        tail: The IR's tail.
+        features: The IR's outputs by name.
+
+    Returns:
+        dict: ``pred_score`` ``[B]``, ``anomaly_map`` ``[B, 1, H, W]`` and, with thresholds, ``pred_label``,
+        ``pred_mask``.
+    """
+    maps, scores = raw_map_and_score(tail, features)
+    return post_process(tail, maps, scores)
+
+
+__all__ = ["gaussian_blur", "normalize", "post_process", "raw_map_and_score", "run_tail", "two_stage_numpy"]

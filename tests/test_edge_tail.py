@@ -1,0 +1,276 @@
+"""Features IRs: the anomaly-map tail on the edge through kd_ext's kernels, against the torch model.
+
+A BiDirMSKD and an MTHF (random teachers, 64x64 inputs) are trained for one epoch on hazelnut_toy once per module
+(the post-processor gets real normalisation statistics and thresholds), exported to OpenVINO in both modes, and
+scored on the real test images by the torch model, the standard IR and the features IR (real OpenVINO, real
+compiled kernel). The two-stage fusion paths of the tail are checked against MTHF's torch fusion without OpenVINO.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+
+from kd_ext import kernels
+from kd_ext.cli import main
+from kd_ext.edge import EdgeModel, EdgeModelError
+from kd_ext.edge.contract import RT_INFO_KEY, TAIL_KEY, AnomalyTail, ExportMode, Normalization, TailGroup
+from kd_ext.edge.tail import gaussian_blur, raw_map_and_score, two_stage_numpy
+from kd_ext.export import export_openvino
+from kd_ext.models import MTHF, BiDirMSKD
+from kd_ext.models.mthf.anomaly_map import MTHFAnomalyMap
+
+DATA = Path(__file__).parents[2] / "shared" / "data"
+SIZE = (64, 64)
+pytestmark = pytest.mark.skipif(not kernels.native_available(), reason="kd_ext._native is not built")
+
+
+def _train(model_class: type, root: Path) -> torch.nn.Module:
+    if not (DATA / "hazelnut_toy").is_dir():
+        pytest.skip(f"hazelnut_toy data not found at {DATA / 'hazelnut_toy'}")
+    seed_everything(0, workers=True)
+    datamodule = MVTecAD(root=DATA, category="hazelnut_toy", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    module = model_class(
+        pre_trained=False, pre_processor=model_class.configure_pre_processor(SIZE), visualizer=False, epochs=1
+    )
+    engine = Engine(max_epochs=1, default_root_dir=root, logger=False, accelerator="cpu", devices=1)
+    engine.fit(module, datamodule=datamodule)
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    if not (DATA / "hazelnut_toy").is_dir():
+        pytest.skip(f"hazelnut_toy data not found at {DATA / 'hazelnut_toy'}")
+    datamodule = MVTecAD(root=DATA, category="hazelnut_toy", eval_batch_size=8, num_workers=0)
+    datamodule.setup("test")
+    batch = torch.cat([batch.image for batch in datamodule.test_dataloader()])
+    return F.interpolate(batch, size=SIZE, mode="bilinear", align_corners=False, antialias=True).contiguous()
+
+
+@pytest.fixture(scope="module", params=["BiDirMSKD", "MTHF"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    model_class = {"BiDirMSKD": BiDirMSKD, "MTHF": MTHF}[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    module = _train(model_class, root / "train")
+    standard = export_openvino(module, root / "standard", "fp32", input_size=SIZE, mode="standard")
+    features = export_openvino(module, root / "features", "fp32", input_size=SIZE, mode="features")
+    return module, standard, features
+
+
+@torch.no_grad()
+def _torch_outputs(module: torch.nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
+    out = module(images)
+    return {
+        "pred_score": out.pred_score.numpy(),
+        "pred_label": out.pred_label.numpy(),
+        "anomaly_map": out.anomaly_map.reshape(len(images), *SIZE).numpy(),
+        "pred_mask": out.pred_mask.reshape(len(images), *SIZE).numpy(),
+    }
+
+
+def test_features_ir_matches_torch(exported: tuple, images: torch.Tensor) -> None:
+    module, _, features = exported
+    expected = _torch_outputs(module, images)
+    edge = EdgeModel(features, precision_hint="f32", mode="latency")
+    assert edge.tail is not None
+    predictions = [edge.predict(images[i : i + 4].numpy()) for i in range(0, len(images), 4)]
+    maps = np.concatenate([p.anomaly_map for p in predictions])
+    scores = np.concatenate([p.pred_score for p in predictions])
+    labels = np.concatenate([p.pred_label for p in predictions])
+    assert np.abs(maps - expected["anomaly_map"]).max() <= 1e-5
+    assert np.abs(scores - expected["pred_score"]).max() <= 1e-5
+    np.testing.assert_array_equal(labels, expected["pred_label"])
+    masks = np.concatenate([p.pred_mask for p in predictions])
+    near = np.abs(expected["anomaly_map"] - 0.5) <= 1e-5  # a pixel at the threshold may flip with 1e-6 noise
+    np.testing.assert_array_equal(masks[~near], expected["pred_mask"][~near])
+
+
+def test_features_ir_equals_standard_ir_in_throughput_mode(exported: tuple, images: torch.Tensor) -> None:
+    _, standard, features = exported
+    batches = [(i, images[i : i + 3].numpy()) for i in range(0, len(images), 3)]
+    reference = dict(EdgeModel(standard, precision_hint="f32").iter_predict(batches))
+    tail_model = EdgeModel(features, precision_hint="f32", num_requests=2)
+    for key, prediction in tail_model.iter_predict(batches):
+        assert np.abs(prediction.anomaly_map - reference[key].anomaly_map).max() <= 1e-5
+        np.testing.assert_array_equal(prediction.pred_label, reference[key].pred_label)
+
+
+def test_standard_ir_stays_anomalibs(exported: tuple) -> None:
+    import openvino as ov
+
+    _, standard, features = exported
+    core = ov.Core()
+    standard_model, features_model = core.read_model(standard), core.read_model(features)
+    names = {name for output in standard_model.outputs for name in output.get_names()}
+    assert {"pred_score", "anomaly_map", "pred_label", "pred_mask"} <= names
+    assert not standard_model.has_rt_info([RT_INFO_KEY, TAIL_KEY])
+    assert standard_model.get_rt_info([RT_INFO_KEY, "export_mode"]).astype(str) == "standard"
+    assert EdgeModel(standard).tail is None
+    feature_names = {name for output in features_model.outputs for name in output.get_names()}
+    assert all(name.startswith("feature/") for name in feature_names)
+    assert EdgeModel(features).describe()["anomaly_tail"].startswith("kd_ext.kernels")
+
+
+def test_tail_metadata_in_rt_info(exported: tuple) -> None:
+    import openvino as ov
+
+    module, _, features = exported
+    tail = AnomalyTail.from_json(ov.Core().read_model(features).get_rt_info([RT_INFO_KEY, TAIL_KEY]).astype(str))
+    post = module.post_processor
+    assert tail.output_size == SIZE
+    assert tail.sigma == module.model.anomaly_map_generator.sigma
+    assert tail.score == module.model.score_mode
+    assert tail.normalization is not None
+    assert tail.normalization.image_threshold == pytest.approx(float(post.image_threshold))
+    assert tail.normalization.pixel_max == pytest.approx(float(post.pixel_max))
+    assert tail.image_threshold == pytest.approx(0.5)
+    if isinstance(module, MTHF):
+        generator = module.model.anomaly_map_generator
+        assert len(tail.groups) == len(module.model.groups)
+        assert tail.group_fusion == generator.group_fusion
+        assert tail.group_std == pytest.approx(generator.map_std.tolist())
+    else:
+        assert tail.group_fusion == "none"
+        assert tail.groups[0].fusion == module.model.anomaly_map_generator.fusion
+
+
+def test_kd_ext_infer_reads_a_features_ir(exported: tuple, images: torch.Tensor, tmp_path: Path) -> None:
+    from PIL import Image
+
+    module, _, features = exported
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        array = (images[index].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(folder / f"{index}.png")
+    out = tmp_path / "out"
+    assert main(["infer", str(features), str(folder), "--out", str(out), "--batch-size", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["anomaly_tail"].startswith("kd_ext.kernels")
+    assert len(results["images"]) == 3
+    del module
+
+
+def test_tail_is_torch_free(exported: tuple) -> None:
+    _, _, features = exported
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {{"torch", "anomalib", "torchvision", "lightning"}}:
+            raise ImportError(f"blocked import of {{name}}")
+        return None
+sys.meta_path.insert(0, Block())
+import numpy as np
+from kd_ext.edge import EdgeModel
+model = EdgeModel({str(features)!r})
+prediction = model.predict(np.full((2, 3, {SIZE[0]}, {SIZE[1]}), 0.5, dtype=np.float32))
+assert prediction.anomaly_map.shape == (2, {SIZE[0]}, {SIZE[1]})
+assert not any(name.split(".")[0] in {{"torch", "anomalib"}} for name in sys.modules)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_features_ir_refuses_a_task(exported: tuple) -> None:
+    _, _, features = exported
+    with pytest.raises(EdgeModelError, match="drop --task"):
+        EdgeModel(features, task="bottle")
+
+
+# ---------------------------------------------------------------- export refusals (no export runs)
+
+
+def test_features_mode_needs_a_static_size_and_a_known_mode() -> None:
+    module = BiDirMSKD(pre_trained=False, visualizer=False)
+    with pytest.raises(ValueError, match="static input_size"):
+        export_openvino(module, "unused", input_size=None, mode="features")
+    with pytest.raises(ValueError, match="Unknown export mode"):
+        export_openvino(module, "unused", mode="tail")
+    with pytest.raises(ValueError, match="int8_acq"):
+        export_openvino(module, "unused", "int8_acq", calibration=object(), mode=ExportMode.FEATURES)
+
+
+def test_features_mode_refuses_a_fitted_prior() -> None:
+    from kd_ext.export.features import anomaly_tail
+    from kd_ext.models.components import PriorFusion
+
+    module = BiDirMSKD(pre_trained=False, visualizer=False, prior=True)
+    with (
+        mock.patch.object(PriorFusion, "ready", new=property(lambda self: True)),
+        pytest.raises(ValueError, match="mode='standard'"),
+    ):
+        anomaly_tail(module, SIZE)
+
+
+# ---------------------------------------------------------------- MTHF's stage 2 without OpenVINO
+
+
+@pytest.mark.parametrize("group_fusion", ["mean", "max"])
+def test_two_stage_tail_matches_mthf_fusion(group_fusion: str) -> None:
+    torch.manual_seed(0)
+    fusion = MTHFAnomalyMap(num_groups=3, group_fusion=group_fusion, sigma=4.0, backend="reference")
+    fusion.map_mean.copy_(torch.tensor([0.2, 0.5, 0.1]))
+    fusion.map_std.copy_(torch.tensor([0.05, 0.3, 0.02]))
+    shapes = [[(16, 16, 16), (24, 8, 8)], [(16, 16, 16), (24, 8, 8), (40, 4, 4)], [(24, 8, 8), (40, 4, 4)]]
+    pairs = [
+        ([torch.rand(2, *shape) for shape in group], [torch.rand(2, *shape) for shape in group]) for group in shapes
+    ]
+    expected = fusion(pairs, SIZE).numpy()
+    features: dict[str, np.ndarray] = {}
+    groups = []
+    for g, (teacher, student) in enumerate(pairs):
+        names = []
+        for level, (t, s) in enumerate(zip(teacher, student, strict=True)):
+            features[f"t{g}{level}"], features[f"s{g}{level}"] = t.numpy(), s.numpy()
+            names.append((f"t{g}{level}", f"s{g}{level}"))
+        groups.append(TailGroup(pairs=tuple(names), fusion="mean"))
+    tail = AnomalyTail(
+        output_size=SIZE,
+        groups=tuple(groups),
+        sigma=4.0,
+        group_fusion=group_fusion,
+        group_mean=tuple(fusion.map_mean.tolist()),
+        group_std=tuple(fusion.map_std.tolist()),
+    )
+    maps, scores = raw_map_and_score(tail, features)
+    assert np.abs(maps - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+    np.testing.assert_allclose(scores, expected.reshape(2, -1).max(axis=1), rtol=1e-5, atol=1e-5)
+    numpy_maps, _ = two_stage_numpy(tail, features)
+    assert np.abs(numpy_maps - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+def test_numpy_blur_is_the_kernels_blur() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 1, 40, 48), dtype=np.float32)
+    from kd_ext.kernels.reference import gaussian_blur as torch_blur
+
+    np.testing.assert_allclose(gaussian_blur(maps, 2.5), torch_blur(torch.from_numpy(maps), 2.5).numpy(), atol=1e-6)
+
+
+def test_tail_json_round_trip_keeps_missing_statistics() -> None:
+    tail = AnomalyTail(
+        output_size=(8, 8),
+        groups=(TailGroup(pairs=(("feature/0", "feature/1"),)),),
+        normalization=Normalization(0.0, 1.0, float("nan"), 0.0, 2.0, 1.0),
+        image_threshold=0.5,
+        pixel_threshold=0.5,
+    )
+    again = AnomalyTail.from_json(tail.to_json())
+    assert np.isnan(again.normalization.image_threshold)
+    assert again.groups == tail.groups
+    assert again.pixel_threshold == 0.5
+    with pytest.raises(ValueError, match="layout version"):
+        AnomalyTail.from_json(tail.to_json().replace('"version":1', '"version":99'))
