@@ -98,6 +98,8 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
     def setup(self, stage: str) -> None:
         """With several processes: global batch statistics and each evaluation image scored once (see distributed)."""
         super().setup(stage)  # type: ignore[misc]
+        if stage == "fit":  # before DDP wraps the model: its gradient buckets keep the layout they were made with
+            self.model.to(memory_format=torch.channels_last)
         setup_distributed(self.trainer, self.model, stage)  # type: ignore[attr-defined]
 
     def teardown(self, stage: str) -> None:
