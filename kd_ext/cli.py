@@ -202,7 +202,8 @@ def _infer(args: argparse.Namespace, stage: list[str]) -> int:
     if not args.quiet:
         sys.stderr.write(
             f"model {info['model']} (exported {info['export_precision']}), inference precision "
-            f"{info['inference_precision']} (hint {info['precision_hint']}), {info['num_requests']} requests\n"
+            f"{info['inference_precision']} (hint {info['precision_hint']}), {info['num_requests']} requests, "
+            f"anomaly-map tail in {info['anomaly_tail']}\n"
         )
     stage[0] = "scoring"
     model.check_source(args.images_dir)

@@ -203,6 +203,20 @@ def test_features_mode_needs_a_static_size_and_a_known_mode() -> None:
         export_openvino(module, "unused", "int8_acq", calibration=object(), mode=ExportMode.FEATURES)
 
 
+def test_auto_mode_picks_features_where_it_applies() -> None:
+    from kd_ext.export import Precision
+    from kd_ext.export.openvino import _export_mode
+
+    bidir = BiDirMSKD(pre_trained=False, visualizer=False)
+    assert _export_mode("auto", Precision.FP32, SIZE, bidir) is ExportMode.FEATURES
+    assert _export_mode("auto", Precision.INT8_PTQ, SIZE, bidir) is ExportMode.FEATURES
+    assert _export_mode("auto", Precision.INT8_ACQ, SIZE, bidir) is ExportMode.STANDARD
+    assert _export_mode("auto", Precision.FP32, None, bidir) is ExportMode.STANDARD
+    other = mock.Mock(model=torch.nn.Identity())
+    assert _export_mode("auto", Precision.FP32, SIZE, other) is ExportMode.STANDARD
+    assert _export_mode("standard", Precision.FP32, SIZE, bidir) is ExportMode.STANDARD
+
+
 def test_features_mode_refuses_a_fitted_prior() -> None:
     from kd_ext.export.features import anomaly_tail
     from kd_ext.models.components import PriorFusion

@@ -51,10 +51,13 @@ class ExportMode(str, Enum):
     Attributes:
         STANDARD: anomalib's whole forward (pre-processor, networks, anomaly-map tail, post-processor).
         FEATURES: pre-processor and networks; the tail runs in the edge runtime through :mod:`kd_ext.kernels`.
+        AUTO: ``FEATURES`` where the model and options allow it (BiDirMSKD and MTHF without a fitted prior, a static
+            input size, not ``int8_acq``), else ``STANDARD``. Only an export option; an IR records the mode it got.
     """
 
     STANDARD = "standard"
     FEATURES = "features"
+    AUTO = "auto"
 
 
 def task_output(task: str | None, output: str) -> str:

@@ -108,9 +108,28 @@ class FeatureGraph(nn.Module):
         return tuple(tensors)
 
 
-def _check_prior(model: nn.Module) -> None:
+def supports_features(model: nn.Module) -> bool:
+    """Whether a torch model can be exported with ``mode="features"`` (BiDirMSKD or MTHF without a fitted prior).
+
+    Args:
+        model: The anomalib module's ``model``.
+
+    Returns:
+        bool: ``True`` when :func:`anomaly_tail` accepts it.
+    """
+    from kd_ext.models.bidirmskd.torch_model import BiDirMSKDModel  # noqa: PLC0415
+    from kd_ext.models.mthf.torch_model import MTHFModel  # noqa: PLC0415
+
+    return isinstance(model, (BiDirMSKDModel, MTHFModel)) and not _fitted_prior(model)
+
+
+def _fitted_prior(model: nn.Module) -> bool:
     prior = getattr(model, "prior_fusion", None)
-    if prior is not None and getattr(prior, "ready", False):
+    return prior is not None and bool(getattr(prior, "ready", False))
+
+
+def _check_prior(model: nn.Module) -> None:
+    if _fitted_prior(model):
         msg = (
             "export mode 'features' does not carry the fitted normal-feature prior (prior=True); export this model "
             "with mode='standard'."
@@ -236,4 +255,11 @@ def features_map_function(tail: AnomalyTail) -> Callable[[dict[str, object]], ob
     return maps
 
 
-__all__ = ["FeatureGraph", "anomaly_tail", "export_features_onnx", "feature_layout", "features_map_function"]
+__all__ = [
+    "FeatureGraph",
+    "anomaly_tail",
+    "export_features_onnx",
+    "feature_layout",
+    "features_map_function",
+    "supports_features",
+]

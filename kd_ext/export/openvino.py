@@ -129,13 +129,20 @@ def _compress(
     return quantize_with_accuracy_control(ov_model, calibration, metric, max_drop, subset_size)
 
 
-def _export_mode(mode: ExportMode | str, precision: Precision, input_size: tuple[int, int] | None) -> ExportMode:
+def _export_mode(
+    mode: ExportMode | str, precision: Precision, input_size: tuple[int, int] | None, model: AnomalibModule
+) -> ExportMode:
     try:
         mode = ExportMode(mode)
     except ValueError:
         choices = [member.value for member in ExportMode]
         msg = f"Unknown export mode '{mode}'; choose one of {choices}."
         raise ValueError(msg) from None
+    if mode is ExportMode.AUTO:
+        from .features import supports_features  # noqa: PLC0415
+
+        usable = input_size is not None and precision is not Precision.INT8_ACQ and supports_features(model.model)
+        return ExportMode.FEATURES if usable else ExportMode.STANDARD
     if mode is ExportMode.FEATURES and input_size is None:
         msg = "mode='features' needs a static input_size (the anomaly-map size is fixed at export), e.g. (256, 256)."
         raise ValueError(msg)
@@ -250,8 +257,9 @@ def export_openvino(
         max_map_error: For ``int8_ptq``: largest mean difference between INT8 and FP32 normalised anomaly maps on
             held-out normal training images (ops are reverted to float until it holds), or ``None`` for plain
             PTQ. See :func:`kd_ext.export.quantize_on_training_images`.
-        mode: :class:`~kd_ext.edge.contract.ExportMode` or its value: ``"standard"`` (anomalib's IR) or
-            ``"features"`` (needs a static ``input_size``; not with ``int8_acq``).
+        mode: :class:`~kd_ext.edge.contract.ExportMode` or its value: ``"standard"`` (anomalib's IR),
+            ``"features"`` (needs a static ``input_size``; not with ``int8_acq``) or ``"auto"`` (``"features"``
+            where it applies, else ``"standard"``).
 
     Returns:
         Path: The ``.xml`` file (its ``.bin`` is next to it).
@@ -262,7 +270,7 @@ def export_openvino(
     import openvino as ov  # noqa: PLC0415
 
     precision = resolve_precision(precision, calibration)
-    mode = _export_mode(mode, precision, input_size)
+    mode = _export_mode(mode, precision, input_size, model)
     if precision in CALIBRATED and calibration is None:
         msg = f"precision='{precision.value}' needs calibration=<datamodule with normal training images>."
         raise ValueError(msg)
