@@ -120,6 +120,7 @@ def mri_section(runs: list[dict]) -> dict:
             },
             "fit_seconds": statistics.fmean(run["fit_seconds"] for run in mine),
             "roc": {},
+            "teacher_finetune": [report for run in mine for report in run.get("teacher_finetune", [])],
         }
         for run in mine:
             scores = run.get("image_scores")
@@ -180,6 +181,26 @@ def finetune_lines(mri: dict) -> list[str]:
             parts.append(f"{label} {margin:+.4f} ({verdict})")
         seeds = f"{len(mri[tuned]['seeds'])} / {len(mri[frozen]['seeds'])} seeds"
         lines.append(f"- {tuned} vs {frozen} ({seeds}): " + "; ".join(parts))
+    return lines
+
+
+def adaptation_lines(mri: dict) -> list[str]:
+    """What the fine-tuning stage did in the ``+finetune`` runs (training data only): loss and weight shift."""
+    lines = []
+    for name, entry in mri.items():
+        reports = entry.get("teacher_finetune", [])
+        if not reports:
+            continue
+        first = statistics.fmean(report["first_loss"] for report in reports)
+        last = statistics.fmean(report["last_loss"] for report in reports)
+        shift = statistics.fmean(report["weight_shift"] for report in reports)
+        lines.append(
+            f"- {name}: {reports[0]['steps']} steps per teacher; synthetic-anomaly segmentation loss {first:.3f} "
+            f"(first batch) -> {last:.3f} (last epoch); trained weights moved by {shift:.2%} of their norm (mean of "
+            f"{len(reports)} teacher(s) over the seeds)."
+        )
+    if lines:
+        lines = ["The adaptation stage, on the normal training slices:", "", *lines, ""]
     return lines
 
 
@@ -256,6 +277,7 @@ def render(data: dict, mri_png: str | None, ecg_png: str | None) -> str:
         "",
         *finetune_lines(mri),
         "",
+        *adaptation_lines(mri),
     ]
     missing = [name for name, entry in mri.items() if not entry["roc"]]
     if mri_png:
