@@ -21,6 +21,7 @@ Calibration on normal training images (the prior, map statistics) reads the full
 """
 
 import logging
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.data import _update_dataloader
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from timm.layers import BatchNormAct2d
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
@@ -246,6 +248,10 @@ def evaluate_each_image_once(trainer: Trainer) -> None:
         return _unrepeated(dataloader, stage) if stage in EVALUATION_STAGES else dataloader
 
     strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
+    # Lightning warns that its padded sampler repeats evaluation images: not so for these loaders.
+    warnings.filterwarnings(
+        "ignore", message="Using `DistributedSampler` with the dataloaders", category=PossibleUserWarning
+    )
     strategy._kd_ext_evaluates_once = True  # type: ignore[attr-defined]
 
 
