@@ -7,6 +7,7 @@ Tiny 64x64 inputs and made-up teacher targets: these tests check our own trainin
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from kd_ext.backbones import build_small_lite_trunk, create_backbone, lite0_reference_trunk
 from kd_ext.backbones.small_lite import slice_state_dict
@@ -14,7 +15,7 @@ from kd_ext.models.cross_task import CrossTaskStudent, DistilledHead, TaskHead
 from kd_ext.models.cross_task.config import DistillConfig, TrainingConfig, parse_distill_args
 from kd_ext.models.cross_task.distill import flops_per_image, parameter_count
 from kd_ext.models.cross_task.loss import DynamicWeightAverage
-from kd_ext.models.cross_task.training import TaskSamples, train_student
+from kd_ext.models.cross_task.training import TaskSamples, Window, train_student
 
 SIZE = 64
 TASKS = ("a", "b")
@@ -186,3 +187,17 @@ def test_distill_config_parses_like_anomalib(tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_distill_args(["--config", str(config), "--training.temperature", "hot"])
     assert exit_info.value.code == 2
+
+
+def test_training_crops_match_at_every_resolution() -> None:
+    image = torch.arange(128 * 128, dtype=torch.float32).reshape(1, 1, 128, 128)
+    window = Window(top=32, left=64, size=64, image_size=(128, 128))
+    assert window(image).shape[-2:] == (64, 64)
+    for stride in (4, 8, 16):  # a feature level or target map of the whole image, cropped, = that of the crop
+        torch.testing.assert_close(window(F.avg_pool2d(image, stride)), F.avg_pool2d(window(image), stride))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        random = Window.random((256, 192), 128, generator)
+        assert random.top % 32 == 0 and random.left % 32 == 0
+        assert random.top + 128 <= 256 and random.left + 128 <= 192
+    assert Window.random((64, 64), 128, generator) is None  # a crop as large as the image: whole images
