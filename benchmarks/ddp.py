@@ -53,7 +53,6 @@ def worker(args: argparse.Namespace) -> None:
         limit_val_batches=0,
         logger=False,
         enable_progress_bar=False,
-        enable_checkpointing=False,
         default_root_dir=args.out.parent / f"run_{args.processes}",
         callbacks=[timer],
     )

@@ -325,6 +325,53 @@ def test_ddp_checkpoint_exports_to_openvino(runs: tuple[Path, Path]) -> None:
     assert Path(load(ddp, "export")["ir"]).is_file()
 
 
+def test_sync_batchnorm_is_refused_with_the_fix() -> None:
+    """torch's conversion would drop the activations fused into timm's BatchNormAct2d layers of the students."""
+    from types import SimpleNamespace
+
+    from kd_ext.models import BiDirMSKD
+    from kd_ext.models.distributed import setup_distributed
+
+    model = BiDirMSKD(pre_trained=False, epochs=1).model
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(_layer_sync=object()))
+    with pytest.raises(ValueError, match="leave sync_batchnorm off"):
+        setup_distributed(trainer, model, "fit")  # type: ignore[arg-type]
+
+
+def test_global_batch_norm_equals_batch_norm_of_the_whole_batch_in_one_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With one process the global statistics are the batch's own: same output, gradients and running statistics."""
+    import torch
+    import torch.distributed as dist
+    from timm.layers import BatchNormAct2d
+
+    from kd_ext.models.distributed import global_batch_norm
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        reference = BatchNormAct2d(6, act_layer=torch.nn.ReLU6).train()
+        reference.weight.data.uniform_(0.5, 1.5)
+        ours = BatchNormAct2d(6, act_layer=torch.nn.ReLU6).train()
+        ours.load_state_dict(reference.state_dict())
+        inputs = torch.randn(3, 6, 5, 7) * 3 + 1
+        first, second = inputs.clone().requires_grad_(), inputs.clone().requires_grad_()
+        expected = reference(first)
+        actual = ours.act(global_batch_norm(ours, second))
+        torch.testing.assert_close(actual, expected)
+        expected.square().sum().backward()
+        actual.square().sum().backward()
+        torch.testing.assert_close(second.grad, first.grad)
+        torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+        torch.testing.assert_close(ours.running_var, reference.running_var)
+        torch.testing.assert_close(ours.running_mean, reference.running_mean)
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

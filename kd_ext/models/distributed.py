@@ -275,9 +275,19 @@ def setup_distributed(trainer: Trainer, model: nn.Module, stage: str) -> None:
         trainer: The trainer.
         model: The torch model.
         stage: Lightning's stage (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``).
+
+    Raises:
+        ValueError: If the trainer was asked for torch's ``SyncBatchNorm`` (``sync_batchnorm=True``).
     """
     if trainer.world_size == 1:
         return
+    if stage == "fit" and getattr(trainer.strategy, "_layer_sync", None) is not None:
+        msg = (
+            "sync_batchnorm=True would turn the students' timm BatchNormAct2d layers into torch SyncBatchNorm layers "
+            "without their activations. kd_ext models already normalise with the global batch's statistics under "
+            "DDP: leave sync_batchnorm off (--trainer.sync_batchnorm false)."
+        )
+        raise ValueError(msg)
     evaluate_each_image_once(trainer)
     if stage == "fit":
         use_global_batch_norm(model)
