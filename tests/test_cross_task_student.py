@@ -201,3 +201,18 @@ def test_training_crops_match_at_every_resolution() -> None:
         assert random.top % 32 == 0 and random.left % 32 == 0
         assert random.top + 128 <= 256 and random.left + 128 <= 192
     assert Window.random((64, 64), 128, generator) is None  # a crop as large as the image: whole images
+
+
+def test_checkpoint_reloads_with_weights_only(trained: tuple, tmp_path) -> None:
+    from kd_ext.models.cross_task.distill import save_checkpoint
+
+    student = trained[0]
+    path = save_checkpoint(student, tmp_path / "student.ckpt")
+    torch.load(path, map_location="cpu", weights_only=True)  # plain hyper-parameters, no pickled classes
+    reloaded = CrossTaskStudent.load_from_checkpoint(path).eval()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    for task in TASKS:
+        student.select_task(task)
+        reloaded.select_task(task)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(images).anomaly_map, student(images).anomaly_map, atol=1e-6, rtol=0)

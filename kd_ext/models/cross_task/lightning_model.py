@@ -85,7 +85,7 @@ class CrossTaskStudent(KDExtModelMixin, AnomalibModule):
         self,
         tasks: Sequence[str] = ("default",),
         task: str | None = None,
-        trunk: str = TrunkKind.small,
+        trunk: str = TrunkKind.small.value,
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] | None = None,
         pre_trained: bool = True,
@@ -100,6 +100,7 @@ class CrossTaskStudent(KDExtModelMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         image_size = (int(image_size[0]), int(image_size[1]))
+        trunk = str(trunk)  # a plain string in the hyper-parameters: checkpoints load with weights_only=True
         if pre_processor is True:
             pre_processor = teacher_pre_processor(backbone, image_size)
         if post_processor is True:
