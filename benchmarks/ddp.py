@@ -1,7 +1,9 @@
 """Per-epoch training time of BiDirMSKD with 1 process vs N DDP processes on this machine (CPU, gloo).
 
 Each configuration trains on the same cores: one process with ``--threads`` threads, or N DDP processes with
-``threads / N`` threads each and a per-process batch of ``batch / N`` (the same global batch). Validation is off;
+``threads / N`` threads each and a per-process batch of ``batch / N`` (the same global batch); one process with one
+thread shows how much of a difference is only the thread count (OpenMP threads wait on each other when the cores
+are shared with other jobs). Validation is off;
 the first epoch (start-up, allocator warm-up) is not counted; the time of an epoch is taken by rank 0 from the start
 to the end of its training loop. Writes ``results/ddp.json`` and ``results/ddp.md``.
 
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -31,7 +34,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from kd_ext.models import BiDirMSKD
 
-    torch.set_num_threads(max(1, args.threads // args.processes))
+    torch.set_num_threads(args.threads)
 
     class EpochTimer(Callback):
         def __init__(self) -> None:
@@ -68,11 +71,12 @@ def worker(args: argparse.Namespace) -> None:
         args.out.write_text(json.dumps({"epoch_seconds": timer.times}))
 
 
-def run(args: argparse.Namespace, processes: int, out: Path) -> list[float]:
+def run(args: argparse.Namespace, processes: int, threads: int, out: Path) -> list[float]:
+    """Epoch times (the first left out) of ``processes`` processes with ``threads`` threads each."""
     command = [sys.executable, __file__, "--worker", "--processes", str(processes), "--out", str(out)]
     command += ["--data", str(args.data), "--category", args.category, "--epochs", str(args.epochs)]
-    command += ["--batch", str(args.batch), "--threads", str(args.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // processes))}
+    command += ["--batch", str(args.batch), "--threads", str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(command, check=True, env=env)
     return json.loads(out.read_text())["epoch_seconds"][1:]  # the first epoch is warm-up
 
@@ -95,34 +99,46 @@ def main() -> None:
     if args.batch % args.processes:
         parser.error(f"--batch {args.batch} must be a multiple of --processes {args.processes}")
     scratch = Path(tempfile.mkdtemp(prefix="kd_ext_ddp_"))
-    times = {n: run(args, n, scratch / f"epochs_{n}.json") for n in (1, args.processes)}
-    medians = {n: statistics.median(values) for n, values in times.items()}
+    per_process = max(1, args.threads // args.processes)
+    configurations = [(1, args.threads), (args.processes, per_process)]
+    if args.threads > 1:
+        configurations.append((1, 1))  # how much of the gain is only that one process ran single-threaded
+    times = {
+        (n, threads): run(args, n, threads, scratch / f"epochs_{n}x{threads}.json") for n, threads in configurations
+    }
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    baseline, distributed = (1, args.threads), (args.processes, per_process)
     record = {
-        "command": "python benchmarks/ddp.py " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/ddp.py", *sys.argv[1:]]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "note": args.note,
         "model": "BiDirMSKD (EfficientNet-Lite0 teacher, 256x256)",
         "data": f"{args.category}, global batch {args.batch}",
-        "epoch_seconds": {str(n): values for n, values in times.items()},
-        "median_epoch_seconds": {str(n): value for n, value in medians.items()},
-        "speedup": medians[1] / medians[args.processes],
+        "epoch_seconds": {f"{n}x{threads}": values for (n, threads), values in times.items()},
+        "median_epoch_seconds": {f"{n}x{threads}": value for (n, threads), value in medians.items()},
+        "speedup": medians[baseline] / medians[distributed],
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ddp.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [
         "# Training with several processes (DDP) on one machine",
         "",
-        f"`{record['command']}` — {record['model']}, {record['data']}, {record['machine']}, {args.threads} threads in",
-        "all (one process: all of them; N processes: threads / N each). Validation off; epoch 1 (warm-up) not counted.",
+        f"`{record['command']}`",
         "",
-        "| processes | per-process batch | median epoch (s) | epochs (s) |",
+        f"{record['model']}, {record['data']}, {record['machine']}. Validation off; epoch 1 (warm-up) not counted.",
+        "",
+        "| processes x threads | per-process batch | median epoch (s) | epochs (s) |",
         "|---|---|---|---|",
     ]
-    for n, values in times.items():
-        lines.append(
-            f"| {n} | {args.batch // n} | {medians[n]:.1f} | {', '.join(f'{value:.1f}' for value in values)} |"
-        )
-    lines += ["", f"Speed-up of {args.processes} processes over 1: **{record['speedup']:.2f}x**."]
+    for (n, threads), values in times.items():
+        row = f"| {n} x {threads} | {args.batch // n} | {medians[(n, threads)]:.1f} | "
+        lines.append(row + ", ".join(f"{value:.1f}" for value in values) + " |")
+    lines += [
+        "",
+        f"{args.processes} processes x {per_process} threads over 1 process x {args.threads} threads (the same cores): "
+        f"**{record['speedup']:.2f}x**. Fastest: {min(medians, key=medians.get)[0]} process(es) x "
+        f"{min(medians, key=medians.get)[1]} thread(s).",
+    ]
     if args.note:
         lines += ["", args.note]
     (RESULTS / "ddp.md").write_text("\n".join(lines) + "\n")
