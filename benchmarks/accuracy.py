@@ -53,6 +53,7 @@ ONE_PASS_SEED = 0
 BATCH_SIZE = 8
 PED2_FRAME_STRIDE = 10
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "accuracy.json", "accuracy.md", "accuracy.png"
+RESCORE_TOLERANCE = 1e-6  # a re-test from the checkpoint must reproduce the stored metrics to keep its scores
 
 
 class Lazy:
@@ -507,6 +508,16 @@ def add_scores(args: argparse.Namespace, json_path: Path) -> int:
         except Exception as error:  # one missing checkpoint must not stop the others
             failed += 1
             print(f"{head}: FAILED {type(error).__name__}: {error}", flush=True)
+            continue
+        differing = {
+            name: (value, extra["rescore_metrics"].get(name))
+            for name, value in run_["metrics"].items()
+            if abs(value - extra["rescore_metrics"].get(name, float("nan"))) > RESCORE_TOLERANCE
+            or name not in extra["rescore_metrics"]
+        }
+        if differing:  # the checkpoint does not reproduce the run: its scores are not the run's
+            failed += 1
+            print(f"{head}: NOT STORED, the re-test differs (stored, re-test): {differing}", flush=True)
             continue
         report.merge_run(json_path, run_ | extra)
         print(f"{head}: rescored, {extra['rescore_metrics']} (stored {run_['metrics']})", flush=True)

@@ -314,7 +314,8 @@ def test_rescore_picks_stored_runs_without_scores_and_refuses_a_missing_checkpoi
 
     def fake_rescore(row, set_name, seed, workdir, accelerator):
         calls.append((row, set_name, seed))
-        return {"image_scores": {"pred_score": [1.0], "gt_label": [1], "image_path": ["x"]}, "rescore_metrics": {}}
+        scores = {"pred_score": [1.0], "gt_label": [1], "image_path": ["x"]}
+        return {"image_scores": scores, "rescore_metrics": {"image_AUROC": 0.7 if seed == 1 else 0.5}}
 
     monkeypatch.setattr(accuracy, "rescore", fake_rescore)
     args = accuracy.parse_args(["--sets", "brain_mri", "--rows", "BiDirMSKD", "--seeds", "0", "1", "2", "--rescore"])
@@ -322,6 +323,11 @@ def test_rescore_picks_stored_runs_without_scores_and_refuses_a_missing_checkpoi
     assert calls == [("BiDirMSKD", "brain_mri", 1)]  # seed 0 has scores, seed 2 never ran
     stored = {run["seed"]: run for run in report.load(path)["runs"]}
     assert stored[1]["image_scores"]["pred_score"] == [1.0] and stored[1]["metrics"] == {"image_AUROC": 0.7}
+
+    report.merge_run(path, make_run("BiDirMSKD", "brain_mri", 2, {"image_AUROC": 0.9}))
+    assert accuracy.add_scores(args, path) == 1  # the re-test gives no AUROC 0.9: its scores are not stored
+    assert "image_scores" not in {run["seed"]: run for run in report.load(path)["runs"]}[2]
+    assert "NOT STORED" in capsys.readouterr().out
 
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
