@@ -102,7 +102,10 @@ def test_features_ir_equals_standard_ir_in_throughput_mode(exported: tuple, imag
     tail_model = EdgeModel(features, precision_hint="f32", num_requests=2)
     for key, prediction in tail_model.iter_predict(batches):
         assert np.abs(prediction.anomaly_map - reference[key].anomaly_map).max() <= 1e-5
-        np.testing.assert_array_equal(prediction.pred_label, reference[key].pred_label)
+        # The in-IR tail rounds differently from the kernel (1e-7): a score that ties with the threshold (the
+        # validation images are the test images here) may flip in the standard IR; the features IR follows torch.
+        clear = np.abs(reference[key].pred_score - 0.5) > 1e-5
+        np.testing.assert_array_equal(prediction.pred_label[clear], reference[key].pred_label[clear])
 
 
 def test_standard_ir_stays_anomalibs(exported: tuple) -> None:
