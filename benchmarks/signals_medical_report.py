@@ -226,7 +226,8 @@ def plot_rocs(section: dict, title: str, path: Path) -> bool:
             aurocs.append(curve["auroc"])
         axis.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle=":")
         text = f"{statistics.fmean(aurocs):.3f}" + (f" ± {statistics.stdev(aurocs):.3f}" if len(aurocs) > 1 else "")
-        axis.set_title(f"{name}\nAUROC {text}", fontsize=8.5)
+        plotted = f"{len(aurocs)} seed{'s' if len(aurocs) > 1 else ''}"
+        axis.set_title(f"{name}\nAUROC {text} ({plotted} plotted)", fontsize=8.5)
         axis.set_xlim(0, 1)
         axis.set_ylim(0, 1.01)
         axis.set_aspect("equal")
@@ -279,6 +280,9 @@ def render(data: dict, mri_png: str | None, ecg_png: str | None) -> str:
         "",
         *adaptation_lines(mri),
     ]
+    pending = [name for name in MRI_ROWS if name not in mri]
+    if pending:
+        lines += [f"Not run yet (no finished seed in `accuracy.json`): {', '.join(pending)}.", ""]
     missing = [name for name, entry in mri.items() if not entry["roc"]]
     if mri_png:
         lines += [f"![ROC curves, brain MRI]({mri_png})", ""]
