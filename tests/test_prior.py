@@ -152,3 +152,25 @@ def test_mthf_refuses_bad_group_backbones(group_backbones: object, match: str) -
 
     with pytest.raises(ValueError, match=match):
         MTHFModel(pre_trained=False, group_backbones=group_backbones)
+
+
+def test_checkpoint_saved_before_calibration_is_calibrated_when_scored(tmp_path: Path, tiny_folder_datamodule) -> None:
+    """Without validation the checkpoint is written before the prior is fitted: scoring it must fit the prior."""
+    from anomalib.engine import Engine
+
+    from kd_ext.models import BiDirMSKD
+
+    assert not BiDirMSKDModel(pre_trained=False).calibration_pending  # no prior: nothing to fit
+    model = BiDirMSKD(
+        pre_trained=False, prior=True, pre_processor=BiDirMSKD.configure_pre_processor((64, 64)), epochs=1
+    )
+    assert model.model.calibration_pending
+    engine = Engine(
+        max_epochs=1, default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False, limit_val_batches=0
+    )
+    engine.fit(model, datamodule=tiny_folder_datamodule())
+    checkpoint = next((tmp_path / "run").glob("**/model.ckpt"))
+    restored = BiDirMSKD.load_from_checkpoint(checkpoint, weights_only=True)
+    assert not restored.model.prior_fusion.ready and restored.model.calibration_pending
+    engine.test(restored, datamodule=tiny_folder_datamodule(), verbose=False)
+    assert restored.model.prior_fusion.ready and not restored.model.calibration_pending

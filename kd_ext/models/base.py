@@ -161,14 +161,14 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
         self.calibrate_on_training_images()
 
     def calibrate_on_training_images(self) -> None:
-        """Run the torch model's ``calibrate`` on the normal training images when training has made it stale.
+        """Run the torch model's ``calibrate`` on the normal training images when it is stale or was never fitted.
 
         The images come from the trainer's datamodule (or its training loader), pre-processed as in training.
 
         Raises:
             RuntimeError: If the model needs calibration and the trainer has no training images.
         """
-        if not getattr(self.model, "needs_calibration", False):
+        if not getattr(self.model, "calibration_pending", getattr(self.model, "needs_calibration", False)):
             return
         transform = self.pre_processor.transform if self.pre_processor is not None else None  # type: ignore[attr-defined]
         raw = self.training_images("fit its normal statistics on")

@@ -106,6 +106,16 @@ class FrozenTeacherModel(nn.Module):
     def _outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         raise NotImplementedError
 
+    @property
+    def calibration_pending(self) -> bool:
+        """Whether :meth:`calibrate` must run before scoring: training changed the model, or the prior is not fitted.
+
+        A checkpoint written at the end of training, before the first validation or test, holds an unfitted prior;
+        a model restored from it must be calibrated again rather than silently score without its prior.
+        """
+        fusion = getattr(self, "prior_fusion", None)
+        return self.needs_calibration or (fusion is not None and not fusion.ready)
+
     @torch.no_grad()
     def calibrate(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
         """Fit the prior (once: the teacher is frozen) and the maps' normal statistics on normal training images.
