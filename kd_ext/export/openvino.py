@@ -228,7 +228,7 @@ def export_openvino(
     subset_size: int = 300,
     convert: Callable[[Path], ov.Model] | None = None,
     max_map_error: float | None = MAX_MAP_ERROR,
-    mode: ExportMode | str = ExportMode.STANDARD,
+    mode: ExportMode | str = ExportMode.AUTO,
 ) -> Path:
     """Export an anomalib model to OpenVINO IR at the given precision.
 
@@ -258,8 +258,9 @@ def export_openvino(
             held-out normal training images (ops are reverted to float until it holds), or ``None`` for plain
             PTQ. See :func:`kd_ext.export.quantize_on_training_images`.
         mode: :class:`~kd_ext.edge.contract.ExportMode` or its value: ``"standard"`` (anomalib's IR),
-            ``"features"`` (needs a static ``input_size``; not with ``int8_acq``) or ``"auto"`` (``"features"``
-            where it applies, else ``"standard"``).
+            ``"features"`` (needs a static ``input_size``; not with ``int8_acq``) or ``"auto"`` (default:
+            ``"features"`` where it applies, else ``"standard"``; the features IR was the faster one with the same
+            outputs in ``benchmarks/results/edge.md``).
 
     Returns:
         Path: The ``.xml`` file (its ``.bin`` is next to it).
