@@ -37,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import LAYERS, TIMM_TEACHER, common, load_teacher_weights, stfpm
 from anomalib.models import Padim
 
+from kd_ext import kernels
 from kd_ext.backbones import no_pretrained_downloads
 from kd_ext.edge import EdgeModel
 from kd_ext.edge.contract import AnomalyTail, TailGroup
-from kd_ext.edge.tail import raw_map_and_score, two_stage_numpy
+from kd_ext.edge.tail import two_stage_numpy
 from kd_ext.export import export_openvino
 from kd_ext.export.quantization import HOLDOUT_EVERY, MAX_MAP_ERROR
 from kd_ext.models import MTHF, BiDirMSKD
@@ -119,6 +120,37 @@ def row_name(mode: str, precision: str) -> str:
     return f"BiDirMSKD OpenVINO {precision.upper()} ({mode})"
 
 
+def fused_two_stage(tail: AnomalyTail, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """MTHF stage 2 (mean) folded into one weighted kernel call minus a constant: the faster variant the edge does not
+    use, measured here against the exact per-group path (standardising is affine, the blur linear)."""
+    count = len(tail.groups)
+    teachers: list[np.ndarray] = []
+    students: list[np.ndarray] = []
+    weights: list[float] = []
+    for group, std in zip(tail.groups, tail.group_std, strict=True):
+        group_teachers = [features[name] for name, _ in group.pairs]
+        group_students = [features[name] for _, name in group.pairs]
+        teachers += group_teachers
+        students += group_students
+        per_pair = 1.0 / (count * std * (len(group.pairs) if group.fusion == "mean" else 1))
+        weights += [per_pair] * len(group.pairs)
+    shift = np.float32(sum(mean / (count * std) for mean, std in zip(tail.group_mean, tail.group_std, strict=True)))
+    maps, scores = kernels.anomaly_map_and_score(
+        teachers,
+        students,
+        tail.output_size,
+        distance=tail.distance,
+        fusion="weighted",
+        weights=weights,
+        align_corners=tail.align_corners,
+        sigma=tail.sigma,
+        score=tail.score,
+        top_k=tail.top_k,
+        backend="native",
+    )
+    return maps - shift, scores - shift
+
+
 def mthf_two_stage(images: torch.Tensor) -> dict:
     """ms/image at batch 8 of MTHF's tail: the fused weighted kernel call vs per-group calls + a numpy step."""
     torch.manual_seed(0)
@@ -148,7 +180,7 @@ def mthf_two_stage(images: torch.Tensor) -> dict:
         group_mean=tuple(generator.map_mean.tolist()),
         group_std=tuple(generator.map_std.tolist()),
     )
-    fused, _ = raw_map_and_score(tail, features)
+    fused, _ = fused_two_stage(tail, features)
     stepped, _ = two_stage_numpy(tail, features)
     result = {
         "fused_max_abs_diff_vs_torch": float(np.abs(fused - expected).max()),
@@ -158,7 +190,7 @@ def mthf_two_stage(images: torch.Tensor) -> dict:
         "numpy_step_ms": [],
     }
     for _ in range(5):
-        result["fused_ms"].append(1000 * timed(lambda _: raw_map_and_score(tail, features), None, 3) / 8)
+        result["fused_ms"].append(1000 * timed(lambda _: fused_two_stage(tail, features), None, 3) / 8)
         result["numpy_step_ms"].append(1000 * timed(lambda _: two_stage_numpy(tail, features), None, 3) / 8)
     result["fused_ms_per_image"] = float(np.median(result["fused_ms"]))
     result["numpy_step_ms_per_image"] = float(np.median(result["numpy_step_ms"]))
@@ -230,9 +262,9 @@ def render(report: dict) -> str:
         "",
         "| stage 2 (standardise groups, mean, blur, score) | ms / image | max abs map diff vs torch |",
         "|---|---:|---:|",
-        f'| one weighted kernel call, constant shift (used for `group_fusion="mean"`) | '
+        f"| one weighted kernel call, constant shift (not used: over the 1e-5 budget) | "
         f"{mthf['fused_ms_per_image']:.2f} | {mthf['fused_max_abs_diff_vs_torch']:.1e} |",
-        f'| one kernel call per group + numpy standardise/mean/blur + kernel score (used for `"max"`) | '
+        f"| one kernel call per group + numpy standardise/mean/blur + kernel score (used) | "
         f"{mthf['numpy_step_ms_per_image']:.2f} | {mthf['numpy_step_max_abs_diff_vs_torch']:.1e} |",
         "",
         f"Raw (unnormalised) maps, range {mthf['map_range']:.2f}; untrained MTHF with statistics set from these maps.",

@@ -4,11 +4,11 @@
 ``pred_score``, ``anomaly_map``, ``pred_label``, ``pred_mask``, as the standard IR's in-graph tail and
 post-processor would (see :class:`~kd_ext.edge.contract.AnomalyTail` for the steps). The per-scale distances,
 upsampling, fusion, blur and score run in one call of the fused native kernel (``backend="native"``: the compiled
-``kd_ext._native``, never torch). MTHF's two-stage fusion with ``group_fusion="mean"`` is that same single call:
-standardising a group map is affine and the blur is linear and keeps constants, so the standardised mean of the
-groups is one weighted kernel fusion (weight ``1 / (G * L_g * std_g)`` per pair of group ``g``) minus the constant
-``sum_g mean_g / (G * std_g)``, subtracted from map and score after the kernel. ``group_fusion="max"`` is not
-linear: per-group kernel maps, a numpy maximum, :func:`gaussian_blur` and the kernel's image score.
+``kd_ext._native``, never torch). MTHF's two-stage fusion runs one unsmoothed kernel call per group, then a
+numpy step: standardise each group map with its training statistics, combine the groups (mean or maximum), blur
+with :func:`gaussian_blur` and score. Folding the mean of standardised groups into one weighted kernel call is
+faster but subtracts a large constant afterwards, which loses float32 precision beyond the tail's parity budget
+(``benchmarks/results/edge.md``), so it is not used.
 """
 
 from __future__ import annotations
@@ -58,35 +58,6 @@ def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
 
 def _pairs(group: TailGroup, features: Features) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return [features[teacher] for teacher, _ in group.pairs], [features[student] for _, student in group.pairs]
-
-
-def _fused_two_stage(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, np.ndarray]:
-    """Stage 2 with ``group_fusion="mean"`` as one weighted kernel call (see the module docstring)."""
-    count = len(tail.groups)
-    teachers: list[np.ndarray] = []
-    students: list[np.ndarray] = []
-    weights: list[float] = []
-    for group, std in zip(tail.groups, tail.group_std, strict=True):
-        group_teachers, group_students = _pairs(group, features)
-        teachers += group_teachers
-        students += group_students
-        per_pair = 1.0 / (count * std * (len(group.pairs) if group.fusion == "mean" else 1))
-        weights += [per_pair] * len(group.pairs)
-    shift = np.float32(sum(mean / (count * std) for mean, std in zip(tail.group_mean, tail.group_std, strict=True)))
-    maps, scores = kernels.anomaly_map_and_score(
-        teachers,
-        students,
-        tail.output_size,
-        distance=tail.distance,
-        fusion="weighted",
-        weights=weights,
-        align_corners=tail.align_corners,
-        sigma=tail.sigma,
-        score=tail.score,
-        top_k=tail.top_k,
-        backend="native",
-    )
-    return maps - shift, scores - shift
 
 
 def two_stage_numpy(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, np.ndarray]:
@@ -143,8 +114,6 @@ def raw_map_and_score(tail: AnomalyTail, features: Features) -> tuple[np.ndarray
             top_k=tail.top_k,
             backend="native",
         )
-    if tail.group_fusion == "mean" and all(group.fusion in {"mean", "sum"} for group in tail.groups):
-        return _fused_two_stage(tail, features)
     return two_stage_numpy(tail, features)
 
 

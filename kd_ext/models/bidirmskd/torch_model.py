@@ -20,6 +20,7 @@ from anomalib.data import InferenceBatch
 
 from kd_ext.backbones import get_backbone_spec
 from kd_ext.backbones.registry import resolve_layers
+from kd_ext.kernels import SCORE_MODES
 from kd_ext.kernels.reference import image_score
 from kd_ext.models.components import (
     FeatureFusionResidual,
@@ -37,7 +38,6 @@ from kd_ext.models.components import (
 
 from .anomaly_map import AnomalyMapGenerator
 
-SCORE_MODES = ("max", "topk")
 MIN_IMAGE_SIZE = 32
 
 

@@ -187,8 +187,10 @@ class MapStandardiser(nn.Module):
     def accumulate(self, maps: Sequence[torch.Tensor]) -> None:
         """Add the maps of a batch of normal images to the running moments (count, sum, sum of squares)."""
         moments = torch.stack(
-            [torch.stack([torch.tensor(float(m.numel())), m.double().sum().cpu(), m.double().square().sum().cpu()])
-             for m in maps]
+            [
+                torch.stack([torch.tensor(float(m.numel())), m.double().sum().cpu(), m.double().square().sum().cpu()])
+                for m in maps
+            ]
         )
         self._moments = moments if self._moments is None else self._moments + moments
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kd_ext import kernels
-from kd_ext.models.bidirmskd.anomaly_map import AnomalyMapGenerator, gaussian_blur
+from kd_ext.models.components.multiscale_map import AnomalyMapGenerator, gaussian_blur
 
 GROUP_FUSIONS = ("mean", "max")
 FUSION_STAGES = (1, 2)

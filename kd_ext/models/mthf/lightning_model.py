@@ -79,7 +79,12 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         visualizer: Visualizer, or ``True`` for anomalib's default.
     """
 
-    architecture_keys = (*ARCHITECTURE_KEYS, "deep_layers", "groups", "fusion_modules", "group_backbones",
+    architecture_keys = (
+        *ARCHITECTURE_KEYS,
+        "deep_layers",
+        "groups",
+        "fusion_modules",
+        "group_backbones",
         "teacher_finetune",
     )
 

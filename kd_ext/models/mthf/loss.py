@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from kd_ext.models.bidirmskd.loss import cosine_distillation_loss
+from kd_ext.models.components.distillation_loss import cosine_distillation_loss
 
 
 class MTHFLoss(nn.Module):

@@ -33,6 +33,7 @@ from torch import nn
 
 from kd_ext.backbones import create_backbone, get_backbone_spec
 from kd_ext.backbones.registry import resolve_layers
+from kd_ext.kernels import SCORE_MODES
 from kd_ext.models.components import (
     FrozenTeacherModel,
     OneClassBottleneck,
@@ -49,7 +50,6 @@ from kd_ext.models.components import (
 from .anomaly_map import MTHFAnomalyMap, downsampled_size
 from .fusion import HierarchicalAttentionFusion
 
-SCORE_MODES = ("max", "topk")
 GROUPS = ("A", "B", "C")
 GROUP_DESCRIPTIONS = {
     "A": "forward student on the shallow levels",

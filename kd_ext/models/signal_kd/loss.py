@@ -2,7 +2,7 @@
 
 import torch
 
-from kd_ext.models.bidirmskd.loss import BiDirMSKDLoss
+from kd_ext.models.components.distillation_loss import TwoStudentDistillationLoss
 
 
 def masked_reconstruction_loss(reconstruction: torch.Tensor, series: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def masked_reconstruction_loss(reconstruction: torch.Tensor, series: torch.Tenso
     return masked + 0.5 * error.mean()
 
 
-class SignalKDLoss(BiDirMSKDLoss):
+class SignalKDLoss(TwoStudentDistillationLoss):
     """BiDirMSKD's distillation loss on 1-D features: per level, the mean over time steps of ``1 - cos(t, s)``.
 
     The forward student regresses the teacher's features from the series; the reverse student reconstructs them
