@@ -243,7 +243,7 @@ def _add_distill(subparsers: argparse._SubParsersAction) -> None:
     # them through untouched (no option prefix of its own).
     parser = subparsers.add_parser(
         "distill",
-        help="distil trained task teachers into one multi-task edge student (--config FILE; -h for options)",
+        help="distil trained task teachers into one multi-task edge student ([--config] FILE; -h for options)",
         add_help=False,
         prefix_chars="\0",
     )
@@ -255,8 +255,11 @@ def _run_distill(args: argparse.Namespace) -> int:
     from kd_ext.models.cross_task.config import parse_distill_args  # noqa: PLC0415
     from kd_ext.models.cross_task.distill import distill  # noqa: PLC0415
 
+    arguments = list(args.arguments)
+    if arguments and not arguments[0].startswith("-"):  # `kd-ext distill CONFIG.yaml ...`, the original form
+        arguments = ["--config", *arguments]
     try:
-        config = parse_distill_args(list(args.arguments))
+        config = parse_distill_args(arguments)
         result = distill(config, log=lambda line: sys.stderr.write(line + "\n"))
     except (FileNotFoundError, ValueError) as error:
         sys.stderr.write(f"kd-ext distill: error: {error}\n")

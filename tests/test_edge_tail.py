@@ -89,7 +89,11 @@ def test_features_ir_matches_torch(exported: tuple, images: torch.Tensor) -> Non
     labels = np.concatenate([p.pred_label for p in predictions])
     assert np.abs(maps - expected["anomaly_map"]).max() <= 1e-5
     assert np.abs(scores - expected["pred_score"]).max() <= 1e-5
-    np.testing.assert_array_equal(labels, expected["pred_label"])
+    # anomalib's adaptive threshold is one of the scores (normalised to 0.5): that image's label is a tie, which
+    # float32 noise within the 1e-5 budget may break either way. Every other label must be identical.
+    tie = np.abs(expected["pred_score"] - 0.5) <= 1e-5
+    assert tie.sum() <= 1
+    np.testing.assert_array_equal(labels[~tie], expected["pred_label"][~tie])
     masks = np.concatenate([p.pred_mask for p in predictions])
     near = np.abs(expected["anomaly_map"] - 0.5) <= 1e-5  # a pixel at the threshold may flip with 1e-6 noise
     np.testing.assert_array_equal(masks[~near], expected["pred_mask"][~near])
