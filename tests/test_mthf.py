@@ -305,7 +305,7 @@ def test_openvino_export_runs_in_the_edge_runtime(hazelnut_engine: tuple, tmp_pa
     np.testing.assert_allclose(prediction.anomaly_map, expected_maps, atol=1e-3)
     np.testing.assert_allclose(prediction.pred_score, expected.pred_score.numpy(), atol=1e-3)
 
-    int8 = export_openvino(module, tmp_path / "int8", "int8", calibration=datamodule, input_size=size)
+    int8 = export_openvino(module, tmp_path / "int8", "int8_ptq", calibration=datamodule, input_size=size)
     assert "FakeQuantize" in {op.get_type_name() for op in ov.Core().read_model(int8).get_ordered_ops()}
     datamodule.setup("fit")
     _, held_out = holdout_split(len(datamodule.train_data))
