@@ -11,10 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kd_ext.crosstask import load_anomaly_model
-from kd_ext.crosstask.config import TaskConfig
-from kd_ext.crosstask.tasks import prepare_tasks
-from kd_ext.crosstask.teachers import model_class
+from kd_ext.models.cross_task.config import TaskConfig
+from kd_ext.models.cross_task.tasks import prepare_tasks
+from kd_ext.models.cross_task.teachers import load_anomaly_model, model_class
 from kd_ext.models.image_checks import unreadable_images
 
 
