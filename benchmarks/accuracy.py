@@ -378,13 +378,37 @@ def check_epochs(row: str, model: Any, epochs: int) -> None:
         raise ValueError(msg)
 
 
+def quiet_engine(root: Path, accelerator: str, max_epochs: int | None = None, callbacks: Sequence[Any] = ()) -> Any:
+    """anomalib ``Engine`` for a benchmark run: one device, no logger, no progress bar, no validation loop."""
+    from anomalib.engine import Engine
+
+    return Engine(
+        max_epochs=max_epochs,
+        default_root_dir=root,
+        logger=False,
+        accelerator=accelerator,
+        devices=1,
+        callbacks=list(callbacks),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def timed_fit(engine: Any, model: Any, datamodule: Any) -> float:
+    """``engine.fit`` and its wall-clock seconds."""
+    start = time.perf_counter()
+    engine.fit(model, datamodule=datamodule)
+    return time.perf_counter() - start
+
+
 def run(row: str, set_name: str, seed: int, epochs: int, accelerator: str, workdir: Path) -> dict:
     """Train and test one row on one set with one seed; return its record (without command and invocation).
 
     Every row gets the set's evaluator and a post-processor that neither normalises nor thresholds; no validation
     loop runs. The checkpoint is kept under ``workdir/<row>/<set>/seed<seed>`` (replaced by a rerun).
     """
-    from anomalib.engine import Engine
     from anomalib.post_processing import PostProcessor
     from lightning.pytorch import seed_everything
 
@@ -402,21 +426,8 @@ def run(row: str, set_name: str, seed: int, epochs: int, accelerator: str, workd
     shutil.rmtree(run_dir, ignore_errors=True)
     timer = epoch_timer()
     recorder = score_recorder(SETS[set_name].folder)
-    engine = Engine(
-        max_epochs=epochs,
-        default_root_dir=run_dir,
-        logger=False,
-        accelerator=accelerator,
-        devices=1,
-        callbacks=[timer, recorder],
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    start = time.perf_counter()
-    engine.fit(model, datamodule=datamodule)
-    fit_seconds = time.perf_counter() - start
+    engine = quiet_engine(run_dir, accelerator, epochs, callbacks=[timer, recorder])
+    fit_seconds = timed_fit(engine, model, datamodule)
     if len(timer.seconds) != epochs:
         msg = f"{row} trained {len(timer.seconds)} epochs instead of {epochs}; check its trainer_arguments."
         raise RuntimeError(msg)
@@ -458,7 +469,6 @@ def rescore(row: str, set_name: str, seed: int, workdir: Path, accelerator: str)
     Raises:
         FileNotFoundError: If the run's checkpoint is not under ``workdir``.
     """
-    from anomalib.engine import Engine
     from anomalib.post_processing import PostProcessor
     from lightning.pytorch import seed_everything
 
@@ -472,15 +482,7 @@ def rescore(row: str, set_name: str, seed: int, workdir: Path, accelerator: str)
     model.post_processor = PostProcessor(enable_normalization=False, enable_thresholding=False)
     model.evaluator = evaluator(SETS[set_name].masks)
     recorder = score_recorder(SETS[set_name].folder)
-    engine = Engine(
-        default_root_dir=run_dir / "rescore",
-        logger=False,
-        accelerator=accelerator,
-        devices=1,
-        callbacks=[recorder],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    engine = quiet_engine(run_dir / "rescore", accelerator, callbacks=[recorder])
     metrics = engine.test(model, datamodule=SETS[set_name].datamodule(), ckpt_path=checkpoints[-1], verbose=False)[0]
     return {
         "image_scores": recorder.records,

@@ -180,7 +180,7 @@ def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[st
 
 def anomalib_scores(row: Row, module: Any, seed: int, workdir: Path) -> tuple[np.ndarray, np.ndarray, float]:
     """Fit through anomalib's Engine; raw scores of the validation and test series, and the fit time."""
-    from anomalib.engine import Engine
+    import accuracy
     from anomalib.post_processing import PostProcessor
     from lightning.pytorch import seed_everything
 
@@ -191,20 +191,8 @@ def anomalib_scores(row: Row, module: Any, seed: int, workdir: Path) -> tuple[np
     model.visualizer = None
     if getattr(model, "epochs", None) is not None:  # kd_ext image models carry their epochs in trainer_arguments
         model.epochs = row.epochs
-    engine = Engine(
-        max_epochs=row.epochs,
-        default_root_dir=workdir / "runs",
-        logger=False,
-        accelerator="cpu",
-        devices=1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    start = time.perf_counter()
-    engine.fit(model, datamodule=module)
-    seconds = time.perf_counter() - start
+    engine = accuracy.quiet_engine(workdir / "runs", "cpu", row.epochs)
+    seconds = accuracy.timed_fit(engine, model, module)
 
     def scores(loader: Any) -> np.ndarray:
         batches = engine.predict(model, dataloaders=loader, return_predictions=True)

@@ -174,3 +174,31 @@ def test_checkpoint_saved_before_calibration_is_calibrated_when_scored(tmp_path:
     assert not restored.model.prior_fusion.ready and restored.model.calibration_pending
     engine.test(restored, datamodule=tiny_folder_datamodule(), verbose=False)
     assert restored.model.prior_fusion.ready and not restored.model.calibration_pending
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_checkpoint_with_the_former_calibrated_flag_loads(tmp_path: Path, calibrated: bool) -> None:
+    """Early prior checkpoints carry ``prior_fusion.calibrated``; they load, and an uncalibrated one calibrates again."""
+    from kd_ext.models import BiDirMSKD
+
+    model = BiDirMSKD(pre_trained=False, prior=True, epochs=1)
+    model.model.calibrate(lambda: [torch.rand(2, 3, 64, 64)])
+    assert model.model.prior_fusion.ready
+    checkpoint = tmp_path / "early.ckpt"
+    state = dict(model.state_dict())
+    state["model.prior_fusion.calibrated"] = torch.tensor(calibrated)
+    hyper_parameters = dict(model.hparams)
+    torch.save(
+        {
+            "state_dict": state,
+            "hyper_parameters": hyper_parameters,
+            "kd_ext_model": "BiDirMSKD",
+            "pytorch-lightning_version": "2.5.0",
+        },
+        checkpoint,
+    )
+    restored = BiDirMSKD.load_from_checkpoint(checkpoint, weights_only=True)
+    assert restored.model.prior_fusion.ready is calibrated
+    assert restored.model.calibration_pending is not calibrated
+    if calibrated:
+        torch.testing.assert_close(restored.model.prior_fusion.prior.mean, model.model.prior_fusion.prior.mean)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd_ext.edge.runtime import OUTPUT_FIELDS
+from kd_ext.edge.contract import OUTPUT_FIELDS, task_output
 from kd_ext.export.openvino import save_ir
 
 from .lightning_model import CALIBRATED_THRESHOLD, CrossTaskStudent
@@ -41,8 +41,8 @@ class _AllTasks(nn.Module):
 
 
 def output_names(tasks: tuple[str, ...]) -> list[str]:
-    """IR output names in order: ``<task>/<field>``."""
-    return [f"{task}/{field}" for task in tasks for field in OUTPUT_FIELDS]
+    """IR output names in order: ``<task>/<field>`` (the edge contract's :func:`task_output`)."""
+    return [task_output(task, field) for task in tasks for field in OUTPUT_FIELDS]
 
 
 def export_all_tasks_openvino(
