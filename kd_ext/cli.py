@@ -264,6 +264,8 @@ def _run_distill(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         sys.stderr.write(f"kd-ext distill: error: {error}\n")
         return 2
+    if not result.report:  # another process than rank 0 of a torchrun job: rank 0 reports
+        return 0
     summary = {
         "checkpoint": str(result.checkpoint),
         "openvino": str(result.ir) if result.ir else None,

@@ -18,10 +18,20 @@ the functions here:
 
 Calibration on normal training images (the prior, map statistics) reads the full training set on every process
 (:func:`undistributed_loader`), so it is identical everywhere and equals the single-process one.
+
+Plain torch loops started by ``torchrun`` (``kd-ext distill``) use the same batch-norm variants and these helpers:
+:func:`process_group` (the default group from torchrun's environment, with a timeout, always torn down),
+:func:`gather_chunks` (a batched computation shared among the processes, every result on every process) and
+:func:`reduce_sum` (batch statistics and losses of the global batch).
 """
 
 import logging
+import math
+import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,6 +54,115 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def global_rank() -> int:
+    """This process's rank in the default process group (0 when torch.distributed is not running)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def launched_world_size() -> int:
+    """Number of processes ``torchrun`` started (its ``WORLD_SIZE``; 1 without torchrun), before any group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """This process's rank as ``torchrun`` numbered it (its ``RANK``; 0 without torchrun), before any group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_device() -> torch.device:
+    """The device of this process: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+@contextmanager
+def process_group(timeout: timedelta) -> Iterator[torch.device]:
+    """The default process group of a ``torchrun`` job for the duration of the block; yields this process's device.
+
+    With ``WORLD_SIZE > 1`` (torchrun's environment: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) the
+    group is created (NCCL on CUDA, each process on its ``LOCAL_RANK`` GPU; gloo on CPUs) and destroyed when the
+    block ends, also on an error. Every collective operation fails after ``timeout`` instead of waiting forever
+    for a process that crashed or hangs (torchrun also stops the others when one process fails). Without torchrun,
+    or when a group already exists, nothing is created or destroyed.
+
+    Args:
+        timeout: Longest wait of one collective operation (including a barrier).
+
+    Yields:
+        torch.device: This process's device (the CPU in a single process).
+    """
+    if launched_world_size() == 1 or dist.is_initialized():
+        yield local_device() if dist.is_initialized() else torch.device("cpu")
+        return
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def gather_chunks(
+    function: Callable[[torch.Tensor], Sequence[torch.Tensor]], inputs: torch.Tensor, batch_size: int
+) -> list[torch.Tensor]:
+    """``function`` over consecutive chunks of ``inputs``, the chunks shared among the processes, results gathered.
+
+    Chunk ``k`` (samples ``k * batch_size`` onwards) is computed by process ``k mod world_size``, exactly as one
+    process computes it (the same samples together), and every process receives every chunk's results in order:
+    the results equal one process's bit for bit. In a single process the chunks are simply computed in turn.
+
+    Args:
+        function: Maps a chunk ``[n, ...]`` to tensors whose first dimension is ``n`` (the same number and trailing
+            shapes for every chunk).
+        inputs: Samples ``[N, ...]``.
+        batch_size: Chunk size.
+
+    Returns:
+        list[torch.Tensor]: Each of ``function``'s results over all samples ``[N, ...]``, on the device of
+        ``inputs`` (empty when ``function`` returns no tensors).
+    """
+    starts = list(range(0, inputs.shape[0], batch_size))
+    size, rank = world_size(), global_rank()
+    if size == 1:
+        chunks = [list(function(inputs[start : start + batch_size])) for start in starts]
+        return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+    mine = [list(function(inputs[start : start + batch_size])) for start in starts[rank::size]]
+    layout = [[(tuple(tensor.shape[1:]), tensor.dtype) for tensor in mine[0]] if rank == 0 else None]
+    dist.broadcast_object_list(layout, src=0)  # rank 0 always has chunk 0
+    slots = math.ceil(len(starts) / size)
+    device = local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    gathered = []
+    for index, (shape, dtype) in enumerate(layout[0]):
+        local = torch.zeros(slots * batch_size, *shape, dtype=dtype, device=device)
+        for slot, outputs in enumerate(mine):
+            local[slot * batch_size : slot * batch_size + outputs[index].shape[0]] = outputs[index]
+        parts = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(parts, local)
+        pieces = [
+            parts[chunk % size][(chunk // size) * batch_size :][: min(batch_size, inputs.shape[0] - start)]
+            for chunk, start in enumerate(starts)
+        ]
+        gathered.append(torch.cat(pieces).to(inputs.device))
+    return gathered
+
+
+def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the processes: batch statistics and losses of the global batch.
+
+    Itself in a single process; not differentiable (see :func:`sum_over_processes`).
+    """
+    if world_size() == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
 
 
 class _SumOverProcesses(torch.autograd.Function):

@@ -175,7 +175,11 @@ class TrainingConfig:
 
     Attributes:
         epochs: Passes over the largest task's samples.
-        batch_size: Samples per task per step.
+        batch_size: Samples per task per step: the global batch. Under ``torchrun`` with ``P`` processes each
+            process takes an equal share of ``batch_size / P`` samples of every task's batch (the union of the
+            shares is the one-process batch, so any ``P`` trains the same student); ``P`` must divide the batch
+            (``min(batch_size, samples)`` for a task with fewer samples) and no task may have fewer samples than
+            ``P``, else distillation stops before it starts.
         learning_rate: Adam learning rate of trunk, heads, adapters, task weights and temperatures.
         synthetic_per_image: Perlin synthetic anomalies generated per normal training image.
         crop_size: Side of the random square crop (aligned to 32 pixels) the trainable trunk trains on at each
@@ -192,6 +196,9 @@ class TrainingConfig:
         imbalance: ``balanced`` (class-balanced loss weights) or ``none``.
         score_weight: Weight of the image-score loss against the map loss.
         seed: Random seed (synthetic anomalies, initialisation, order).
+        distributed_timeout: Under ``torchrun``: minutes a process waits for the others at one collective operation
+            before failing (a crashed or stuck process then stops the job instead of hanging it). The longest wait
+            is the other processes' at the end, while rank 0 evaluates, saves and exports the student.
     """
 
     epochs: int = 20
@@ -209,6 +216,7 @@ class TrainingConfig:
     imbalance: Imbalance = Imbalance.balanced
     score_weight: float = 1.0
     seed: int = 0
+    distributed_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         self.task_weighting = _choice(TaskWeighting, self.task_weighting, "task_weighting")
@@ -217,6 +225,9 @@ class TrainingConfig:
         self.targets = _choice(TargetKind, self.targets, "targets")
         if self.epochs < 1 or self.batch_size < 2 or self.synthetic_per_image < 0:
             msg = "Need epochs >= 1, batch_size >= 2 (BatchNorm) and synthetic_per_image >= 0."
+            raise ValueError(msg)
+        if self.distributed_timeout <= 0:
+            msg = f"training.distributed_timeout must be a positive number of minutes, got {self.distributed_timeout}."
             raise ValueError(msg)
         if self.targets == TargetKind.synthetic and self.synthetic_per_image < 1:
             msg = "targets 'synthetic' learns from synthetic anomalies: set synthetic_per_image >= 1."

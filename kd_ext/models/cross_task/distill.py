@@ -3,16 +3,24 @@
 Steps: check every task (names, data, checkpoints, image sizes) -> cache teacher soft targets and features on
 normal and synthetic images -> train -> test teacher and student per task -> save the student's checkpoint, one
 OpenVINO IR for all tasks and ``report.json``.
+
+Started by ``torchrun`` (``torchrun --nproc-per-node P -m kd_ext.cli distill CONFIG``), every process checks the
+tasks, the process group is created (:func:`kd_ext.models.distributed.process_group`: gloo on CPUs, NCCL on GPUs,
+with ``training.distributed_timeout``), the teachers' targets are computed in shares and gathered, the student
+trains on equal shares of every global batch (:mod:`.training`), and rank 0 alone evaluates, saves, exports and
+writes the report while the others wait at a barrier. The result equals one process's with the same config.
 """
 
 import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from anomalib.models import AnomalibModule
 from lightning.pytorch import Trainer, seed_everything
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,13 +29,21 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from kd_ext.backbones import lite0_reference_trunk
+from kd_ext.models.distributed import global_rank, launched_world_size, process_group, world_size
 
 from .config import DistillConfig, ExportPrecision, StudentConfig, TargetKind, TrainingConfig
 from .export import export_all_tasks_openvino
 from .lightning_model import CrossTaskStudent
-from .tasks import PreparedTask, prepare_tasks
+from .tasks import PreparedTask, prepare_tasks, training_image_count
 from .teachers import raw_predictions
-from .training import TaskSamples, adapter_parameters, build_task_samples, teacher_targets, train_student
+from .training import (
+    TaskSamples,
+    adapter_parameters,
+    build_task_samples,
+    check_process_shares,
+    teacher_targets,
+    train_student,
+)
 
 EVALUATION_BATCH = 8
 
@@ -39,8 +55,9 @@ class DistillResult:
     Attributes:
         student: The trained student.
         checkpoint: Its Lightning checkpoint.
-        ir: The multi-task OpenVINO IR (``None`` when export is off).
-        report: Metrics, sizes, compute and training history (also in ``report.json``).
+        ir: The multi-task OpenVINO IR (``None`` when export is off, and on the other processes than rank 0).
+        report: Metrics, sizes, compute and training history (also in ``report.json``); empty on the other
+            processes than rank 0 of a ``torchrun`` job (rank 0 evaluates and writes everything).
     """
 
     student: CrossTaskStudent
@@ -175,7 +192,16 @@ def cache_samples(
     config: TrainingConfig,
     log: Callable[[str], None] = print,
 ) -> dict[str, TaskSamples]:
-    """Targets (and teacher features, or frozen-trunk features) of every task."""
+    """Targets (and teacher features, or frozen-trunk features) of every task.
+
+    Under ``torchrun`` every process gets every sample (computed in shares and gathered, see
+    :func:`~.training.teacher_targets`); first every task's sample count is checked against the processes.
+
+    Raises:
+        ValueError: If the processes cannot share a task's batches (:func:`~.training.check_process_shares`).
+    """
+    counts = {task.name: training_image_count(task) * (1 + config.synthetic_per_image) for task in tasks}
+    check_process_shares(config.batch_size, world_size(), counts)
     start = time.perf_counter()
     samples = {}
     distilled = config.targets == TargetKind.teacher
@@ -223,19 +249,33 @@ def save_checkpoint(student: CrossTaskStudent, path: Path) -> Path:
     return path
 
 
+def _silent(line: str) -> None:
+    del line
+
+
 def distill(config: DistillConfig, log: Callable[[str], None] = print) -> DistillResult:
     """Distil the configured task teachers into one student; evaluate, save and export it.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the processes train together (see the module's description); the process
+    group lives for this call only (destroyed on return and on an error) and only rank 0 logs.
 
     Args:
         config: Tasks, student, training and export settings.
         log: Progress sink.
 
     Returns:
-        DistillResult: The student, its files and the report.
+        DistillResult: The student, its files and the report (see :class:`DistillResult` for the other processes).
 
     Raises:
-        ValueError: Before any training, naming every problem with the tasks (see :func:`prepare_tasks`).
+        ValueError: Before any training, naming every problem with the tasks (see :func:`prepare_tasks`) or with
+            sharing the batches among torchrun's processes (:func:`~.training.check_process_shares`).
     """
+    check_process_shares(config.training.batch_size, launched_world_size())  # before any process waits for another
+    with process_group(timedelta(minutes=config.training.distributed_timeout)):
+        return _distill(config, log if global_rank() == 0 else _silent)
+
+
+def _distill(config: DistillConfig, log: Callable[[str], None]) -> DistillResult:
     tasks = prepare_tasks(config.tasks)
     seed_everything(config.training.seed, workers=True)
     output = config.output
@@ -246,6 +286,9 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
     cache_seconds = time.perf_counter() - start
     history = train_student(student, samples, config.training, log)
     train_seconds = time.perf_counter() - start - cache_seconds
+    if global_rank() != 0:  # rank 0 evaluates, saves and exports the same student
+        dist.barrier()
+        return DistillResult(student=student, checkpoint=output / "student.ckpt", ir=None, report={})
     teacher_metrics = evaluate_teachers(tasks)
     student_metrics = evaluate_student(student, tasks)
     results = comparison(teacher_metrics, student_metrics)
@@ -265,10 +308,13 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
         "compute": compute,
         "cache_seconds": round(cache_seconds, 1),
         "train_seconds": round(train_seconds, 1),
+        "processes": world_size(),
         "history": history,
         "config": json.loads(json.dumps(asdict(config), default=str)),
         "checkpoint": str(checkpoint),
         "openvino": str(ir) if ir else None,
     }
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if world_size() > 1:
+        dist.barrier()
     return DistillResult(student=student, checkpoint=checkpoint, ir=ir, report=report)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from kd_ext.models.distributed import reduce_sum
+
 
 class TaskWeighting(StrEnum):
     """How the tasks' losses are weighted in the shared trunk's loss (member names equal values)."""
@@ -52,7 +54,8 @@ def class_balance_weights(teacher_logits: torch.Tensor, max_weight: float = 50.0
     """Weights that give the anomalous and the normal elements half of the loss each.
 
     An element is anomalous when the teacher's probability is above 0.5 (``teacher_logits > 0``). Without any
-    anomalous (or any normal) element every weight is 1.
+    anomalous (or any normal) element every weight is 1. Under torch.distributed the fraction of anomalous elements
+    is the global batch's (the counts of every process summed), so every process calls this in step.
 
     Args:
         teacher_logits: Teacher logits of any shape.
@@ -62,7 +65,8 @@ def class_balance_weights(teacher_logits: torch.Tensor, max_weight: float = 50.0
         torch.Tensor: Weights of the same shape, mean 1 before capping.
     """
     positive = teacher_logits > 0
-    fraction = positive.float().mean()
+    counts = reduce_sum(torch.stack([positive.sum(), torch.tensor(positive.numel(), device=positive.device)]))
+    fraction = counts[0].float() / counts[1].float()
     if fraction.item() in (0.0, 1.0):
         return torch.ones_like(teacher_logits)
     weights = torch.where(positive, 0.5 / fraction, 0.5 / (1 - fraction))

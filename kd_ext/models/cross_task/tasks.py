@@ -167,6 +167,13 @@ def _refuse(problems: list[str]) -> None:
     raise ValueError(msg)
 
 
+def training_image_count(task: PreparedTask) -> int:
+    """Number of the task's normal training images (from the file list, without reading the images)."""
+    datamodule = task.datamodule()
+    datamodule.setup()
+    return len(datamodule.train_data)
+
+
 def training_images(task: PreparedTask) -> torch.Tensor:
     """The task's normal training images, RGB in ``[0, 1]``, resized to the teacher's size.
 

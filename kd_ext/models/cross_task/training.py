@@ -8,6 +8,15 @@ Each step takes one batch of every task. With the small trunk the batches go thr
 and the trunk's multi-task loss is ``sum_k lambda_k L_k`` (fixed, DWA) or the uncertainty-weighted sum. With the
 frozen trunk (the earlier student) the trunk's features are cached and only the heads train: the tasks never
 interact and the weighting is inert.
+
+Under ``torchrun`` (several processes) the training equals one process's: ``batch_size`` is each task's *global*
+batch and every process takes an equal contiguous share of it (:func:`process_share`), from the same seeded
+permutation and crop on every process; the trunk's and heads' batch-norm layers use the global batch's statistics,
+the class-balance fractions are the global batch's, the gradients of the student and of the training-only modules
+(adapters, temperatures, uncertainty weights) are averaged by ``DistributedDataParallel``, and the per-task losses
+behind DWA and the history are averaged over the processes. The teachers' targets and the frozen trunk's features
+are computed in chunks shared among the processes and gathered (every process holds every sample), so the fitted
+calibrations and normal statistics are one process's exactly.
 """
 
 import math
@@ -18,6 +27,17 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kd_ext.models.distributed import (
+    gather_chunks,
+    global_rank,
+    local_device,
+    reduce_sum,
+    restore_batch_norm,
+    use_global_batch_norm,
+    world_size,
+)
 
 from .config import TargetKind, TrainingConfig
 from .lightning_model import CrossTaskStudent
@@ -33,7 +53,7 @@ from .loss import (
 )
 from .tasks import PreparedTask, training_images
 from .teachers import TeacherCalibration, raw_predictions, teacher_features
-from .torch_model import TaskHead
+from .torch_model import CrossTaskStudentModel, TaskHead
 
 SYNTHETIC_SHARPNESS = 4.0
 """Logit magnitude of the synthetic targets (``targets: synthetic``): the teachers' calibrated scale."""
@@ -97,8 +117,51 @@ class TaskSamples:
         return self.score_targets.shape[0]
 
 
-def _in_batches(function: Callable[[torch.Tensor], object], images: torch.Tensor, batch_size: int) -> list:
-    return [function(images[start : start + batch_size]) for start in range(0, images.shape[0], batch_size)]
+def check_process_shares(batch_size: int, processes: int, samples: dict[str, int] | None = None) -> None:
+    """Check that every task's global batch splits into equal shares, one per process.
+
+    A task's global batch is ``min(batch_size, samples)`` (a task with fewer samples than ``batch_size`` takes all of
+    them at each step); each of the ``processes`` takes ``1 / processes`` of it (:func:`process_share`).
+
+    Args:
+        batch_size: ``training.batch_size``, each task's global batch.
+        processes: Number of processes (torchrun's world size).
+        samples: Training samples per task (clean and synthetic); ``None`` checks ``batch_size`` alone.
+
+    Raises:
+        ValueError: Naming the fix, if ``processes`` does not divide ``batch_size`` or a task's batch, or a task has
+            fewer samples than processes.
+    """
+    if batch_size % processes:
+        msg = (
+            f"training.batch_size {batch_size} is each task's global batch, shared equally by the {processes} "
+            f"processes: set it to a multiple of {processes}, or start a number of processes that divides it."
+        )
+        raise ValueError(msg)
+    problems = []
+    for task, count in (samples or {}).items():
+        if count < processes:
+            problems.append(
+                f"task '{task}' has {count} training samples for {processes} processes: start {count} or fewer"
+            )
+        elif min(batch_size, count) % processes:
+            problems.append(
+                f"task '{task}' has {count} training samples, fewer than training.batch_size {batch_size}, so its "
+                f"batch is all {count}, which {processes} processes cannot share equally: set training.batch_size to "
+                f"at most {count - count % processes}"
+            )
+    if problems:
+        msg = "Cannot share the batches among the processes:\n  - " + "\n  - ".join(problems)
+        raise ValueError(msg)
+
+
+def process_share(batch: torch.Tensor, rank: int, processes: int) -> torch.Tensor:
+    """Process ``rank``'s share of a global batch: its ``rank``-th contiguous slice of ``len(batch) / processes``.
+
+    The shares of all processes, in rank order, are the global batch (see :func:`check_process_shares`).
+    """
+    share = batch.shape[0] // processes
+    return batch[rank * share : (rank + 1) * share]
 
 
 def synthetic_images(clean: torch.Tensor, per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,12 +220,17 @@ def teacher_targets(
     images, masks = synthetic_images(clean, synthetic_per_image)
     targets = TeacherTargets(images, masks, clean.shape[0])
     if teacher:
-        predictions = _in_batches(lambda chunk: raw_predictions(task.teacher, chunk), images, batch_size)
-        targets.maps = torch.cat([anomaly_map for anomaly_map, _ in predictions])
-        targets.scores = torch.cat([score for _, score in predictions])
+        device = local_device() if world_size() > 1 else torch.device("cpu")
+        model = task.teacher.to(device)
+
+        def on_device(function: Callable) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+            return lambda chunk: [tensor.cpu() for tensor in function(model, chunk.to(device))]
+
+        # Under torchrun the chunks are shared among the processes and gathered: every process gets all targets.
+        targets.maps, targets.scores = gather_chunks(on_device(raw_predictions), images, batch_size)
         if features:
-            chunks = _in_batches(lambda chunk: teacher_features(task.teacher, chunk), images, batch_size)
-            targets.features = [torch.cat([chunk[level] for chunk in chunks]) for level in range(len(chunks[0]))]
+            targets.features = gather_chunks(on_device(teacher_features), images, batch_size)
+        model.cpu()
     return targets
 
 
@@ -215,8 +283,7 @@ def build_task_samples(
         score_targets = SYNTHETIC_SHARPNESS * (2 * (targets.masks.flatten(1).amax(dim=1) > 0).float() - 1)
     if model.trunk_is_trainable:
         return TaskSamples(normalised, None, map_targets, score_targets, features)
-    levels = _in_batches(model.trunk_features, normalised, batch_size)
-    inputs = [torch.cat([chunk[level] for chunk in levels]) for level in range(len(levels[0]))]
+    inputs = gather_chunks(model.trunk_features, normalised, batch_size)  # shared among torchrun's processes
     head = model.heads[task]
     if isinstance(head, TaskHead):
         head.fit_normal_statistics([level[: targets.clean_count] for level in inputs])
@@ -272,16 +339,16 @@ class _Cycler:
 
 
 def _trunk_features(
-    student: CrossTaskStudent,
+    model: CrossTaskStudentModel,
     samples: dict[str, TaskSamples],
     batches: dict[str, torch.Tensor],
     window: Window | None,
 ) -> dict[str, list[torch.Tensor]]:
     """Every task's trunk features for its batch: one shared trunk pass (trainable, on the crop) or the cache."""
-    model = student.model
+    device = next(model.heads.parameters()).device
     if not model.trunk_is_trainable:
-        return {task: [level[batches[task]] for level in samples[task].inputs] for task in batches}
-    images = torch.cat([samples[task].images[batches[task]] for task in batches])
+        return {task: [level[batches[task]].to(device) for level in samples[task].inputs] for task in batches}
+    images = torch.cat([samples[task].images[batches[task]] for task in batches]).to(device)
     if window is not None:
         images = window(images)
     levels = model.trunk(images.contiguous(memory_format=torch.channels_last))
@@ -300,14 +367,13 @@ def _temperatures(
 
 
 def _task_loss(
-    student: CrossTaskStudent,
+    model: CrossTaskStudentModel,
     task_samples: TaskSamples,
     batch: torch.Tensor,
     features: list[torch.Tensor],
     task: str,
     tau: torch.Tensor,
-    adapters: "FeatureAdapters",
-    config: TrainingConfig,
+    step: "DistillationStep",
     window: Window | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One task's loss on its batch (and crop) and its parts: ``(total, map, score, feature)``.
@@ -315,16 +381,74 @@ def _task_loss(
     On a crop the score target stays the whole image's: the crop's top-k map logits stand in for the image's.
     """
     crop = window if window is not None else (lambda tensor: tensor)
-    map_logits, score_logits = student.model.heads[task](features)
-    map_loss = soft_label_loss(map_logits, crop(task_samples.map_targets[batch]), tau, config.imbalance)
-    score_loss = soft_label_loss(score_logits, task_samples.score_targets[batch], tau, config.imbalance)
-    feature_loss = torch.zeros(())
+    adapters, config = step.adapters, step.config
+    map_logits, score_logits = model.heads[task](features)
+    device = map_logits.device
+    map_loss = soft_label_loss(map_logits, crop(task_samples.map_targets[batch].to(device)), tau, config.imbalance)
+    score_loss = soft_label_loss(score_logits, task_samples.score_targets[batch].to(device), tau, config.imbalance)
+    feature_loss = map_loss.new_zeros(())
     if task in adapters.adapters:
         adapted = adapters(task, features)
-        targets = [crop(level[batch]) for level in task_samples.teacher_features[: len(adapted)]]
+        targets = [crop(level[batch].to(device)) for level in task_samples.teacher_features[: len(adapted)]]
         feature_loss = feature_distillation_loss(adapted, targets)
     total = map_loss + config.score_weight * score_loss + config.feature_weight * feature_loss
     return total, map_loss, score_loss, feature_loss
+
+
+class DistillationStep(nn.Module):
+    """One training step's loss: the student's model and the training-only modules (what DDP wraps).
+
+    Args:
+        model: The student's model.
+        adapters: Per-task feature adapters.
+        temperature: Adaptive temperatures, or ``None`` for the fixed one.
+        uncertainty: Uncertainty weighting, or ``None`` for fixed or DWA weights.
+        samples: Cached samples per task (plain data, not module state).
+        config: Training settings.
+    """
+
+    def __init__(
+        self,
+        model: CrossTaskStudentModel,
+        adapters: FeatureAdapters,
+        temperature: AdaptiveTemperature | None,
+        uncertainty: UncertaintyWeighting | None,
+        samples: dict[str, TaskSamples],
+        config: TrainingConfig,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.adapters = adapters
+        self.temperature = temperature
+        self.uncertainty = uncertainty
+        self.samples = samples
+        self.config = config
+        self.fixed_temperature = torch.tensor(config.initial_temperature)
+
+    def forward(
+        self, batches: dict[str, torch.Tensor], window: Window | None, reversal: float, weights: list[float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted total of the tasks' losses on their batches, and every task's detached parts ``[K, 4]``.
+
+        Args:
+            batches: Sample indices per task (this process's share).
+            window: The step's crop (``None``: whole images).
+            reversal: The temperatures' gradient-reversal strength.
+            weights: Fixed or DWA task weights (unused with uncertainty weighting).
+        """
+        tasks = list(batches)
+        features = _trunk_features(self.model, self.samples, batches, window)
+        taus = _temperatures(self.temperature, self.fixed_temperature, len(tasks), reversal)
+        parts = [
+            _task_loss(self.model, self.samples[task], batches[task], features[task], task, tau, self, window)
+            for task, tau in zip(tasks, taus, strict=True)
+        ]
+        stacked = torch.stack([part[0] for part in parts])
+        if self.uncertainty is not None:
+            total = self.uncertainty(stacked)
+        else:
+            total = (torch.tensor(weights, device=stacked.device) * stacked).sum()
+        return total, torch.stack([torch.stack(part) for part in parts]).detach()
 
 
 def _record(
@@ -334,6 +458,7 @@ def _record(
     weights: list[float],
     temperatures: list[float],
     reversal: float,
+    steps: list[float],
 ) -> dict:
     """One epoch of the training history."""
     return {
@@ -346,38 +471,32 @@ def _record(
         "weight": dict(zip(tasks, weights, strict=True)),
         "temperature": dict(zip(tasks, temperatures, strict=True)),
         "reversal": reversal,
+        "steps": steps,
     }
 
 
-def train_student(
-    student: CrossTaskStudent,
-    samples: dict[str, TaskSamples],
-    config: TrainingConfig,
-    log: Callable[[str], None] = print,
-) -> list[dict]:
-    """Train the student (trunk when trainable, heads, adapters) on every task's cached samples.
+def _global_means(
+    sums: torch.Tensor, totals: list[torch.Tensor], processes: int, steps: int
+) -> tuple[torch.Tensor, list[float]]:
+    """The epoch's mean loss parts per task ``[K, 4]`` and every step's total, of the global batches.
 
-    Args:
-        student: The student (train mode is set here, eval mode on return).
-        samples: Cached samples per task name (same order as the student's tasks).
-        config: Training settings: task weighting (fixed / DWA / uncertainty), temperature (fixed / adaptive),
-            feature distillation, imbalance handling.
-        log: Progress sink (one line per epoch).
-
-    Returns:
-        list[dict]: Per epoch: each task's mean unweighted loss and its parts, weight and temperature.
+    Every process's shares are equal, so the mean of the processes' losses is the global batch's.
     """
-    model = student.model
+    if processes == 1:
+        return sums / steps, torch.stack(totals).tolist()
+    return (reduce_sum(sums) / processes / steps).cpu(), (reduce_sum(torch.stack(totals)) / processes).tolist()
+
+
+def _step_modules(
+    model: CrossTaskStudentModel, samples: dict[str, TaskSamples], config: TrainingConfig
+) -> DistillationStep:
+    """The training step with freshly initialised (seeded) adapters, temperatures and uncertainty weights."""
     tasks = list(samples)
     torch.manual_seed(config.seed)
     temperature = (
         AdaptiveTemperature(len(tasks), initial=config.initial_temperature)
         if config.temperature == TemperatureMode.adaptive
         else None
-    )
-    fixed_temperature = torch.tensor(config.initial_temperature)
-    dwa = (
-        DynamicWeightAverage(len(tasks), config.dwa_temperature) if config.task_weighting == TaskWeighting.dwa else None
     )
     uncertainty = UncertaintyWeighting(len(tasks)) if config.task_weighting == TaskWeighting.uncertainty else None
     distil_features = config.feature_distillation and config.targets == TargetKind.teacher and model.trunk_is_trainable
@@ -388,11 +507,46 @@ def train_student(
             for task in tasks
         },
     )
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    for module in (temperature, uncertainty, adapters):
-        if module is not None:
-            parameters += list(module.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
+    return DistillationStep(model, adapters, temperature, uncertainty, samples, config)
+
+
+def train_student(
+    student: CrossTaskStudent,
+    samples: dict[str, TaskSamples],
+    config: TrainingConfig,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Train the student (trunk when trainable, heads, adapters) on every task's cached samples.
+
+    Under torch.distributed (``torchrun``) every process trains on its share of each global batch on its device (see
+    the module's description) and the history is the global batches'; the student ends on the CPU.
+
+    Args:
+        student: The student (train mode is set here, eval mode on return).
+        samples: Cached samples per task name (same order as the student's tasks), the same on every process.
+        config: Training settings: task weighting (fixed / DWA / uncertainty), temperature (fixed / adaptive),
+            feature distillation, imbalance handling.
+        log: Progress sink (one line per epoch).
+
+    Returns:
+        list[dict]: Per epoch: each task's mean unweighted loss and its parts, weight and temperature, and the
+        weighted total loss of every step.
+
+    Raises:
+        ValueError: If the processes cannot share the batches equally (:func:`check_process_shares`).
+    """
+    model = student.model
+    tasks = list(samples)
+    processes, rank = world_size(), global_rank()
+    check_process_shares(config.batch_size, processes, {task: len(samples[task]) for task in tasks})
+    device = local_device() if processes > 1 else torch.device("cpu")
+    step = _step_modules(model, samples, config).to(device)
+    dwa = (
+        DynamicWeightAverage(len(tasks), config.dwa_temperature) if config.task_weighting == TaskWeighting.dwa else None
+    )
+    optimizer = torch.optim.Adam(
+        [parameter for parameter in step.parameters() if parameter.requires_grad], lr=config.learning_rate
+    )
     generator = torch.Generator().manual_seed(config.seed)
     cyclers = {task: _Cycler(len(samples[task]), config.batch_size, generator) for task in tasks}
     steps = math.ceil(max(len(task_samples) for task_samples in samples.values()) / config.batch_size)
@@ -401,43 +555,48 @@ def train_student(
     history = []
     model.to(memory_format=torch.channels_last)
     model.train()
-    for epoch in range(config.epochs):
-        weights = dwa.weights() if dwa is not None else [1.0] * len(tasks)
-        reversal = cosine_curriculum(epoch, config.epochs)
-        sums = torch.zeros(len(tasks), 4)  # total, map, score, feature
-        for _ in range(steps):
-            batches = {task: cyclers[task].next() for task in tasks}
-            window = Window.random(image_size, config.crop_size, generator) if model.trunk_is_trainable else None
-            features = _trunk_features(student, samples, batches, window)
-            taus = _temperatures(temperature, fixed_temperature, len(tasks), reversal)
-            parts = [
-                _task_loss(student, samples[task], batches[task], features[task], task, tau, adapters, config, window)
-                for task, tau in zip(tasks, taus, strict=True)
-            ]
-            losses = [part[0] for part in parts]
-            sums += torch.stack([torch.stack(part) for part in parts]).detach()
-            stacked = torch.stack(losses)
-            total = uncertainty(stacked) if uncertainty is not None else (torch.tensor(weights) * stacked).sum()
-            optimizer.zero_grad()
-            total.backward()
-            optimizer.step()
-        means = sums / steps
-        epoch_losses = means[:, 0].tolist()
-        if dwa is not None:
-            dwa.update(epoch_losses)
-        if uncertainty is not None:
-            weights = uncertainty.weights()
-        temperatures = temperature.values() if temperature is not None else [config.initial_temperature] * len(tasks)
-        history.append(_record(epoch, tasks, means, weights, temperatures, reversal))
-        log(
-            f"epoch {epoch + 1}/{config.epochs} "
-            + " ".join(
-                f"{task}: loss {loss:.4f} w {weight:.2f} tau {tau:.2f}"
-                for task, loss, weight, tau in zip(tasks, epoch_losses, weights, temperatures, strict=True)
+    runner: nn.Module = step
+    if processes > 1:  # wrapped after the channels-last switch, so that DDP's gradient buckets match the layout
+        use_global_batch_norm(model)
+        device_ids = [device.index] if device.type == "cuda" else None
+        runner = DistributedDataParallel(step, device_ids=device_ids, broadcast_buffers=False)
+    try:
+        for epoch in range(config.epochs):
+            weights = dwa.weights() if dwa is not None else [1.0] * len(tasks)
+            reversal = cosine_curriculum(epoch, config.epochs)
+            sums = torch.zeros(len(tasks), 4, device=device)  # total, map, score, feature
+            totals = []
+            for _ in range(steps):
+                batches = {task: process_share(cyclers[task].next(), rank, processes) for task in tasks}
+                window = Window.random(image_size, config.crop_size, generator) if model.trunk_is_trainable else None
+                total, parts = runner(batches, window, reversal, weights)
+                sums += parts
+                totals.append(total.detach())
+                optimizer.zero_grad()
+                total.backward()
+                optimizer.step()
+            means, step_losses = _global_means(sums, totals, processes, steps)
+            epoch_losses = means[:, 0].tolist()
+            if dwa is not None:
+                dwa.update(epoch_losses)
+            if step.uncertainty is not None:
+                weights = step.uncertainty.weights()
+            temperatures = (
+                step.temperature.values() if step.temperature is not None else [config.initial_temperature] * len(tasks)
             )
-        )
-    model.to(memory_format=torch.contiguous_format)
-    model.eval()
+            history.append(_record(epoch, tasks, means, weights, temperatures, reversal, step_losses))
+            log(
+                f"epoch {epoch + 1}/{config.epochs} "
+                + " ".join(
+                    f"{task}: loss {loss:.4f} w {weight:.2f} tau {tau:.2f}"
+                    for task, loss, weight, tau in zip(tasks, epoch_losses, weights, temperatures, strict=True)
+                )
+            )
+    finally:
+        del runner
+        restore_batch_norm(model)
+        model.to(device="cpu", memory_format=torch.contiguous_format)
+        model.eval()
     return history
 
 

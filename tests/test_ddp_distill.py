@@ -1,0 +1,458 @@
+"""``kd-ext distill`` under ``torchrun`` (2 gloo processes on the CPU) equals one process with the same config.
+
+Two tiny real tasks (64x64 hazelnut photos: 8 and 12 normal training images, one synthetic anomaly each, so 16 and 24
+samples) and one anomalib Padim teacher trained here. The small trainable student (DWA, adaptive temperature, feature
+distillation; global batch 4 per task, so 6 steps an epoch, 3 epochs) is distilled by 2 torchrun processes and by one
+process. The teacher targets every process caches must equal one process's bit for bit; each process must have run
+the teacher on its share of the images only and trained on half of each global batch; the first step's loss must
+agree to 1e-5 and every step's to 1e-3; the final student's weights must agree to 1e-3 of how far training moved
+them; rank 0 alone reports, and its checkpoint tests in one process exactly as the report says. The frozen-trunk
+student (uncertainty weighting) is distilled by ``torchrun -m kd_ext.cli distill`` itself: its fitted normal
+statistics must equal one process's exactly.
+
+This file is also the worker script the tests start (``python tests/test_ddp_distill.py CONFIG --out DIR ...``).
+
+Tolerances. Two processes sum each batch-norm statistic as two half-batch sums and oneDNN picks kernels by batch
+size, so activations differ from one process's in the last bits (the first step's loss to about 1e-7); Adam's
+first steps are nearly sign-like and amplify such differences in the weights that hardly move, so the weights are
+compared relative to their training update (measured about 1e-5 of it), not elementwise.
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ddp = pytest.mark.ddp  # with slow: run by .ci/run as `pytest -m ddp`; the checks at the end are fast
+slow = pytest.mark.slow
+
+SIZE = 64
+FIRST_LOSS_RTOL = 1e-5
+LOSS_RTOL = 1e-3
+WEIGHT_RTOL = 1e-3
+TIMEOUT = 600
+TASKS = {"a": (range(0, 8), range(0, 3), range(0, 2)), "b": (range(8, 20), range(3, 6), range(2, 4))}
+"""Per task: the hazelnut_toy training, good test and colour test images it takes (by sorted position)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker (runs in the started processes)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def work(config: Path, out: Path, extra: list[str]) -> int:
+    """Run ``kd-ext distill CONFIG`` and record, per rank, the cached samples, the images the teacher saw and the
+    trunk's training batches (``out/rank{R}.pt``); returns the command's exit status."""
+    import torch
+
+    from kd_ext import cli
+    from kd_ext.models.cross_task import distill as pipeline
+
+    torch.set_num_threads(1)
+    cache, train = pipeline.cache_samples, pipeline.train_student
+    record: dict = {"teacher_images": 0, "trunk_batches": []}
+
+    def cache_samples(tasks, student, config, log):
+        def count(module, inputs):
+            record["teacher_images"] += inputs[0].shape[0]
+
+        hooks = [task.teacher.model.register_forward_pre_hook(count) for task in tasks]
+        samples = cache(tasks, student, config, log)
+        for hook in hooks:
+            hook.remove()
+        record["samples"] = {
+            name: {
+                "map_targets": task.map_targets,
+                "score_targets": task.score_targets,
+                "teacher_features": task.teacher_features,
+                "images": task.images,
+                "inputs": task.inputs,
+            }
+            for name, task in samples.items()
+        }
+        return samples
+
+    def train_student(student, samples, config, log):
+        record["initial"] = {name: value.clone() for name, value in student.model.state_dict().items()}
+        hook = student.model.trunk.register_forward_pre_hook(
+            lambda module, inputs: record["trunk_batches"].append(inputs[0].shape[0])
+        )
+        try:
+            return train(student, samples, config, log)
+        finally:
+            hook.remove()
+
+    pipeline.cache_samples, pipeline.train_student = cache_samples, train_student
+    status = cli.main(["distill", str(config), *extra])
+    torch.save(record, out / f"rank{os.environ.get('RANK', '0')}.pt")
+    return status
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    arguments, extra = parser.parse_known_args(argv)
+    sys.exit(work(arguments.config, arguments.out, extra))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert completed.returncode == 0, f"{command} failed:\n{completed.stdout[-4000:]}\n{completed.stderr[-8000:]}"
+    return completed
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
+            str(free_port())]  # fmt: skip
+
+
+def tiny_tasks(root: Path, source: Path) -> Path:
+    """Two MVTec-layout categories of 64x64 hazelnut photos (see :data:`TASKS`)."""
+    from PIL import Image
+
+    listing = {folder: sorted((source / folder).glob("*.png")) for folder in ("train/good", "test/good", "test/colour")}
+    for name, picks in TASKS.items():
+        category = root / f"nut_{name}"
+        for (folder, images), chosen in zip(listing.items(), picks, strict=True):
+            (category / folder).mkdir(parents=True)
+            for index in chosen:
+                Image.open(images[index]).convert("RGB").resize((SIZE, SIZE)).save(
+                    category / folder / images[index].name
+                )
+        (category / "ground_truth" / "colour").mkdir(parents=True)
+        for index in picks[2]:
+            stem = listing["test/colour"][index].stem
+            mask = Image.open(source / "ground_truth" / "colour" / f"{stem}_mask.png").resize((SIZE, SIZE), 0)
+            mask.save(category / "ground_truth" / "colour" / f"{stem}_mask.png")
+    return root
+
+
+def padim_teacher(root: Path, workdir: Path) -> Path:
+    """anomalib's Padim (random-initialised offline Lite0 backbone) fitted on task a: a teacher checkpoint."""
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from anomalib.models import Padim
+
+    from kd_ext.backbones import no_pretrained_downloads
+    from kd_ext.models.checkpoint import teacher_pre_processor
+
+    with no_pretrained_downloads():
+        model = Padim(
+            backbone="tf_efficientnet_lite0",
+            layers=["blocks.1", "blocks.2"],
+            pre_trained=False,
+            n_features=32,
+            pre_processor=teacher_pre_processor("efficientnet_lite0", (SIZE, SIZE)),
+        )
+    engine = Engine(max_epochs=1, default_root_dir=workdir, logger=False, accelerator="cpu", devices=1)
+    engine.fit(model, datamodule=MVTecAD(root=root, category="nut_a", train_batch_size=8, num_workers=0))
+    checkpoint = workdir / "padim.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    return checkpoint
+
+
+def write_config(path: Path, root: Path, teacher: Path, student: dict, training: dict) -> Path:
+    import yaml
+
+    tasks = [
+        {
+            "name": name,
+            "checkpoint": str(teacher),
+            "model": "Padim",
+            "data": {"root": str(root), "category": f"nut_{name}"},
+        }
+        for name in TASKS
+    ]
+    settings = {"batch_size": 4, "synthetic_per_image": 1, "crop_size": 0, **training}
+    config = {"output": "student", "tasks": tasks, "student": student, "training": settings}
+    path.write_text(yaml.safe_dump({**config, "export": {"precision": "none"}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, hazelnut_root: Path) -> dict:
+    base = tmp_path_factory.mktemp("ddp_distill")
+    root = tiny_tasks(base / "data", hazelnut_root / "hazelnut_toy")
+    teacher = padim_teacher(root, base / "teacher")
+    small = write_config(
+        base / "small.yaml", root, teacher, {"trunk": "small", "hidden_channels": 8},
+        {"epochs": 3, "task_weighting": "dwa", "temperature": "adaptive", "dwa_temperature": 0.5},
+    )  # fmt: skip
+    frozen = write_config(
+        base / "frozen.yaml", root, teacher, {"trunk": "frozen", "hidden_channels": 8},
+        {"epochs": 2, "task_weighting": "uncertainty", "temperature": "fixed"},
+    )  # fmt: skip
+    return {"base": base, "root": root, "small": small, "frozen": frozen}
+
+
+@pytest.fixture(scope="module")
+def small_runs(setup: dict) -> dict:
+    """The small-trunk student distilled by 2 torchrun processes (exporting its IR) and by one process."""
+    ddp, single = setup["base"] / "ddp", setup["base"] / "single"
+    for folder in (ddp, single):
+        folder.mkdir()
+    worker = [__file__, str(setup["small"]), "--out"]
+    ddp_run = run([*torchrun(), *worker, str(ddp), "--export.precision", "fp32"], ddp)
+    run([sys.executable, *worker, str(single)], single)
+    return {"ddp": ddp, "single": single, "stdout": ddp_run.stdout}
+
+
+def report(folder: Path) -> dict:
+    return json.loads((folder / "student" / "report.json").read_text())
+
+
+def record(folder: Path, rank: int) -> dict:
+    import torch
+
+    return torch.load(folder / f"rank{rank}.pt", weights_only=True)
+
+
+@ddp
+@slow
+def test_every_process_caches_one_process_teacher_targets(small_runs: dict) -> None:
+    import torch
+
+    reference = record(small_runs["single"], 0)
+    shares = [record(small_runs["ddp"], rank) for rank in (0, 1)]
+    for share in shares:
+        for task, expected in reference["samples"].items():
+            actual = share["samples"][task]
+            assert torch.equal(actual["map_targets"], expected["map_targets"])
+            assert torch.equal(actual["score_targets"], expected["score_targets"])
+            assert torch.equal(actual["images"], expected["images"])
+            assert len(actual["teacher_features"]) == len(expected["teacher_features"]) == 2
+            assert all(map(torch.equal, actual["teacher_features"], expected["teacher_features"]))
+    # Sharded: each process ran the teacher on its chunks of 8 only (task a: 2 chunks, b: 3), together on all.
+    assert [share["teacher_images"] for share in shares] == [8 + 16, 8 + 8]
+    assert reference["teacher_images"] == 16 + 24
+
+
+@ddp
+@slow
+def test_two_processes_train_as_one_with_the_global_batch(small_runs: dict) -> None:
+    ddp, single = report(small_runs["ddp"]), report(small_runs["single"])
+    assert ddp["processes"] == 2 and single["processes"] == 1
+    ddp_steps = [loss for epoch in ddp["history"] for loss in epoch["steps"]]
+    single_steps = [loss for epoch in single["history"] for loss in epoch["steps"]]
+    assert len(ddp_steps) == len(single_steps) == 3 * 6
+    assert ddp_steps[0] == pytest.approx(single_steps[0], rel=FIRST_LOSS_RTOL)
+    assert ddp_steps == pytest.approx(single_steps, rel=LOSS_RTOL)
+    for ours, theirs in zip(ddp["history"], single["history"], strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=LOSS_RTOL)  # DWA's inputs: the global epoch means
+        assert ours["weight"] == pytest.approx(theirs["weight"], rel=LOSS_RTOL)
+        assert ours["temperature"] == pytest.approx(theirs["temperature"], rel=LOSS_RTOL)
+    assert ddp["history"][2]["weight"]["a"] != pytest.approx(1.0, abs=1e-4)  # DWA moved the weights
+    # Each process's trunk saw half of every step's batches (2 of each task's 4), one process all of them.
+    assert set(record(small_runs["ddp"], 1)["trunk_batches"]) == {4}
+    assert set(record(small_runs["single"], 0)["trunk_batches"]) == {8}
+
+
+@ddp
+@slow
+def test_ddp_student_weights_equal_one_process_within_rounding(small_runs: dict) -> None:
+    import torch
+
+    from kd_ext.models.cross_task import CrossTaskStudent
+
+    states = [
+        CrossTaskStudent.load_from_checkpoint(folder / "student" / "student.ckpt", weights_only=True).model.state_dict()
+        for folder in (small_runs["ddp"], small_runs["single"])
+    ]
+    initial = record(small_runs["single"], 0)["initial"]
+    assert all(torch.equal(initial[name], record(small_runs["ddp"], 0)["initial"][name]) for name in initial)
+    names = [name for name, value in initial.items() if value.is_floating_point()]
+    ddp, single, start = (torch.cat([state[name].flatten() for name in names]) for state in (*states, initial))
+    update = (single - start).norm()
+    assert update > 0
+    assert float((ddp - single).norm() / update) < WEIGHT_RTOL
+
+
+@ddp
+@slow
+def test_only_rank_zero_reports_and_its_checkpoint_tests_in_one_process(small_runs: dict, setup: dict) -> None:
+    from kd_ext.models.cross_task import CrossTaskStudent
+    from kd_ext.models.cross_task.config import DistillConfig
+    from kd_ext.models.cross_task.distill import test_metrics
+    from kd_ext.models.cross_task.tasks import PreparedTask
+
+    summaries = [line for line in small_runs["stdout"].splitlines() if line.startswith('{"checkpoint"')]
+    assert len(summaries) == 1
+    result = report(small_runs["ddp"])
+    assert Path(small_runs["ddp"] / result["openvino"]).is_file()
+    student = CrossTaskStudent.load_from_checkpoint(small_runs["ddp"] / result["checkpoint"], weights_only=True).eval()
+    config = DistillConfig.from_yaml(setup["small"])
+    for task in config.tasks:
+        student.select_task(task.name)
+        metrics = test_metrics(student, PreparedTask(task, None, (SIZE, SIZE)))  # type: ignore[arg-type]
+        assert metrics == result["tasks"][task.name]["student"]
+
+
+@ddp
+@slow
+def test_frozen_trunk_student_under_torchrun_fits_one_process_statistics(setup: dict) -> None:
+    """``torchrun -m kd_ext.cli distill CONFIG`` itself; the normal statistics come from all gathered features."""
+    import torch
+
+    from kd_ext.models.cross_task import CrossTaskStudent
+
+    ddp, single = setup["base"] / "frozen_ddp", setup["base"] / "frozen_single"
+    for folder in (ddp, single):
+        folder.mkdir()
+    command = ["-m", "kd_ext.cli", "distill", str(setup["frozen"])]
+    run([*torchrun(), *command], ddp)
+    run([sys.executable, *command], single)
+    reports = [report(folder) for folder in (ddp, single)]
+    assert [result["processes"] for result in reports] == [2, 1]
+    steps = [[loss for epoch in result["history"] for loss in epoch["steps"]] for result in reports]
+    assert steps[0][0] == pytest.approx(steps[1][0], rel=FIRST_LOSS_RTOL)
+    assert steps[0] == pytest.approx(steps[1], rel=LOSS_RTOL)
+    assert reports[0]["history"][-1]["weight"] == pytest.approx(reports[1]["history"][-1]["weight"], rel=LOSS_RTOL)
+    states = [
+        CrossTaskStudent.load_from_checkpoint(folder / "student" / "student.ckpt", weights_only=True).model.state_dict()
+        for folder in (ddp, single)
+    ]
+    fitted = [name for name in states[1] if "normal_" in name]
+    assert len(fitted) == 2 * 2
+    assert all(torch.equal(states[0][name], states[1][name]) for name in fitted)
+
+
+@ddp
+@slow
+def test_a_stuck_process_does_not_hang_the_others(tmp_path: Path) -> None:
+    """Rank 1 never joins the gather: rank 0 fails after the group's timeout instead of waiting forever."""
+    script = (
+        "import sys, time\n"
+        "from datetime import timedelta\n"
+        "import torch\n"
+        "from kd_ext.models.distributed import gather_chunks, global_rank, process_group\n"
+        "with process_group(timedelta(seconds=5)):\n"
+        "    if global_rank() == 1:\n"
+        "        time.sleep(60)\n"
+        "    start = time.monotonic()\n"
+        "    try:\n"
+        "        gather_chunks(lambda chunk: [chunk * 2], torch.arange(8.0), 2)\n"
+        "    except Exception as error:\n"
+        "        print(f'failed after {time.monotonic() - start:.0f} s: {type(error).__name__}')\n"
+        "        sys.exit(3)\n"
+    )
+    port = free_port()
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        output = processes[0].communicate(timeout=50)[0]
+    finally:
+        processes[1].kill()
+        processes[1].wait()
+        processes[0].kill()
+    assert processes[0].returncode == 3, output[-3000:]
+    assert "failed after" in output
+
+
+# Fast checks of the sharing rules (no process group).
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_process_shares_are_equal_slices_whose_union_is_the_global_batch(processes: int) -> None:
+    import torch
+
+    from kd_ext.models.cross_task.training import check_process_shares, process_share
+
+    batch = torch.randperm(16)[:8]
+    check_process_shares(8, processes, {"a": 8, "b": 30})
+    shares = [process_share(batch, rank, processes) for rank in range(processes)]
+    assert [len(share) for share in shares] == [8 // processes] * processes
+    assert torch.equal(torch.cat(shares), batch)  # in rank order: the one-process batch
+
+
+def test_batches_the_processes_cannot_share_are_refused_with_the_fix() -> None:
+    from kd_ext.models.cross_task.training import check_process_shares
+
+    with pytest.raises(ValueError, match=r"batch_size 6 is each task's global batch.*multiple of 4"):
+        check_process_shares(6, 4)
+    with pytest.raises(ValueError, match="task 'a' has 3 training samples for 4 processes: start 3 or fewer"):
+        check_process_shares(8, 4, {"a": 3, "b": 40})
+    with pytest.raises(ValueError, match=r"task 'b' has 6 .* set training.batch_size to at most 4"):
+        check_process_shares(8, 4, {"a": 40, "b": 6})
+    check_process_shares(8, 4, {"a": 4, "b": 12})  # a's batch is all of its 4 samples, one each
+
+
+def test_distill_under_torchrun_refuses_an_indivisible_batch_before_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch check comes before the tasks are read and before any process group (no process waits)."""
+    import torch.distributed as dist
+
+    from kd_ext.models.cross_task.config import DistillConfig
+    from kd_ext.models.cross_task.distill import distill
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    task = {"name": "a", "checkpoint": str(tmp_path / "missing.ckpt"), "data": {"root": str(tmp_path), "category": "x"}}
+    config = DistillConfig.from_dict({"tasks": [task], "output": str(tmp_path / "out"), "training": {"batch_size": 6}})
+    with pytest.raises(ValueError, match="multiple of 4"):
+        distill(config, log=lambda line: None)
+    assert not dist.is_initialized()
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_process_group_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from kd_ext.models.distributed import gather_chunks, process_group
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with process_group(timedelta(seconds=5)) as device:
+        assert device == torch.device("cpu")
+        assert not dist.is_initialized()
+        gathered = gather_chunks(lambda chunk: [chunk * 2, chunk.sum(dim=1)], torch.arange(10.0).reshape(5, 2), 2)
+    assert torch.equal(gathered[0], torch.arange(10.0).reshape(5, 2) * 2)
+    assert torch.equal(gathered[1], torch.tensor([1.0, 5.0, 9.0, 13.0, 17.0]))
+
+
+def test_distributed_timeout_must_be_positive() -> None:
+    from kd_ext.models.cross_task.config import TrainingConfig
+
+    with pytest.raises(ValueError, match="distributed_timeout must be a positive number of minutes"):
+        TrainingConfig(distributed_timeout=0)
+
+
+if __name__ == "__main__":
+    main()
