@@ -6,10 +6,10 @@ distillation; global batch 4 per task, so 6 steps an epoch, 3 epochs) is distill
 process. The teacher targets every process caches must equal one process's bit for bit; each process must have run
 the teacher on its share of the images only and trained on half of each global batch; the first step's loss must
 agree to 1e-5 and every step's to 1e-2; the final student's weights must agree to 1e-2 of how far training moved
-them; rank 0 alone reports, and its checkpoint tests in one process as the report says (to 1e-5: a student reloaded
-from its checkpoint scores pixels a few 1e-7 apart from the in-memory one, in a one-process run too). The frozen-trunk
-student (uncertainty weighting) is distilled by ``torchrun -m kd_ext.cli distill`` itself: its fitted normal
-statistics must equal one process's exactly.
+them and its probabilities on the test images to 1e-3; rank 0 alone reports, and its checkpoint tests in one
+process as the report says (to 1e-5: a student reloaded from its checkpoint scores pixels a few 1e-7 apart from the
+in-memory one, in a one-process run too). The frozen-trunk student (uncertainty weighting) is distilled by
+``torchrun --no-python kd-ext distill`` itself: its fitted normal statistics must equal one process's exactly.
 
 This file is also the worker script the tests start (``python tests/test_ddp_distill.py CONFIG --out DIR ...``).
 
@@ -18,7 +18,8 @@ size, so activations differ from one process's in the last bits (the first step'
 ReLU6 kinks and top-k scores turn a few of those into different gradients, which Adam's nearly sign-like first steps
 and the few-sample class-balanced score loss amplify: one process run with 2 threads instead of 1 differs from itself
 by as much (first gradient 0.4 % of its norm either way). Measured at the learning rate used here (1e-4): step losses
-within 1.1e-3 (2 threads: 1.3e-4), weights within 4e-4 of the training update (2 threads: 3e-4). A missing global
+within 1.1e-3 (2 threads: 1.3e-4), weights within 4e-4 of the training update (2 threads: 3e-4), probabilities
+within 8e-5 (2 threads: 7e-5). A missing global
 statistic shows in the first step already (per-process batch norm or class balance) or in the epoch means.
 """
 
@@ -39,6 +40,7 @@ SIZE = 64
 FIRST_LOSS_RTOL = 1e-5
 LOSS_RTOL = 1e-2
 WEIGHT_RTOL = 1e-2
+PROBABILITY_ATOL = 1e-3
 TIMEOUT = 600
 TASKS = {"a": (range(0, 8), range(0, 3), range(0, 2)), "b": (range(8, 20), range(3, 6), range(2, 4))}
 """Per task: the hazelnut_toy training, good test and colour test images it takes (by sorted position)."""
@@ -274,15 +276,19 @@ def test_two_processes_train_as_one_with_the_global_batch(small_runs: dict) -> N
 
 @ddp
 @slow
-def test_ddp_student_weights_equal_one_process_within_rounding(small_runs: dict) -> None:
+def test_ddp_student_weights_equal_one_process_within_rounding(small_runs: dict, setup: dict) -> None:
+    import numpy as np
     import torch
+    from PIL import Image
 
     from kd_ext.models.cross_task import CrossTaskStudent
 
-    states = [
-        CrossTaskStudent.load_from_checkpoint(folder / "student" / "student.ckpt", weights_only=True).model.state_dict()
+    students = [
+        CrossTaskStudent.load_from_checkpoint(folder / "student" / "student.ckpt", weights_only=True).eval()
         for folder in (small_runs["ddp"], small_runs["single"])
     ]
+    states = [student.model.state_dict() for student in students]
+    assert report(small_runs["ddp"])["processes"] == 2  # trained together, not as two one-process runs
     initial = record(small_runs["single"], 0)["initial"]
     assert all(torch.equal(initial[name], record(small_runs["ddp"], 0)["initial"][name]) for name in initial)
     names = [name for name, value in initial.items() if value.is_floating_point()]
@@ -290,6 +296,18 @@ def test_ddp_student_weights_equal_one_process_within_rounding(small_runs: dict)
     update = (single - start).norm()
     assert update > 0
     assert float((ddp - single).norm() / update) < WEIGHT_RTOL
+    # The same function: probabilities on every test image of both tasks.
+    files = sorted(setup["root"].glob("nut_*/test/*/*.png"))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(path).convert("RGB"))) for path in files])
+    images = images.permute(0, 3, 1, 2).float() / 255
+    for task in TASKS:
+        outputs = []
+        for student in students:
+            student.select_task(task)
+            with torch.no_grad():
+                outputs.append(student(images))
+        torch.testing.assert_close(outputs[0].anomaly_map, outputs[1].anomaly_map, atol=PROBABILITY_ATOL, rtol=0)
+        torch.testing.assert_close(outputs[0].pred_score, outputs[1].pred_score, atol=PROBABILITY_ATOL, rtol=0)
 
 
 @ddp
@@ -316,7 +334,7 @@ def test_only_rank_zero_reports_and_its_checkpoint_tests_in_one_process(small_ru
 @ddp
 @slow
 def test_frozen_trunk_student_under_torchrun_fits_one_process_statistics(setup: dict) -> None:
-    """``torchrun -m kd_ext.cli distill CONFIG`` itself; the normal statistics come from all gathered features."""
+    """``torchrun --no-python kd-ext distill CONFIG`` itself; the normal statistics come from all gathered features."""
     import torch
 
     from kd_ext.models.cross_task import CrossTaskStudent
@@ -324,9 +342,9 @@ def test_frozen_trunk_student_under_torchrun_fits_one_process_statistics(setup: 
     ddp, single = setup["base"] / "frozen_ddp", setup["base"] / "frozen_single"
     for folder in (ddp, single):
         folder.mkdir()
-    command = ["-m", "kd_ext.cli", "distill", str(setup["frozen"])]
-    run([*torchrun(), *command], ddp)
-    run([sys.executable, *command], single)
+    command = [str(Path(sys.executable).parent / "kd-ext"), "distill", str(setup["frozen"])]
+    run([*torchrun(), "--no-python", *command], ddp)
+    run(command, single)
     reports = [report(folder) for folder in (ddp, single)]
     assert [result["processes"] for result in reports] == [2, 1]
     steps = [[loss for epoch in result["history"] for loss in epoch["steps"]] for result in reports]

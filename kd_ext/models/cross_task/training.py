@@ -206,6 +206,10 @@ def teacher_targets(
 ) -> TeacherTargets:
     """Run the teacher once on every normal training image and its Perlin synthetic anomalies.
 
+    Under ``torchrun`` every process reads the images and draws the same synthetic anomalies (from the same seed, as
+    one process draws them: cheap next to the teacher), while the teacher runs on the device of each process, on its
+    share of the chunks only (:func:`~kd_ext.models.distributed.gather_chunks`); every process receives all outputs.
+
     Args:
         task: The task and its teacher.
         synthetic_per_image: Synthetic anomalies per normal image (anomalib's ``PerlinAnomalyGenerator``).
