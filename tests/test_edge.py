@@ -140,6 +140,26 @@ def test_scores_match_direct_prediction(ir: Path, images: Path, tmp_path: Path) 
     assert direct.anomaly_map.shape == (1, SIZE, SIZE)
 
 
+@pytest.mark.parametrize("num_requests", [1, 2, 3])
+def test_iter_predict_keeps_input_order_and_stops_cleanly(ir: Path, num_requests: int) -> None:
+    model = EdgeModel(ir, num_requests=num_requests)
+    rng = np.random.default_rng(0)
+    batches = [(f"b{i}", rng.random((2, 3, SIZE, SIZE), dtype=np.float32)) for i in range(7)]
+    results = list(model.iter_predict(batches))
+    assert [key for key, _ in results] == [key for key, _ in batches]
+    for (_, images), (_, prediction) in zip(batches, results, strict=True):
+        np.testing.assert_allclose(prediction.pred_score, model.predict(images).pred_score, atol=1e-6)
+    stream = model.iter_predict(batches)
+    assert next(stream)[0] == "b0"
+    stream.close()  # requests still running are waited for, not abandoned
+    bad = [*batches[:3], ("bad", np.zeros((2, 1, SIZE, SIZE), dtype=np.float32)), *batches[3:]]
+    seen = []
+    with pytest.raises(EdgeInputError, match="Expected float32 images"):
+        seen.extend(key for key, _ in model.iter_predict(bad))
+    assert seen == ["b0", "b1", "b2"][: 3 - num_requests]  # results already due before the bad batch came
+    assert [key for key, _ in model.iter_predict(batches[:2])] == ["b0", "b1"]  # the model is still usable
+
+
 def test_threshold_needed_without_labels(tmp_path: Path) -> None:
     path = anomaly_ir(tmp_path / "raw.xml", with_labels=False)
     with pytest.raises(EdgeModelError, match="no pred_label output"):

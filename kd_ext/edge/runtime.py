@@ -21,7 +21,7 @@ detects it and runs the tail and anomalib's post-processing with :mod:`kd_ext.ke
 from __future__ import annotations
 
 import re
-import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,10 +453,13 @@ class EdgeModel:
         return self._prediction(self._outputs(self._request), count)
 
     def iter_predict(self, batches: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, Prediction]]:
-        """Score batches with an ``AsyncInferQueue``, yielding results in input order.
+        """Score batches on :attr:`num_requests` asynchronous infer requests, yielding results in input order.
 
-        Reading the next batch (the caller's iterator) overlaps with inference of the previous ones. With a static
-        batch IR, a short batch (typically the last) is padded as in :meth:`predict`.
+        The requests are used in turn: a batch goes to the request that finished longest ago, after that request's
+        previous result has been read and yielded. Reading the next batch (the caller's iterator) overlaps with
+        inference of the previous ones. No Python code runs on OpenVINO's threads (no completion callbacks), so
+        garbage collection never destroys OpenVINO objects from inside OpenVINO's own threads. With a static batch
+        IR, a short batch (typically the last) is padded as in :meth:`predict`.
 
         Args:
             batches: ``(key, images)`` pairs; ``key`` is handed back with the batch's prediction.
@@ -464,47 +467,24 @@ class EdgeModel:
         Yields:
             tuple: ``(key, Prediction)`` in the order the batches came.
         """
-        queue = ov.AsyncInferQueue(self.compiled, self.num_requests)
-        done: dict[int, dict[str, np.ndarray]] = {}
-        errors: list[BaseException] = []
-        lock = threading.Lock()
+        requests = [self.compiled.create_infer_request() for _ in range(self.num_requests)]
+        in_flight: deque[tuple[ov.InferRequest, Any, int]] = deque()
 
-        def on_done(request: ov.InferRequest, index: int) -> None:
-            try:
-                outputs = self._outputs(request)
-            except BaseException as error:  # re-raised in the caller's thread
-                with lock:
-                    errors.append(error)
-                return
-            with lock:
-                done[index] = outputs
+        def finish_oldest() -> tuple[Any, Prediction]:
+            request, key, count = in_flight.popleft()
+            request.wait()
+            return key, self._prediction(self._outputs(request), count)
 
-        queue.set_callback(on_done)
-        keys: list[Any] = []
-        counts: list[int] = []
-        next_index = 0
-
-        def ready() -> Iterator[tuple[Any, Prediction]]:
-            nonlocal next_index
-            while True:
-                with lock:
-                    if errors:
-                        raise errors[0]
-                    outputs = done.pop(next_index, None)
-                if outputs is None:
-                    return
-                yield keys[next_index], self._prediction(outputs, counts[next_index])
-                keys[next_index] = None
-                next_index += 1
-
-        for key, images in batches:
-            checked, count = self._check_batch(images)
-            keys.append(key)
-            counts.append(count)
-            queue.start_async({0: checked}, userdata=len(keys) - 1)
-            yield from ready()
-        queue.wait_all()
-        yield from ready()
-        if next_index != len(keys):
-            msg = f"Inference finished {next_index} of {len(keys)} batches."
-            raise RuntimeError(msg)
+        try:
+            for index, (key, images) in enumerate(batches):
+                checked, count = self._check_batch(images)
+                if len(in_flight) == len(requests):
+                    yield finish_oldest()
+                request = requests[index % len(requests)]
+                request.start_async({0: checked})
+                in_flight.append((request, key, count))
+            while in_flight:
+                yield finish_oldest()
+        finally:
+            for request, _, _ in in_flight:  # the caller stopped early or a batch was refused: let requests finish
+                request.wait()
