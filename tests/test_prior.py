@@ -178,7 +178,7 @@ def test_checkpoint_saved_before_calibration_is_calibrated_when_scored(tmp_path:
 
 @pytest.mark.parametrize("calibrated", [True, False])
 def test_checkpoint_with_the_former_calibrated_flag_loads(tmp_path: Path, calibrated: bool) -> None:
-    """Early prior checkpoints carry ``prior_fusion.calibrated``; they load, and an uncalibrated one calibrates again."""
+    """Early prior checkpoints carry ``prior_fusion.calibrated``: they load; an uncalibrated one calibrates again."""
     from kd_ext.models import BiDirMSKD
 
     model = BiDirMSKD(pre_trained=False, prior=True, epochs=1)
