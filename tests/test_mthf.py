@@ -242,9 +242,7 @@ def hazelnut_engine(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("mthf_engine")
     datamodule = MVTecAD(root=DATA, category="hazelnut_toy", train_batch_size=8, eval_batch_size=8, num_workers=0)
-    module = MTHF(
-        pre_trained=False, pre_processor=MTHF.configure_pre_processor((96, 96)), visualizer=False, epochs=1
-    )
+    module = MTHF(pre_trained=False, pre_processor=MTHF.configure_pre_processor((96, 96)), visualizer=False, epochs=1)
     engine = Engine(max_epochs=1, default_root_dir=root, logger=False, accelerator="cpu", devices=1)
     engine.fit(module, datamodule=datamodule)
     metrics = engine.test(module, datamodule=datamodule, verbose=False)[0]
