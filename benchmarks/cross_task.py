@@ -221,7 +221,8 @@ def render(report: dict) -> str:
     lines = [
         "# Cross-task distillation: task teachers vs one small multi-task student",
         "",
-        f"Command: `{report['command']}`",
+        "Commands (in order; later ones added rows with `--resume`): "
+        + "; ".join(f"`{command}`" for command in report.get("commands", [report.get("command", "")])),
         "",
         f"Machine: {report['machine']}. Tasks: "
         + ", ".join(f"{name} ({report['task_sets'][name]}, teacher {teachers[name]['model']})" for name in tasks)
@@ -514,9 +515,12 @@ def main() -> None:
         measure_compute(tasks, args)
         return
     report = json.loads(path.read_text()) if args.resume and path.is_file() else {}
+    command = shlex.join(["python", "benchmarks/cross_task.py", *sys.argv[1:]])
+    commands = report.get("commands", [report["command"]] if "command" in report else [])
     report.update(
         {
-            "command": shlex.join(["python", "benchmarks/cross_task.py", *sys.argv[1:]]),
+            "command": command,
+            "commands": commands if command in commands else [*commands, command],
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU only",
             "tasks": [task.name for task in tasks],
             "task_sets": {task.name: task.config.category for task in tasks},
