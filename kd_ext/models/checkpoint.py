@@ -51,10 +51,6 @@ def pre_processor_image_size(pre_processor: object) -> tuple[int, int] | None:
     return None
 
 
-_FORMER_CALIBRATED_FLAG = "prior_fusion.calibrated"
-"""A buffer of early prior-fusion checkpoints, replaced by deciding readiness from buffer shapes."""
-
-
 class KDExtCheckpointMixin:
     """Tag checkpoints with the model class, refuse checkpoints of another model or architecture.
 
@@ -116,7 +112,6 @@ class KDExtCheckpointMixin:
             )
             raise ValueError(msg)
         _drop_foreign_metric_states(checkpoint, set(self.state_dict()))  # type: ignore[attr-defined]
-        _migrate_prior_calibration_flag(checkpoint)
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
 
@@ -128,22 +123,6 @@ def _drop_foreign_metric_states(checkpoint: dict[str, Any], own_keys: set[str]) 
     state = checkpoint.get("state_dict", {})
     for key in [key for key in state if key.startswith("evaluator.") and key not in own_keys]:
         del state[key]
-
-
-def _migrate_prior_calibration_flag(checkpoint: dict[str, Any]) -> None:
-    """Read checkpoints that still carry the former ``prior_fusion.calibrated`` flag.
-
-    Whether a prior is fitted is now decided by its buffers' shapes. The flag is dropped; where it says the prior was
-    not calibrated, the prior's buffers are emptied too, so the restored model calibrates before it scores.
-    """
-    state = checkpoint.get("state_dict", {})
-    for key in [key for key in state if key.endswith(_FORMER_CALIBRATED_FLAG)]:
-        calibrated = bool(state.pop(key))
-        if not calibrated:
-            prefix = key.removesuffix("calibrated") + "prior."
-            for buffer in ("mean", "precision"):
-                if prefix + buffer in state:
-                    state[prefix + buffer] = state[prefix + buffer].new_zeros(0)
 
 
 def _normalise(value: object) -> object:

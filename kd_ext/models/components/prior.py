@@ -234,6 +234,20 @@ class PriorFusion(nn.Module):
         self.prior = NormalFeaturePrior(levels)
         self.standardiser = MapStandardiser(num_maps=2)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args, **kwargs) -> None:
+        """Also read early checkpoints that still carry the former ``calibrated`` flag.
+
+        Readiness is now decided by the prior's buffer shapes: the flag is dropped, and where it says the prior was
+        not calibrated the prior's buffers are emptied too, so the restored model calibrates before it scores.
+        """
+        flag = state_dict.pop(prefix + "calibrated", None)
+        if flag is not None and not bool(flag):
+            for name in ("mean", "precision"):
+                key = f"{prefix}prior.{name}"
+                if key in state_dict:
+                    state_dict[key] = state_dict[key].new_zeros(0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def ready(self) -> bool:
         """Whether the prior and the map statistics are fitted (decided by buffer shapes: static when exporting)."""
