@@ -80,6 +80,11 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
+def process_device() -> torch.device:
+    """Where this process trains: its :func:`local_device` when several processes train together, else the CPU."""
+    return local_device() if world_size() > 1 else torch.device("cpu")
+
+
 @contextmanager
 def process_group(timeout: timedelta) -> Iterator[torch.device]:
     """The default process group of a ``torchrun`` job for the duration of the block; yields this process's device.

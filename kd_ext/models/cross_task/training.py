@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kd_ext.models.distributed import (
     gather_chunks,
     global_rank,
-    local_device,
+    process_device,
     reduce_sum,
     restore_batch_norm,
     use_global_batch_norm,
@@ -224,7 +224,7 @@ def teacher_targets(
     images, masks = synthetic_images(clean, synthetic_per_image)
     targets = TeacherTargets(images, masks, clean.shape[0])
     if teacher:
-        device = local_device() if world_size() > 1 else torch.device("cpu")
+        device = process_device()
         model = task.teacher.to(device)
 
         def on_device(function: Callable) -> Callable[[torch.Tensor], list[torch.Tensor]]:
@@ -543,7 +543,7 @@ def train_student(
     tasks = list(samples)
     processes, rank = world_size(), global_rank()
     check_process_shares(config.batch_size, processes, {task: len(samples[task]) for task in tasks})
-    device = local_device() if processes > 1 else torch.device("cpu")
+    device = process_device()
     step = _step_modules(model, samples, config).to(device)
     dwa = (
         DynamicWeightAverage(len(tasks), config.dwa_temperature) if config.task_weighting == TaskWeighting.dwa else None
