@@ -41,7 +41,7 @@ from kd_ext import kernels
 from kd_ext.backbones import no_pretrained_downloads
 from kd_ext.edge import EdgeModel
 from kd_ext.edge.contract import AnomalyTail, TailGroup
-from kd_ext.edge.tail import two_stage_numpy
+from kd_ext.edge.tail import group_features, two_stage_numpy
 from kd_ext.export import export_openvino
 from kd_ext.export.quantization import HOLDOUT_EVERY, MAX_MAP_ERROR
 from kd_ext.models import MTHF, BiDirMSKD
@@ -128,8 +128,7 @@ def fused_two_stage(tail: AnomalyTail, features: dict[str, np.ndarray]) -> tuple
     students: list[np.ndarray] = []
     weights: list[float] = []
     for group, std in zip(tail.groups, tail.group_std, strict=True):
-        group_teachers = [features[name] for name, _ in group.pairs]
-        group_students = [features[name] for _, name in group.pairs]
+        group_teachers, group_students = group_features(group, features)
         teachers += group_teachers
         students += group_students
         per_pair = 1.0 / (count * std * (len(group.pairs) if group.fusion == "mean" else 1))

@@ -56,7 +56,8 @@ def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def _pairs(group: TailGroup, features: Features) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def group_features(group: TailGroup, features: Features) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A group's teacher and student feature arrays, in the order of its pairs."""
     return [features[teacher] for teacher, _ in group.pairs], [features[student] for _, student in group.pairs]
 
 
@@ -72,7 +73,7 @@ def two_stage_numpy(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, 
     """
     standardised = []
     for group, mean, std in zip(tail.groups, tail.group_mean, tail.group_std, strict=True):
-        teachers, students = _pairs(group, features)
+        teachers, students = group_features(group, features)
         group_map = kernels.anomaly_map(
             teachers,
             students,
@@ -101,7 +102,7 @@ def raw_map_and_score(tail: AnomalyTail, features: Features) -> tuple[np.ndarray
         tuple: Maps and scores, ``float32``.
     """
     if tail.group_fusion == "none":
-        teachers, students = _pairs(tail.groups[0], features)
+        teachers, students = group_features(tail.groups[0], features)
         return kernels.anomaly_map_and_score(
             teachers,
             students,
@@ -179,4 +180,12 @@ def run_tail(tail: AnomalyTail, features: Features) -> dict[str, np.ndarray]:
     return post_process(tail, maps, scores)
 
 
-__all__ = ["gaussian_blur", "normalize", "post_process", "raw_map_and_score", "run_tail", "two_stage_numpy"]
+__all__ = [
+    "gaussian_blur",
+    "group_features",
+    "normalize",
+    "post_process",
+    "raw_map_and_score",
+    "run_tail",
+    "two_stage_numpy",
+]
