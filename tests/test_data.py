@@ -179,6 +179,17 @@ BROKEN_LAYOUTS = {
         ValueError,
         r"(?s)1 of 7 test frames have no row in .*01/000.jpg\nAdd a row clip,frame,label for each",
     ),
+    "no-normal-test-frame": (  # anomalib would move normal training frames into the test set
+        lambda r: write_labels(r, [row[:-1] + "1" for row in csv_rows()]),
+        ValueError,
+        r"frame_labels.csv labels all 7 test frames 1 \(abnormal\), but frame AUROC needs normal and abnormal test "
+        r"frames\. Give a frame_labels.csv with both labels, or add clips with normal \(label 0\) frames",
+    ),
+    "no-abnormal-test-frame": (
+        lambda r: write_labels(r, [row[:-1] + "0" for row in csv_rows()]),
+        ValueError,
+        r"labels all 7 test frames 0 \(normal\), but frame AUROC needs .* clips with abnormal \(label 1\) frames",
+    ),
 }
 
 

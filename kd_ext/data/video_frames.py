@@ -20,6 +20,11 @@ identifier is compared as a number (clip ``1`` finds folder ``01``, frame ``0`` 
 the CSV is ignored. A CSV row without a frame file, a test frame without a row, or a malformed CSV
 stops the run at setup with the offending rows named.
 
+The test frames must include normal and abnormal ones: frame AUROC ranks the one against the other. A
+CSV that labels every test frame alike is refused at setup, before any training (anomalib would
+otherwise move normal *training* frames into the test set, pool them into the reported AUROC and leave
+no normal frames to calibrate the threshold on).
+
 Temporal smoothing of frame scores is not done here: it is part of evaluation, not of the data.
 
 Example:
@@ -235,6 +240,33 @@ def _labelled_test_frames(root: Path) -> list[tuple[str, int, Path, int]]:
     return [(clip, index, path, labels[key]) for key, (clip, index, path) in by_key.items()]
 
 
+def check_test_labels(samples: pd.DataFrame, csv_path: Path) -> None:
+    """Refuse test frames that are all normal or all abnormal.
+
+    Frame-level AUROC needs both classes among the test frames. Without a normal test frame anomalib
+    would sample normal frames from the training set into the test set, so the reported metric would
+    no longer be over the test frames, and no threshold could be calibrated.
+
+    Args:
+        samples: The test split's sample table (see :func:`make_video_frames_dataset`).
+        csv_path: The frame labels it was read from (named in the message).
+
+    Raises:
+        ValueError: If the test frames have only one label.
+    """
+    abnormal = int((samples.label_index == LabelName.ABNORMAL).sum())
+    normal = len(samples) - abnormal
+    if normal and abnormal:
+        return
+    label, missing = ("1 (abnormal)", "normal (label 0)") if abnormal else ("0 (normal)", "abnormal (label 1)")
+    msg = (
+        f"{csv_path} labels all {len(samples)} test frames {label}, but frame AUROC needs normal and abnormal test "
+        f"frames. Give a frame_labels.csv with both labels, or add clips with {missing} frames to testing/frames "
+        "(VideoFrames never takes test frames from the training set)."
+    )
+    raise ValueError(msg)
+
+
 def make_video_frames_dataset(
     root: str | Path,
     split: str | Split | None = None,
@@ -312,7 +344,9 @@ class VideoFrames(AnomalibDataModule):
 
     Args:
         root: Folder holding ``training/frames/<clip>/``, ``testing/frames/<clip>/`` and
-            ``testing/frame_labels.csv`` (columns ``clip,frame,label``, 1 = abnormal).
+            ``testing/frame_labels.csv`` (columns ``clip,frame,label``, 1 = abnormal). The test frames must
+            include normal and abnormal ones; :meth:`setup` refuses them otherwise (see
+            :func:`check_test_labels`), so the test set is always the test frames alone.
         frame_stride: Train on every ``frame_stride``-th frame of each training clip (1 = all frames).
             Consecutive frames of a fixed-camera video differ by a few pixels of motion, so neighbouring
             frames add almost no appearance a one-class model has not seen, while each one costs a full
@@ -385,6 +419,11 @@ class VideoFrames(AnomalibDataModule):
         self.category = self.root.name
 
     def _setup(self, _stage: str | None = None) -> None:
-        """Index the training frames (strided) and the labelled test frames."""
+        """Index the training frames (strided) and the labelled test frames.
+
+        Raises:
+            ValueError: If the test frames are all normal or all abnormal (see :func:`check_test_labels`).
+        """
         self.train_data = VideoFramesDataset(self.root, split=Split.TRAIN, frame_stride=self.frame_stride)
         self.test_data = VideoFramesDataset(self.root, split=Split.TEST)
+        check_test_labels(self.test_data.samples, self.root / FRAME_LABELS)
