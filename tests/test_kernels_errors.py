@@ -93,6 +93,48 @@ def test_non_finite_or_all_zero_weights_are_refused(backend, weights, match, fus
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ([1e308, 1e308], r"finite numbers whose absolute values sum to at most 8.51e\+37, got \[1e\+308, 1e\+308\]"),
+        ([3e38, -1.0], "finite numbers whose absolute values sum"),  # finite in float32, but 2 * 3e38 is not
+        ([5e37, 5e37], "scale all weights down together"),
+        ([1e-50, 0.0], r"all zero in float32"),  # rounds to zero: every map would be zero
+    ],
+)
+def test_weights_follow_one_rule_after_the_float32_cast(backend, weights, match) -> None:
+    """Finite float64 weights beyond float32's range gave inf scores on both backends."""
+    with pytest.raises(ValueError, match=match):
+        kernels.anomaly_map_and_score(T, S, 32, weights=weights, sigma=1.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_largest_accepted_weights_give_finite_maps_and_scores(backend) -> None:
+    from kd_ext.kernels._options import MAX_WEIGHT_SUM
+
+    opposite = [-t for t in T]  # distance 2 everywhere, the largest either distance reaches
+    weights = [MAX_WEIGHT_SUM * 0.75, MAX_WEIGHT_SUM * 0.25]
+    maps, scores = kernels.anomaly_map_and_score(T, opposite, 32, weights=weights, sigma=1.0, backend=backend)
+    assert torch.isfinite(maps).all()
+    assert torch.isfinite(scores).all()
+    assert float(scores.min()) > 1e38  # the weights were used, not rounded away
+
+
+def test_both_backends_get_the_float32_weights() -> None:
+    from kd_ext.kernels import KernelOptions
+
+    assert KernelOptions(16, weights=[0.1, 1], sigma=0).weights == (float(np.float32(0.1)), 1.0)
+
+
+@pytest.mark.parametrize("sigma", [1e300, 1e308, sys.float_info.max])
+def test_huge_sigma_is_refused_with_a_compact_message(sigma) -> None:
+    """sigma=1e300 printed a 301-digit radius; sigma=1e308 raised OverflowError instead of ValueError."""
+    with pytest.raises(ValueError, match=r"blur radius of \d(\.\d+)?e\+30\d \(.* = \d(\.\d+)?e\+30\d taps\)") as error:
+        kernels.anomaly_map(T, S, 32, sigma=sigma)
+    assert len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("size", [100_000, (2**15, 2**15), (1, 2**30), (2**31, 1)])
 def test_output_size_cap_is_one_rule_for_every_backend(backend, size) -> None:
     """The reference backend used to try to allocate 40 GB for a 100000x100000 map."""

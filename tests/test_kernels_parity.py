@@ -32,8 +32,8 @@ def cases(draw: st.DrawFn) -> dict:
         sigma = 0.0
     fusion = draw(st.sampled_from(["sum", "mean", "product", "weighted"]))
     weights = [draw(st.floats(-2, 2, allow_nan=False)) for _ in range(num_scales)] if fusion == "weighted" else None
-    if weights is not None and not any(weights):
-        weights[0] = 1.0  # all-zero weights are refused (every map would be zero)
+    if weights is not None and not any(np.float32(weight) for weight in weights):
+        weights[0] = 1.0  # weights all zero in float32 are refused (every map would be zero)
     return {
         "batch": draw(st.integers(1, 3)),
         "shapes": shapes,

@@ -310,7 +310,8 @@ def anomaly_map(
             ``"l2"`` (STFPM ``0.5 * |t/|t| - s/|s||^2``).
         fusion: :class:`Fusion` or its value: ``"sum"``, ``"mean"``, ``"product"`` or ``"weighted"``.
         weights: Per-scale weights, a weighted sum (``fusion="weighted"``, or ``"sum"`` with weights):
-            one finite number per scale, not all zero.
+            one number per scale, not all zero, rounded to float32 for every backend and then finite
+            with ``sum(|w|)`` small enough that no map overflows (see :func:`validate_weights`).
         align_corners: ``align_corners`` of the bilinear upsampling (as ``F.interpolate``).
         sigma: Gaussian sigma; ``0`` disables smoothing. Checked by :func:`validate_sigma`: finite,
             ``>= 0``, and the radius must be below ``H`` and ``W``.

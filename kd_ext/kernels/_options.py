@@ -18,6 +18,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import ROUND_FLOOR, Decimal
 from enum import Enum
 from typing import TypeVar
 
@@ -39,6 +40,17 @@ __all__ = [
 
 MAX_MAP_PIXELS = 2**30 - 1
 """Most pixels ``H * W`` of one output map (4 GiB of float32), for every backend."""
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""Largest finite float32: every backend computes the maps in float32."""
+MAX_DISTANCE = 2.0
+"""Largest per-pixel distance of either :class:`Distance` (``1 - cos`` and the half squared distance of unit
+vectors both lie in ``[0, 2]``); bilinear upsampling and the Gaussian blur average, so they never exceed it."""
+MAX_WEIGHT_SUM = FLOAT32_MAX / (2 * MAX_DISTANCE)
+"""Largest ``sum(|w|)`` of the fusion weights: a weighted map is at most ``MAX_DISTANCE * sum(|w|)``, kept a
+factor of two below :data:`FLOAT32_MAX` for float32 rounding, so a weighted map stays finite."""
+COMPACT_DIGITS = 15
+"""Integers of up to this many digits appear in full in messages; larger numbers in 3 significant digits."""
 
 
 class Distance(str, Enum):
@@ -115,6 +127,21 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _compact(value: float) -> str:
+    """A number for a message: whole numbers of up to :data:`COMPACT_DIGITS` digits in full, others short.
+
+    ``sigma=1e300`` then reads ``radius of 4e+300``, not a 301-digit integer; other values keep 6 significant
+    digits (``3.875``).
+    """
+    if isinstance(value, numbers.Integral) or (math.isfinite(value) and value == math.floor(value)):
+        whole = int(value)
+        if abs(whole) < 10**COMPACT_DIGITS:
+            return str(whole)
+        mantissa, exponent = f"{Decimal(whole):.3g}".split("e")  # any size of int, e.g. 4.00e+300
+        return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+    return f"{value:.6g}"
+
+
 def gaussian_radius(sigma: float) -> int:
     """Return the blur radius ``floor(4 * sigma + 0.5)`` (kernel size ``2 * radius + 1``).
 
@@ -159,7 +186,7 @@ def validate_sigma(sigma: float, map_size: tuple[int, int] | None = None) -> flo
         raise TypeError(msg)
     value = float(sigma)
     if not math.isfinite(value) or value < 0:
-        msg = f"sigma must be >= 0 and finite (0 disables smoothing), got {value}"
+        msg = f"sigma must be >= 0 and finite (0 disables smoothing), got {_compact(value)}"
         raise ValueError(msg)
     if map_size is None or value == 0:
         return value
@@ -173,16 +200,23 @@ def validate_sigma(sigma: float, map_size: tuple[int, int] | None = None) -> flo
     if height <= 0 or width <= 0:
         msg = f"map_size must be positive, got {(height, width)}"
         raise ValueError(msg)
-    radius = gaussian_radius(value)
     smallest = min(height, width)
-    if radius >= smallest:
+    reach = 4.0 * value + 0.5  # the radius is floor(reach); inf for sigma beyond float64's range / 4
+    if reach >= smallest:  # floor(reach) >= smallest, for an integer smallest
+        radius = gaussian_radius(value) if math.isfinite(reach) else _floor(4 * Decimal(value) + Decimal("0.5"))
         msg = (
-            f"sigma={value} gives a Gaussian blur radius of {radius} (2*floor(4*sigma+0.5)+1 = {2 * radius + 1} "
-            f"taps), which must be smaller than the map height and width {(height, width)} for reflect padding; "
-            f"use sigma < {(smallest - 0.5) / 4:g} for this size, or a larger map"
+            f"sigma={_compact(value)} gives a Gaussian blur radius of {_compact(radius)} (2*floor(4*sigma+0.5)+1 = "
+            f"{_compact(2 * radius + 1)} taps), which must be smaller than the map height and width "
+            f"{(height, width)} for reflect padding; use sigma < {(smallest - 0.5) / 4:g} for this size, or a "
+            "larger map"
         )
         raise ValueError(msg)
     return value
+
+
+def _floor(value: Decimal) -> int:
+    """``floor(value)`` of an exact decimal (a radius too large for float64)."""
+    return int(value.to_integral_value(rounding=ROUND_FLOOR))
 
 
 def validate_output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
@@ -215,8 +249,9 @@ def validate_output_size(output_size: int | Sequence[int]) -> tuple[int, int]:
         raise ValueError(msg)
     if size[0] * size[1] > MAX_MAP_PIXELS:
         msg = (
-            f"output_size {size} has {size[0] * size[1]} pixels per map; the kernels (every backend) take at most "
-            f"{MAX_MAP_PIXELS} (2**30 - 1, 4 GiB of float32 per map); use a smaller output_size"
+            f"output_size ({_compact(size[0])}, {_compact(size[1])}) has {_compact(size[0] * size[1])} pixels per "
+            f"map; the kernels (every backend) take at most {MAX_MAP_PIXELS} (2**30 - 1, 4 GiB of float32 per map); "
+            "use a smaller output_size"
         )
         raise ValueError(msg)
     return size
@@ -256,8 +291,10 @@ def validate_weights(fusion: Fusion | str, weights: Sequence[float] | None, num_
     """Check the per-scale fusion weights and return them as floats.
 
     Weights make the fusion a weighted sum: they are required for ``fusion="weighted"``, allowed
-    with ``"sum"`` and refused otherwise. There is one finite weight per scale, not all zero (an
-    all-zero weighting would make every map zero).
+    with ``"sum"`` and refused otherwise. There is one weight per scale, not all zero (an all-zero
+    weighting would make every map zero). Every backend computes in float32, so the weights are
+    rounded to float32 first and the rule applies to the rounded values, the ones every backend uses:
+    finite, with ``sum(|w|) <=`` :data:`MAX_WEIGHT_SUM`, so that no weighted map can overflow to inf.
 
     Args:
         fusion: Fusion (a :class:`Fusion` or its value).
@@ -265,12 +302,12 @@ def validate_weights(fusion: Fusion | str, weights: Sequence[float] | None, num_
         num_scales: Number of feature scales.
 
     Returns:
-        The weights as a list of floats, or ``None`` when there are none.
+        The weights rounded to float32 (as Python floats), or ``None`` when there are none.
 
     Raises:
         TypeError: If the weights are not a sequence of real numbers.
         ValueError: If they are missing, not allowed with ``fusion``, of the wrong length, not
-            finite or all zero.
+            finite in float32, too large together (see above) or all zero.
     """
     values = _weight_values(_choice(fusion, Fusion, "fusion"), weights)
     if values is None:
@@ -280,7 +317,7 @@ def validate_weights(fusion: Fusion | str, weights: Sequence[float] | None, num_
 
 
 def _weight_values(fusion: Fusion, weights: Sequence[float] | None) -> tuple[float, ...] | None:
-    """The weights as finite floats, not all zero; the per-scale count is checked separately."""
+    """The weights rounded to float32, under the rule of :func:`validate_weights`; the count is checked apart."""
     if weights is None:
         if fusion is Fusion.WEIGHTED:
             msg = "fusion='weighted' needs weights, one per scale"
@@ -302,13 +339,24 @@ def _weight_values(fusion: Fusion, weights: Sequence[float] | None) -> tuple[flo
         except (TypeError, ValueError) as error:
             msg = f"weights must be numbers, got {weight!r}"
             raise TypeError(msg) from error
-    if not all(math.isfinite(v) for v in values):
-        msg = f"weights must be finite, got {values}; replace NaN/inf weights with finite numbers"
+    with np.errstate(over="ignore"):  # beyond float32's range rounds to inf, refused below
+        single = tuple(float(np.float32(v)) for v in values)
+    shown = "[" + ", ".join(_compact(v) for v in values) + "]"
+    if not all(math.isfinite(v) for v in single) or math.fsum(abs(v) for v in single) > MAX_WEIGHT_SUM:
+        msg = (
+            f"weights must be finite numbers whose absolute values sum to at most {MAX_WEIGHT_SUM:.3g}, got {shown}: "
+            f"the maps are float32 and each scale's distance is up to {MAX_DISTANCE:g}, so larger weights make them "
+            "inf; replace NaN/inf weights with finite numbers, or scale all weights down together (the maps and "
+            "scores scale with them)"
+        )
         raise ValueError(msg)
-    if all(v == 0 for v in values):
-        msg = f"weights are all zero, which makes every anomaly map zero; give at least one scale a weight: {values}"
+    if all(v == 0 for v in single):
+        msg = (
+            f"weights are all zero in float32, which makes every anomaly map zero; give at least one scale a weight "
+            f"(float32 rounds magnitudes below about 7e-46 to zero): {shown}"
+        )
         raise ValueError(msg)
-    return tuple(values)
+    return single
 
 
 def _check_weight_count(values: Sequence[float], num_scales: int) -> None:
