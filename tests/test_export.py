@@ -326,3 +326,22 @@ def test_int8_acq_export(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> None:
     ref_image, _ = aurocs(ref_scores, ref_maps, labels, masks)
     image, _ = aurocs(scores, maps, labels, masks)
     assert ref_image - image <= 0.01 + 1e-6
+
+
+def test_a_1d_model_exports_with_its_own_series_length(tmp_path: Path) -> None:
+    """``export_openvino(signal_kd_model, root)`` failed: the default input_size was (256, 256), an image size."""
+    from kd_ext.models.signal_kd import SignalKD
+
+    torch.manual_seed(0)
+    length = 40
+    model = SignalKD(width=4, hidden=8, teacher_epochs=1, visualizer=False)
+    model.model.pretrain_teacher(torch.randn(4, 1, length), epochs=1, seed=0)  # fixes the series length
+    xml = export_openvino(model, tmp_path)  # default input_size
+    ir = ov.Core().read_model(xml)
+    assert ir.input(0).get_partial_shape().to_string() == f"[?,1,{length}]"
+    assert ir.get_rt_info(["kd_ext", "input_size"]).astype(str) == f"{length} time steps"
+    assert export_onnx(model, tmp_path / "onnx").is_file()
+    with pytest.raises(ValueError, match="SignalKD takes series, not images"):
+        export_openvino(model, tmp_path / "image", input_size=(256, 256))
+    with pytest.raises(ValueError, match=r"input_size must be \(H, W\), None \(dynamic\) or 'auto'"):
+        export_openvino(model, tmp_path / "typo", input_size="model")

@@ -104,6 +104,59 @@ def resolve_precision(precision: Precision | str | None, calibration: object | N
 
 _PLACEHOLDER = "kd_ext_sha256_placeholder_" + "0" * 38
 
+AUTO_INPUT_SIZE = "auto"
+"""Default ``input_size`` of the exports: see :func:`resolve_input_size`."""
+IMAGE_INPUT_SIZE = (256, 256)
+"""What ``"auto"`` exports an image model at."""
+
+
+def takes_series(model: AnomalibModule) -> bool:
+    """Whether ``model`` is a 1-D model (SignalKD): it takes series ``[N, C, L]`` of its training length.
+
+    Args:
+        model: An anomalib model.
+
+    Returns:
+        bool: ``True`` for a model of series, ``False`` for an image model.
+    """
+    from kd_ext.models.signal_kd.torch_model import SignalKDModel  # noqa: PLC0415
+
+    return isinstance(getattr(model, "model", None), SignalKDModel)
+
+
+def resolve_input_size(
+    model: AnomalibModule, input_size: tuple[int, int] | str | None = AUTO_INPUT_SIZE
+) -> tuple[int, int] | None:
+    """The ``input_size`` an export passes to the model's ``to_onnx``.
+
+    ``"auto"`` is the model's own input: ``None`` for a 1-D model (its ``to_onnx`` then exports series of the
+    length it was trained on, the only length it takes) and :data:`IMAGE_INPUT_SIZE` for an image model. A
+    ``(H, W)`` or ``None`` (dynamic height and width of an image model) is returned as given.
+
+    Args:
+        model: The model to export.
+        input_size: ``"auto"``, a static ``(H, W)`` or ``None``.
+
+    Returns:
+        tuple[int, int] | None: The size for ``to_onnx``.
+
+    Raises:
+        ValueError: If ``input_size`` is another string.
+    """
+    if not isinstance(input_size, str):
+        return input_size
+    if input_size != AUTO_INPUT_SIZE:
+        msg = f"input_size must be (H, W), None (dynamic) or '{AUTO_INPUT_SIZE}' (the model's own), got {input_size!r}."
+        raise ValueError(msg)
+    return None if takes_series(model) else IMAGE_INPUT_SIZE
+
+
+def _size_info(model: AnomalibModule, input_size: tuple[int, int] | None) -> str:
+    """The IR's input size as recorded in its ``rt_info``."""
+    if takes_series(model):
+        return f"{int(model.model.series_length)} time steps"
+    return "dynamic" if input_size is None else f"{input_size[0]}x{input_size[1]}"
+
 
 def _compress(
     ov_model: ov.Model,
@@ -194,7 +247,7 @@ def save_ir(ov_model: ov.Model, xml_path: Path, compress_to_fp16: bool, info: di
 def export_onnx(
     model: AnomalibModule,
     export_root: str | Path,
-    input_size: tuple[int, int] | None = (256, 256),
+    input_size: tuple[int, int] | str | None = AUTO_INPUT_SIZE,
     model_file_name: str = "model",
 ) -> Path:
     """Export the whole model (pre-processor, network, post-processor) to ONNX via anomalib.
@@ -206,12 +259,14 @@ def export_onnx(
     Args:
         model: Trained anomalib model (kd_ext or anomalib's).
         export_root: Output root; the file goes to ``<export_root>/weights/onnx/<name>.onnx``.
-        input_size: Static ``(H, W)``, or ``None`` for dynamic height and width.
+        input_size: ``"auto"`` (the model's own: a 1-D model's series length, else ``(256, 256)``), a static
+            ``(H, W)``, or ``None`` for dynamic height and width (see :func:`resolve_input_size`).
         model_file_name: File name without suffix.
 
     Returns:
         Path: The ``.onnx`` file.
     """
+    input_size = resolve_input_size(model, input_size)
     model.eval()
     return model.to_onnx(export_root, model_file_name=model_file_name, input_size=input_size)
 
@@ -221,7 +276,7 @@ def export_openvino(
     export_root: str | Path,
     precision: Precision | str | None = Precision.FP32,
     calibration: AnomalibDataModule | None = None,
-    input_size: tuple[int, int] | None = (256, 256),
+    input_size: tuple[int, int] | str | None = AUTO_INPUT_SIZE,
     model_file_name: str = "model",
     metric: Metric | None = None,
     max_drop: float = 0.01,
@@ -247,8 +302,10 @@ def export_openvino(
             :func:`resolve_precision`; kd_ext's former names are deprecated).
         calibration: Datamodule whose *training* images calibrate ``int8_ptq`` / ``int8_acq`` (its test images
             are the accuracy check of ``int8_acq``).
-        input_size: Static ``(H, W)`` (recommended: batching and INT8 calibration need a fixed size), or
-            ``None`` for dynamic height and width.
+        input_size: ``"auto"`` (default): the model's own input, series of its training length for a 1-D model
+            (SignalKD), ``(256, 256)`` for an image model; a static ``(H, W)`` (recommended for images: batching and
+            INT8 calibration need a fixed size); or ``None`` for dynamic height and width (see
+            :func:`resolve_input_size`).
         model_file_name: File name without suffix.
         metric: Metric for ``int8_acq`` (image AUROC by default).
         max_drop: Largest accepted metric drop for ``int8_acq``.
@@ -266,11 +323,12 @@ def export_openvino(
         Path: The ``.xml`` file (its ``.bin`` is next to it).
 
     Raises:
-        ValueError: If the precision is unknown or INT8 is asked for without calibration data.
+        ValueError: If the precision or ``input_size`` is unknown, or INT8 is asked for without calibration data.
     """
     import openvino as ov  # noqa: PLC0415
 
     precision = resolve_precision(precision, calibration)
+    input_size = resolve_input_size(model, input_size)
     mode = _export_mode(mode, precision, input_size, model)
     if precision in CALIBRATED and calibration is None:
         msg = f"precision='{precision.value}' needs calibration=<datamodule with normal training images>."
@@ -294,7 +352,7 @@ def export_openvino(
         "precision": precision.value,
         "model": type(model).__name__,
         "calibration": "normal training images" if precision in CALIBRATED else "none",
-        "input_size": "dynamic" if input_size is None else f"{input_size[0]}x{input_size[1]}",
+        "input_size": _size_info(model, input_size),
         "threshold": "0.5 (normalised)" if getattr(model, "post_processor", None) else "none",
     }
     if precision is Precision.INT8_PTQ:
