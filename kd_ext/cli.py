@@ -33,7 +33,8 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
             "checked before inference. Unreadable or too large images, and images without a defined value range "
             "(floating point), are skipped and listed in skipped.csv. Ctrl-C and SIGTERM stop the run, clean up "
             "and say what was left (exit 130 / 143); staging folders of stopped runs are removed by the next run "
-            "into the same OUT_DIR."
+            "into the same OUT_DIR. scores.csv's image_bytes column is each file name's exact bytes, "
+            "percent-encoded (the image column escapes bytes that are not UTF-8)."
         ),
     )
     parser.add_argument("model", type=Path, help="the IR's .xml (its .bin next to it)")
@@ -49,8 +50,9 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         metavar="OUT_DIR",
         help=(
-            "output folder (must not exist or be empty, see --overwrite); a symbolic link is kept and the folder "
-            "it points to receives the results"
+            "output folder (must not exist or be empty, see --overwrite; if someone else creates or fills it during "
+            "the run, it is left as it is and the results go to OUT_DIR.run-<pid> next to it, exit 2); a symbolic "
+            "link is kept and the folder it points to receives the results"
         ),
     )
     parser.add_argument(

@@ -1,9 +1,12 @@
-"""`kd-ext infer` reliability (issue 11): no results lost on interruption, bad images or bad output locations.
+"""`kd-ext infer` reliability (issues 11 and 20): no results lost on interruption, races, bad images or outputs.
 
 Uses the small synthetic IRs and images of ``test_edge.py`` (no torch, no training). Each test names the
-issue's case it covers.
+issue's case it covers. Issue 20's subprocess tests pause or slow down the CLI with a wrapper script of their own
+(``PAUSED_CLI``, ``SLOW_DELETE_CLI``), so that a signal or a competing write lands at a known point without timing
+guesses.
 """
 
+import csv
 import json
 import os
 import shutil
@@ -16,6 +19,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 import pytest
@@ -184,15 +188,19 @@ def test_max_pixels_option_skips_larger_images(
 # Case 6: file names that are not valid UTF-8.
 
 
-def test_undecodable_file_names_are_written_escaped(ir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    folder = tmp_path / "images"
+def undecodable_names(folder: Path, image: bytes, not_an_image: bytes) -> Path:
+    """A folder with an anomalous image and a non-image file named with bytes that are not valid UTF-8."""
     folder.mkdir()
     try:
-        bad = Path(os.fsdecode(os.path.join(os.fsencode(folder), b"bad\xff.png")))
-        write_image(bad, 200)
-        Path(os.fsdecode(os.path.join(os.fsencode(folder), b"worse\xfe.png"))).write_bytes(b"not an image")
+        write_image(Path(os.fsdecode(os.path.join(os.fsencode(folder), image))), 200)
+        Path(os.fsdecode(os.path.join(os.fsencode(folder), not_an_image))).write_bytes(b"not an image")
     except (OSError, UnicodeError) as error:
         pytest.skip(f"this file system does not take non-UTF-8 names: {error}")
+    return folder
+
+
+def test_undecodable_file_names_are_written_escaped(ir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = undecodable_names(tmp_path / "images", b"bad\xff.png", b"worse\xfe.png")
     write_image(folder / "good.png", 20)
     out = tmp_path / "out"
     assert main(["infer", str(ir), str(folder), "--out", str(out)]) == 0
@@ -445,3 +453,313 @@ def test_ir_read_error_shows_openvino_reason(ir: Path, tmp_path: Path) -> None:
     with pytest.raises(EdgeModelError, match="Incorrect weights in bin file") as caught:
         EdgeModel(ir)
     assert "Exception from src" not in str(caught.value)
+
+
+# Issue 20, case A: without --overwrite, a run never replaces or deletes what someone else put into --out meanwhile;
+# case B: a signal at any point of the final swap leaves a message that is true on disk, and a later run removes
+# the staging folders of stopped processes; case E: scores.csv tells an undecodable file name from a valid name
+# written the same way.
+
+
+def wait_for(condition: object, process: subprocess.Popen | None = None, seconds: float = 60) -> None:
+    """Poll ``condition()`` until it holds (the process, if given, must still run)."""
+    deadline = time.monotonic() + seconds
+    while not condition():  # type: ignore[operator]
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the run ended early: {process.communicate()}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# A: a run never replaces or deletes what someone else put into --out meanwhile (without --overwrite).
+
+PAUSED_CLI = """
+import os, sys, time
+from pathlib import Path
+from kd_ext.edge import folder
+original = folder.load_image
+def paused(*args, **kwargs):  # the first image waits until the test has changed --out
+    if not os.path.exists(os.environ["KD_TEST_STARTED"]):
+        Path(os.environ["KD_TEST_STARTED"]).touch()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.environ["KD_TEST_GO"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return original(*args, **kwargs)
+folder.load_image = paused
+from kd_ext.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_paused(ir: Path, images: Path, out: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """Start `kd-ext infer` paused at its first image (staging folder made); returns it and its go-file."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    env = {**os.environ, "KD_TEST_STARTED": str(started), "KD_TEST_GO": str(go)}
+    command = [sys.executable, "-c", PAUSED_CLI, "infer", str(ir), str(images), "--out", str(out), "--quiet", *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(started.exists, process)
+    return process, go
+
+
+def test_file_put_into_out_during_the_run_is_kept(ir: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scored"
+    process, go = start_paused(ir, images, out, tmp_path)
+    out.mkdir()
+    (out / "notes.txt").write_text("important")
+    go.touch()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2, err
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "important"
+    kept = tmp_path / f"scored.run-{process.pid}"
+    assert f"Output folder {out} was created by someone else" in err
+    assert f"This run's complete results are in {kept}" in err
+    results = json.loads((kept / "results.json").read_text())
+    assert results["complete"] is True
+    assert len(results["images"]) == 5
+    assert not list(tmp_path.glob(".scored.partial-*"))
+
+
+def test_overwrite_still_replaces_what_appeared_during_the_run(ir: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scored"
+    process, go = start_paused(ir, images, out, tmp_path, "--overwrite")
+    out.mkdir()
+    (out / "notes.txt").write_text("replaced: the user asked for --overwrite")
+    go.touch()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert not (out / "notes.txt").exists()
+    assert json.loads((out / "results.json").read_text())["complete"] is True
+
+
+def test_two_runs_into_the_same_out_never_both_claim_it(ir: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scored"
+    first, go = start_paused(ir, images, out, tmp_path)  # 5 readable images
+    other = tmp_path / "other_images"
+    write_image(other / "only.png", 20)
+    second = subprocess.run(
+        [sys.executable, "-m", "kd_ext.cli", "infer", str(ir), str(other), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 0, second.stderr
+    go.touch()
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 2, err  # out was absent at its start and now holds the second run's results
+    assert [row["image"] for row in json.loads((out / "results.json").read_text())["images"]] == ["only.png"]
+    kept = tmp_path / f"scored.run-{first.pid}"
+    assert str(kept) in err
+    assert len(json.loads((kept / "results.json").read_text())["images"]) == 5
+
+
+def test_empty_out_filled_during_the_run_is_kept(
+    ir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "scored"
+    out.mkdir()  # empty at the start: allowed, and the same folder at the end (the rename itself refuses)
+    original = edge_folder.load_image
+
+    def fill_out(*args: object, **kwargs: object) -> object:
+        (out / "notes.txt").write_text("important")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(edge_folder, "load_image", fill_out)
+    assert main(["infer", str(ir), str(images), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "was replaced or files were put into it by someone else" in err
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+    kept = tmp_path / f"scored.run-{os.getpid()}"
+    assert str(kept) in err
+    assert json.loads((kept / "results.json").read_text())["complete"] is True
+
+
+# B: the message is true in every window of the swap; stale staging folders of stopped processes are removed.
+
+SLOW_DELETE_CLI = """
+import os, sys, time
+from pathlib import Path
+import shutil
+real_rmtree = shutil.rmtree
+def slow_rmtree(path, *args, **kwargs):
+    # Deletes the previous results slowly, in the order least kind to a marker: files, the marker first.
+    files = sorted((p for p in Path(path).rglob("*") if p.is_file()), key=lambda p: (p.name != "{marker}", str(p)))
+    if any(p.name.startswith("previous-") for p in files):
+        Path(os.environ["KD_TEST_DELETING"]).touch()
+        for file in files:
+            file.unlink()
+            time.sleep(0.05)
+    real_rmtree(path, *args, **kwargs)
+shutil.rmtree = slow_rmtree
+from kd_ext.cli import main
+sys.exit(main(sys.argv[1:]))
+""".replace("{marker}", edge_folder.STAGING_MARKER)
+
+
+@pytest.mark.parametrize(("signal_number", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_while_deleting_previous_results(
+    ir: Path, images: Path, tmp_path: Path, signal_number: int, exit_code: int
+) -> None:
+    out = previous_results(tmp_path / "scored", files=200)
+    deleting = tmp_path / "deleting"
+    command = [sys.executable, "-c", SLOW_DELETE_CLI, "infer", str(ir), str(images), "--out", str(out), "--overwrite"]
+    env = {**os.environ, "KD_TEST_DELETING": str(deleting)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(deleting.exists, process)
+    process.send_signal(signal_number)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == exit_code, err
+    staging = tmp_path / f".scored.partial-{process.pid}"
+    name = signal.Signals(signal_number).name
+    assert (
+        f"interrupted by {name}: the new results are complete in {out}; deleting the previous results was "
+        f"interrupted and the rest of them is in {staging}" in err
+    )
+    assert "move them back" not in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True
+    assert len(results["images"]) == 5
+    assert (staging / edge_folder.STAGING_MARKER).is_file()  # the marker outlives the clean-up: the next run removes it
+    assert main(["infer", str(ir), str(images), "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert not list(tmp_path.glob(".scored.partial-*"))
+
+
+def message_is_true(err: str, out: Path, tmp_path: Path, previous_files: int) -> None:
+    """What an interrupted run's message says about ``out`` and its staging folder holds on disk."""
+    staging = sorted(tmp_path.glob(".out.partial-*"))
+    if "the new results are complete in" in err:
+        assert json.loads((out / "results.json").read_text())["complete"] is True
+        assert not list(out.glob("previous-*"))
+        if staging:  # named in the message, with its marker unless nothing else is left in it
+            assert str(staging[0]) in err
+            assert (staging[0] / edge_folder.STAGING_MARKER).is_file() or not any(staging[0].iterdir())
+        else:
+            assert ".out.partial-" not in err
+    elif "move them back" in err:
+        assert not out.exists()
+        assert len(list(staging[0].glob("old/previous-*"))) == previous_files
+    elif "was not changed" in err or "nothing was written" in err:
+        if previous_files:
+            assert json.loads((out / "results.json").read_text()) == {"previous": True}
+            assert len(list(out.glob("previous-*"))) == previous_files
+        else:
+            assert not out.exists() or not any(out.iterdir())
+        assert bool(staging) == ("not all removed" in err)
+    else:  # an interruption outside the writer's clean-up: the CLI names the possibilities
+        assert f"check {out} (the previous results, the new complete results, or nothing)" in err
+
+
+@pytest.mark.parametrize("interrupts", [1, 2])
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_interruption_at_every_step_of_the_swap_leaves_a_true_message(
+    ir: Path,
+    images: Path,
+    tmp_path: Path,
+    overwrite: bool,
+    interrupts: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Ctrl-C at the n-th rename/unlink/rmdir of --out or the staging folder, for every n of a run.
+
+    With ``interrupts=2``, a second Ctrl-C lands on the next such step too (the first step of the clean-up).
+    """
+    out = tmp_path / "out"
+    previous_files = 3 if overwrite else 0
+    real = {"rename": os.rename, "unlink": os.unlink, "rmdir": os.rmdir}
+    calls = {"count": 0, "interrupt_at": 0}
+
+    def counted(name: str) -> object:
+        def call(path: object, *args: object, **kwargs: object) -> object:
+            ours = ".out.partial-" in os.fsdecode(path) or os.fsdecode(path) == str(out) or "dir_fd" in kwargs
+            if calls["interrupt_at"] and ours:  # dir_fd: shutil.rmtree deleting inside a folder
+                calls["count"] += 1
+                if calls["interrupt_at"] <= calls["count"] < calls["interrupt_at"] + interrupts:
+                    raise KeyboardInterrupt
+            return real[name](path, *args, **kwargs)
+
+        return call
+
+    for name in real:
+        monkeypatch.setattr(os, name, counted(name))
+    command = ["infer", str(ir), str(images), "--out", str(out), "--quiet", *(["--overwrite"] * overwrite)]
+    step = 0
+    while True:
+        step += 1
+        calls.update(count=0, interrupt_at=0)
+        if out.exists():
+            shutil.rmtree(out)
+        if previous_files:
+            previous_results(out, files=previous_files)
+        calls["interrupt_at"] = step
+        code = main(command)
+        err = capsys.readouterr().err
+        if calls["count"] < step:  # the run made fewer steps: every window was tried
+            assert code == 0, err
+            break
+        assert code == 130, err
+        message_is_true(err, out, tmp_path, previous_files)
+        calls["interrupt_at"] = 0
+        again = [*command, *(["--overwrite"] * (not overwrite))]  # the new results may be complete in out
+        assert main(again) == 0, capsys.readouterr().err  # the next run cleans up and succeeds in every window
+        assert not list(tmp_path.glob(".out.partial-*"))
+    assert step - 1 >= (10 if overwrite else 4)  # the windows tried: renames, each deletion, the marker, rmdir
+
+
+def test_stale_staging_without_marker_or_new_results_is_removed(ir: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    empty = tmp_path / f".out.partial-{stopped_pid()}"  # stopped after deleting its marker, before its rmdir
+    empty.mkdir()
+    only_new = tmp_path / f".out.partial-{stopped_pid()}"  # stopped while creating it
+    (only_new / "new").mkdir(parents=True)
+    deleting = staging_of(out, stopped_pid())  # stopped while deleting the previous results: no new/ any more
+    previous_results(deleting / "old", files=3)
+    (deleting / "new" / "masks" / "x.png").unlink()
+    for folder in ("masks", ""):
+        (deleting / "new" / folder).rmdir()
+    score_folder(EdgeModel(ir), images, out, progress=None)  # out is missing: the partial old/ is not restored
+    assert json.loads((out / "results.json").read_text())["complete"] is True
+    assert not list(out.glob("previous-*"))
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_empty_staging_of_a_running_process_is_kept(ir: Path, images: Path, tmp_path: Path) -> None:
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as running:
+        try:
+            live = tmp_path / f".out.partial-{running.pid}"
+            live.mkdir()
+            score_folder(EdgeModel(ir), images, tmp_path / "out", progress=None)
+            assert live.is_dir()
+        finally:
+            running.kill()
+
+
+# E: scores.csv tells an undecodable name from a valid name written the same way.
+
+
+def test_undecodable_name_and_its_escaped_lookalike_stay_apart(
+    ir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = undecodable_names(tmp_path / "images", b"caf\xe9.png", b"bad\xfe.png")
+    write_image(folder / "caf\\xe9.png", 20)  # valid UTF-8: a real backslash, then "xe9"
+    write_image(folder / "plain name.png", 20)
+    out = tmp_path / "out"
+    assert main(["infer", str(ir), str(folder), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    with (out / "scores.csv").open(encoding="utf-8", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["image"] for row in rows].count("caf\\xe9.png") == 2  # the escaped text alone is ambiguous ...
+    raw = {unquote_to_bytes(row["image_bytes"]): row for row in rows}  # ... the bytes are not
+    assert set(raw) == {b"caf\xe9.png", b"caf\\xe9.png", b"plain name.png"}
+    assert raw[b"caf\xe9.png"]["label_name"] == "anomalous"
+    assert raw[b"caf\\xe9.png"]["label_name"] == "normal"
+    for name, row in raw.items():
+        assert (folder / os.fsdecode(name)).is_file()
+        assert row["image_bytes"].isascii()
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert {row["image_bytes"]: row["score"] for row in results["images"]} == pytest.approx(
+        {row["image_bytes"]: float(row["score"]) for row in rows}, abs=1e-6
+    )
+    assert results["skipped"][0]["image_bytes"] == "bad%FE.png"
+    with (out / "skipped.csv").open(encoding="utf-8", newline="") as stream:
+        assert next(csv.DictReader(stream))["image_bytes"] == "bad%FE.png"

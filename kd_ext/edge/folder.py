@@ -5,14 +5,17 @@ This module orchestrates the jobs of the other modules: reading images (:mod:`kd
 (:mod:`kd_ext.edge.results`).
 
 The results appear in ``out_dir`` only once complete (a staging folder renamed into place, see
-:mod:`kd_ext.edge.results`), and an interruption leaves either the previous or the new results there.
+:mod:`kd_ext.edge.results`), and an interruption leaves either the previous or the new results there. Without
+``overwrite``, an ``out_dir`` that someone else created or filled during the run is left as it is and the
+results go to a folder next to it, named in the error.
 
 Everything that can be checked without inference is checked first: the output location (a path under a file,
 an unwritable or read-only folder, a mount point, the image folder itself) and output-name collisions (with
 ``recursive``, an output that would be both a file and a folder, or names that differ only in case on a
 case-insensitive output file system). Unreadable images are reported and skipped; the others are still
 scored. File names that are not valid UTF-8 are written with backslash escapes (``bad\xff.png``) in the
-tables, and with ``_`` for the backslash in output file names.
+tables' ``image`` column, and with ``_`` for the backslash in output file names; the ``image_bytes`` column
+holds every name's exact bytes, percent-encoded (``bad%FF.png``; see :func:`kd_ext.edge.results.name_bytes`).
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def _batches(
         try:
             array, original, notes = load_image(source.path, size, max_pixels)
         except EdgeInputError as error:
-            skipped.append({"image": source.name, "reason": str(error)})
+            skipped.append({"image": source.name, "reason": str(error), "image_bytes": source.name_bytes})
             if log is not None:
                 log.write(f"skipped {source.name}: {error}\n")
             continue
@@ -155,16 +158,18 @@ def score_folder(
 ) -> FolderReport:
     """Score every image of a folder and write the results.
 
-    Writes ``scores.csv`` and ``results.json`` (per image: score, label, notes; plus the model, the
-    precision used and the skipped files), ``masks/<name>.png`` (binary, 0/255, at the image's size),
-    ``overlays/<name>.png`` (heat map over the image) and ``skipped.csv`` (image, reason) when files could not
-    be read. The output location and the output names are checked before any inference (module docstring).
+    Writes ``scores.csv`` and ``results.json`` (per image: name, score, label, notes, the name's exact bytes;
+    plus the model, the precision used and the skipped files), ``masks/<name>.png`` (binary, 0/255, at the
+    image's size), ``overlays/<name>.png`` (heat map over the image) and ``skipped.csv`` (image, reason, the
+    name's bytes) when files could not be read. The output location and the output names are checked before
+    any inference (module docstring).
 
     Args:
         model: The compiled IR.
         images_dir: Folder of images.
-        out_dir: Output folder (created; must not exist or be empty unless ``overwrite``; never a file). A
-            symbolic link is kept and the folder it points to receives the results.
+        out_dir: Output folder (created; must not exist or be empty unless ``overwrite``, at the start and when
+            the results are complete; never a file). A symbolic link is kept and the folder it points to
+            receives the results.
         batch_size: Images per inference request (an IR with a static batch uses its own batch; a short last
             batch is padded).
         recursive: Include sub-folders (output names keep the relative paths).
@@ -179,7 +184,8 @@ def score_folder(
 
     Raises:
         EdgeInputError: If the folder is missing or has no (readable) images, ``out_dir`` exists or cannot be
-            written, or output names collide.
+            written, output names collide, or (without ``overwrite``) ``out_dir`` was created or filled by
+            someone else during the run (the message names the folder holding this run's results).
         EdgeInterruptedError: On ``KeyboardInterrupt`` (Ctrl-C) or :class:`TerminationSignal` (SIGTERM, see
             :func:`terminate_as_interrupt`), after cleaning up; its message says what was left where.
     """

@@ -26,11 +26,14 @@ class Source:
         path: The file.
         name: Path relative to the scored folder (POSIX style), as :func:`text_name` writes it.
         out_name: Relative ``.png`` path of its mask and overlay.
+        name_bytes: The exact bytes of ``name``, percent-encoded (``name`` escapes bytes that are not valid UTF-8,
+            and can then equal another file's valid name).
     """
 
     path: Path
     name: str
     out_name: str
+    name_bytes: str = ""
 
 
 @dataclass

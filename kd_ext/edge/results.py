@@ -1,23 +1,37 @@
 r"""Writing results atomically: output names, a staging folder renamed into place, per-image files and tables.
 
 Outputs are written into a hidden staging folder ``.<out>.partial-<pid>`` next to ``out_dir`` (it holds a
-marker file with the writing process's id and host) and renamed to ``out_dir`` only when everything was
-written, so a folder named ``out_dir`` is always complete (its ``results.json`` also says ``"complete": true``).
-With ``overwrite``, the previous ``out_dir`` is first moved into the staging folder, the new results are
-renamed in, and only then is the previous folder deleted: an interruption at any point leaves either the
-previous or the new results in ``out_dir``, and the :class:`EdgeInterruptedError` message says which, and where
-anything else was left. A later run into the same ``out_dir`` removes staging folders whose process is gone
-(restoring previous results that a killed run had moved aside). A symbolic link as ``out_dir`` stays a link:
-the results replace the folder it points to. :func:`write_results` is this writer, for images and series alike.
+marker file with the writing process's id and host, written first and deleted last) and renamed to ``out_dir``
+only when everything was written, so a folder named ``out_dir`` is always complete (its ``results.json`` also
+says ``"complete": true``).
+
+Without ``overwrite``, ``out_dir`` must be absent or an empty folder at the start, and it is claimed only if it is
+still what it was then: the new results are renamed onto it, which the file system refuses atomically when files
+were put into it meanwhile. When ``out_dir`` was created, replaced or filled by someone else (another run into the
+same folder, a user's file) nothing there is touched: the run's complete results are renamed to
+``<out>.run-<pid>`` next to it and :class:`EdgeInputError` names that folder.
+
+With ``overwrite``, the previous ``out_dir`` is first moved into the staging folder (``old/``), the new results
+are renamed in, and only then is the previous folder deleted (the marker last): an interruption at any point
+leaves either the previous or the new results in ``out_dir``, and the :class:`EdgeInterruptedError` message says
+which (found on disk: whether ``out_dir`` is the folder the new results were written to), and where anything
+else was left. A later run into the same ``out_dir`` removes staging folders whose process is gone, restoring
+previous results that a killed run had moved aside but not yet replaced; staging folders of running processes,
+and folders of that name without kd_ext's marker that hold anything, are kept. A symbolic link as ``out_dir``
+stays a link: the results replace the folder it points to. :func:`write_results` is this writer, for images and
+series alike.
 
 Output names are checked before any inference: collisions (with ``recursive``, an output that would be both a
 file and a folder, or names that differ only in case on a case-insensitive output file system). File names that
-are not valid UTF-8 are written with backslash escapes (``bad\xff.png``) in the tables, and with ``_`` for the
-backslash in output file names.
+are not valid UTF-8 are written with backslash escapes (``bad\xff.png``) in the ``image`` column, and with ``_``
+for the backslash in output file names; the ``image_bytes`` column gives every name's exact bytes,
+percent-encoded (:func:`name_bytes`), so that such a name and a valid name written the same way
+(``bad\xff.png`` with a real backslash) stay apart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
@@ -28,6 +42,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import quote_from_bytes
 
 import numpy as np
 from PIL import Image
@@ -38,8 +53,29 @@ from .images import LoadedImage, Source
 from .runtime import Prediction
 
 STAGING_MARKER = "kd_ext-run.json"
-"""File in a staging folder naming the process (``pid``) and host that write it."""
+"""File in a staging folder naming the process (``pid``) and host that write it (the first file written in the
+folder, the last deleted)."""
 Result = TypeVar("Result")
+FolderId = tuple[int, int]
+"""A folder's identity, ``(st_dev, st_ino)``: kept by a rename, so it tells whose results a folder holds."""
+CLAIM_REFUSED = {errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
+"""Errors of renaming the new results onto ``out_dir`` that mean something else is there now."""
+
+
+def name_bytes(name: str) -> str:
+    r"""A file name's exact bytes, percent-encoded (RFC 3986; ``/`` kept), for the ``image_bytes`` column.
+
+    Unlike :func:`text_name`, this is one-to-one: ``b"caf\xe9.png"`` gives ``caf%E9.png`` and a valid name
+    written ``caf\xe9.png`` (a real backslash) gives ``caf%5Cxe9.png``. ``urllib.parse.unquote_to_bytes``
+    returns the bytes (``os.fsdecode`` of them opens the file).
+
+    Args:
+        name: A path as Python returned it from the file system (undecodable bytes as surrogate escapes).
+
+    Returns:
+        str: ASCII text.
+    """
+    return quote_from_bytes(os.fsencode(name), safe="/")
 
 
 def _output_name(name: str, used: set[str]) -> str:
@@ -70,8 +106,9 @@ def plan_sources(files: list[Path], root: Path) -> list[Source]:
     used: set[str] = set()
     sources = []
     for path in files:
-        name = text_name(path.relative_to(root).as_posix())
-        sources.append(Source(path=path, name=name, out_name=_output_name(name, used)))
+        relative = path.relative_to(root).as_posix()
+        name = text_name(relative)
+        sources.append(Source(path=path, name=name, out_name=_output_name(name, used), name_bytes=name_bytes(relative)))
     return sources
 
 
@@ -142,29 +179,80 @@ def _staging_prefix(target: Path) -> str:
     return f".{target.name}.partial-"
 
 
+def _folder_id(path: Path) -> FolderId | None:
+    """``(st_dev, st_ino)`` of ``path`` itself (a link is not followed); ``None`` when it does not exist."""
+    try:
+        stat = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _holds_nothing(staging: Path) -> bool:
+    """Whether a staging folder holds nothing: at most an empty ``new/`` and an empty marker.
+
+    Such a folder is what a run leaves when stopped while creating it or after deleting its marker.
+    """
+    for entry in staging.iterdir():
+        if entry.is_symlink():
+            return False
+        if entry.name == "new" and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        if entry.name == STAGING_MARKER and entry.is_file() and entry.stat().st_size == 0:
+            continue
+        return False
+    return True
+
+
+def _owned_by(staging: Path, pid: int) -> bool:
+    """Whether ``staging`` is a staging folder of process ``pid`` on this host (its marker says so) or empty."""
+    try:
+        owner = json.loads((staging / STAGING_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        try:
+            return _holds_nothing(staging)
+        except OSError:
+            return False
+    return isinstance(owner, dict) and owner.get("pid") == pid and owner.get("host") == socket.gethostname()
+
+
 def _stale_pid(entry: Path, prefix: str) -> int | None:
     """The process id of a staging folder of ours whose process is gone (``None``: not ours, or still running)."""
     pid_text = entry.name[len(prefix) :]
-    if not entry.name.startswith(prefix) or not pid_text.isdigit() or not entry.is_dir():
-        return None
-    try:
-        owner = json.loads((entry / STAGING_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not entry.name.startswith(prefix) or not pid_text.isdigit() or not entry.is_dir() or entry.is_symlink():
         return None
     pid = int(pid_text)
-    if not isinstance(owner, dict) or owner.get("pid") != pid or owner.get("host") != socket.gethostname():
-        return None
     if pid != os.getpid() and _pid_alive(pid):
         return None
-    return pid
+    return pid if _owned_by(entry, pid) else None
+
+
+def _remove_staging(staging: Path) -> None:
+    """Delete a staging folder, its marker last: a folder with anything else in it keeps its marker.
+
+    Raises:
+        OSError: If something could not be deleted (the marker is then kept).
+    """
+    for entry in sorted(staging.iterdir()):
+        if entry.name == STAGING_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (staging / STAGING_MARKER).unlink(missing_ok=True)
+    staging.rmdir()
 
 
 def remove_stale_staging(out_dir: str | Path, log: IO[str] | None = None) -> list[Path]:
     """Remove staging folders of earlier runs into ``out_dir`` whose process is no longer running.
 
-    Only folders named ``.<out>.partial-<pid>`` that hold kd_ext's marker written on this host are touched.
-    When a killed run had already moved the previous ``out_dir`` into its staging folder and ``out_dir`` is
-    missing, the previous results are moved back first. A folder that cannot be removed is reported and kept.
+    Only folders named ``.<out>.partial-<pid>`` that hold kd_ext's marker written on this host, or nothing at all,
+    are touched. When a killed run had moved the previous ``out_dir`` into its staging folder (``old/``) but not
+    yet renamed its new results in (``new/`` is still there) and ``out_dir`` is missing, the previous results are
+    moved back first; if ``out_dir`` exists by then, that folder is kept and reported. Without ``new/``, ``old/``
+    is the rest of previous results whose deletion was interrupted after the new results replaced them: deleted.
+    A folder that cannot be removed is reported and kept.
 
     Args:
         out_dir: The output folder (a symbolic link is followed to the folder it points to).
@@ -185,12 +273,18 @@ def remove_stale_staging(out_dir: str | Path, log: IO[str] | None = None) -> lis
         if pid is None:
             continue
         try:
-            previous = entry / "old"
-            if previous.exists() and not target.exists() and not target.is_symlink():
-                os.rename(previous, target)
+            if (entry / "old").exists() and (entry / "new").exists():  # stopped before renaming its results in
+                if target.exists() or target.is_symlink():
+                    if log is not None:
+                        log.write(
+                            f"kept {text_name(entry)}: its old/ holds the previous results of {text_name(target)}, "
+                            "which was re-created since; move them back or delete it\n"
+                        )
+                    continue
+                os.rename(entry / "old", target)
                 if log is not None:
                     log.write(f"restored {text_name(target)} from {text_name(entry)}, left by stopped process {pid}\n")
-            shutil.rmtree(entry)
+            _remove_staging(entry)
         except OSError as error:
             if log is not None:
                 log.write(f"could not remove {text_name(entry)} of stopped process {pid} ({error}); delete it\n")
@@ -253,7 +347,10 @@ def _staging_path(target: Path) -> Path:
 
 
 def _make_staging(out_dir: Path, target: Path) -> Path:
-    """Create the staging folder ``.<out>.partial-<pid>`` next to ``target``, with ``new/`` and then its marker.
+    """Create the staging folder ``.<out>.partial-<pid>`` next to ``target``: its marker first, then ``new/``.
+
+    A folder of that name left by an earlier call in this process was removed by :func:`remove_stale_staging`;
+    one that is still there is not this run's, and is refused.
 
     Returns:
         Path: The folder the results are written to (``new/``).
@@ -262,16 +359,15 @@ def _make_staging(out_dir: Path, target: Path) -> Path:
     created = False
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if staging.exists():  # left by an earlier call in this process
-            shutil.rmtree(staging)
         staging.mkdir()
         created = True
-        (staging / "new").mkdir()
         owner = {"pid": os.getpid(), "host": socket.gethostname()}
         (staging / STAGING_MARKER).write_text(json.dumps(owner) + "\n", encoding="utf-8")
+        (staging / "new").mkdir()
     except OSError as error:
         if created:
-            shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _remove_staging(staging)
         reason = "read-only file system" if error.errno == errno.EROFS else (error.strerror or str(error))
         msg = (
             f"Cannot write the output folder {text_name(out_dir)}: creating {text_name(staging)} failed "
@@ -281,38 +377,77 @@ def _make_staging(out_dir: Path, target: Path) -> Path:
     return staging / "new"
 
 
-def _abandon(staging: Path, target: Path, shown: str, existed: bool) -> str:
-    """Undo an unfinished run after an error or interruption.
+def _kept_path(target: Path) -> Path:
+    """Where a run's results go when ``out_dir`` changed meanwhile (without ``overwrite``): ``<out>.run-<pid>``."""
+    return target.parent / f"{target.name}.run-{os.getpid()}"
+
+
+def _abandon(staging: Path, target: Path, shown: str, existed: bool, new_id: FolderId | None) -> str:
+    """Undo an unfinished run after an error or interruption, from what is on disk now.
+
+    Args:
+        staging: The run's staging folder.
+        target: Where the results were to be renamed to.
+        shown: ``out_dir`` as the user gave it.
+        existed: Whether ``target`` existed at the start.
+        new_id: :func:`_folder_id` of the run's ``new/`` (``None`` if it was not created): ``target`` with this
+            identity holds the new results.
 
     Returns:
         str: What is left on disk, in words that are true in every outcome.
     """
-    new, previous = staging / "new", staging / "old"
-    if not staging.exists():
-        return f"{shown} was not changed" if existed else f"nothing was written ({shown} was not created)"
-    if (staging / STAGING_MARKER).exists() and not new.exists():  # the new results were renamed to target
-        what = "deleting the previous results was interrupted and the rest of them is in" if existed else "left"
-        return (
-            f"the new results are complete in {shown}; {what} {text_name(staging)} (delete it; the next run into "
-            f"{shown} also removes it)"
-        )
+    if new_id is not None and _folder_id(target) == new_id:  # the new results were renamed in
+        return _finish_swapped(staging, shown)
+    kept = _kept_path(target)
+    if new_id is not None and _folder_id(kept) == new_id:  # refused: out_dir changed meanwhile
+        with contextlib.suppress(KeyboardInterrupt, OSError):
+            _remove_staging(staging)
+        return f"{shown} was not changed; the complete new results are in {text_name(kept)}"
+    unchanged = f"{shown} was not changed" if existed else f"nothing was written ({shown} was not created)"
+    if not staging.exists() or not _owned_by(staging, os.getpid()):
+        return unchanged
+    previous = staging / "old"
     try:
-        if previous.exists():
+        if previous.exists() and (staging / "new").exists() and not (target.exists() or target.is_symlink()):
             os.rename(previous, target)
-        shutil.rmtree(staging)
+        _remove_staging(staging)
     except (KeyboardInterrupt, OSError):
-        if previous.exists():
-            return (
-                f"the previous results are in {text_name(previous)}: move them back to {shown} (the next run into "
-                f"{shown} also does)"
-            )
+        return _left_unswapped(staging, target, shown, unchanged)
+    return f"{unchanged} and the partial new results were removed" if existed else unchanged
+
+
+def _finish_swapped(staging: Path, shown: str) -> str:
+    """What :func:`_abandon` says (and removes) once the new results are in ``out_dir``."""
+    if staging.exists() and not (staging / "old").exists():
+        with contextlib.suppress(KeyboardInterrupt, OSError):
+            _remove_staging(staging)
+    if not staging.exists():
+        return f"the new results are complete in {shown}"
+    deleting = (staging / "old").exists()
+    what = "deleting the previous results was interrupted and the rest of them is in" if deleting else "left"
+    return (
+        f"the new results are complete in {shown}; {what} {text_name(staging)} (delete it; the next run into "
+        f"{shown} also removes it)"
+    )
+
+
+def _left_unswapped(staging: Path, target: Path, shown: str, unchanged: str) -> str:
+    """What is left when :func:`_abandon` could not restore the previous results or remove the new ones."""
+    previous = staging / "old"
+    if previous.exists() and not (target.exists() or target.is_symlink()):
         return (
-            f"{shown} was not changed, but the partial new results in {text_name(staging)} were not all removed "
-            f"(delete it; the next run into {shown} also removes it)"
+            f"the previous results are in {text_name(previous)}: move them back to {shown} (the next run into "
+            f"{shown} also does)"
         )
-    if existed:
-        return f"{shown} was not changed and the partial new results were removed"
-    return f"nothing was written ({shown} was not created)"
+    if previous.exists():
+        return (
+            f"the previous results are in {text_name(previous)}, and {shown} was created by someone else "
+            "meanwhile: compare them and move the previous results back yourself"
+        )
+    return (
+        f"{unchanged}, but the partial new results in {text_name(staging)} were not all removed (delete it; the "
+        f"next run into {shown} also removes it)"
+    )
 
 
 def _swap_in(staging: Path, target: Path, log: IO[str] | None) -> None:
@@ -321,13 +456,54 @@ def _swap_in(staging: Path, target: Path, log: IO[str] | None) -> None:
         os.rename(target, staging / "old")
     os.rename(staging / "new", target)
     try:
-        shutil.rmtree(staging)
+        _remove_staging(staging)
     except OSError as error:
         if log is not None:
             log.write(
                 f"the new results are complete in {text_name(target)}, but {text_name(staging)} (the previous "
                 f"results) could not be deleted: {error}; delete it\n"
             )
+
+
+def _claim(staging: Path, target: Path, start: FolderId | None, shown: str) -> None:
+    """Rename the new results to ``target`` if it is still what it was at the start (absent or an empty folder).
+
+    The rename itself refuses, atomically, a folder that is no longer empty; a folder that was created or replaced
+    meanwhile is refused before it. Then nothing at ``target`` is touched: the new results are renamed to
+    :func:`_kept_path` (or stay in the staging folder, which loses its marker so that no clean-up deletes it).
+
+    Raises:
+        EdgeInputError: If ``target`` changed, naming the folder with this run's complete results.
+    """
+    now = _folder_id(target)
+    changed = now is not None and now != start
+    if not changed:
+        try:
+            os.rename(staging / "new", target)
+        except OSError as error:
+            if error.errno not in CLAIM_REFUSED:
+                raise
+            changed = True
+    if not changed:
+        with contextlib.suppress(OSError):
+            _remove_staging(staging)
+        return
+    what = "was created" if start is None else "was replaced or files were put into it"
+    kept = _kept_path(target)
+    try:
+        os.rename(staging / "new", kept)
+    except OSError:
+        (staging / STAGING_MARKER).unlink()
+        kept = staging / "new"
+    else:
+        with contextlib.suppress(OSError):
+            _remove_staging(staging)
+    msg = (
+        f"Output folder {shown} {what} by someone else (another run into it, or a user) while this run was "
+        f"writing; nothing in it was replaced or deleted. This run's complete results are in {text_name(kept)}: "
+        f"compare and move them yourself, or run again with --overwrite to replace {shown}."
+    )
+    raise EdgeInputError(msg)
 
 
 def write_image_outputs(
@@ -354,6 +530,7 @@ def write_image_outputs(
         out_name = image.source.out_name
         row: dict[str, Any] = {
             "image": image.source.name,
+            "image_bytes": image.source.name_bytes,
             "score": float(prediction.pred_score[index]),
             "label": int(prediction.pred_label[index]),
             "label_name": "anomalous" if prediction.pred_label[index] else "normal",
@@ -381,10 +558,10 @@ def write_tables(work: Path, rows: list[dict[str, Any]], skipped: list[dict[str,
     Args:
         work: The staging folder.
         rows: Rows of :func:`write_image_outputs`.
-        skipped: ``{"image", "reason"}`` of the files that could not be read.
+        skipped: ``{"image", "reason", "image_bytes"}`` of the files that could not be read.
         info: Run information for ``results.json`` (model, source, seconds).
     """
-    columns = ["image", "score", "label", "label_name", "notes", "mask", "overlay"]
+    columns = ["image", "score", "label", "label_name", "notes", "mask", "overlay", "image_bytes"]
     with (work / "scores.csv").open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -392,7 +569,7 @@ def write_tables(work: Path, rows: list[dict[str, Any]], skipped: list[dict[str,
             writer.writerow({**row, "score": f"{row['score']:.6f}"})
     if skipped:
         with (work / "skipped.csv").open("w", newline="", encoding="utf-8") as stream:
-            writer = csv.DictWriter(stream, fieldnames=["image", "reason"])
+            writer = csv.DictWriter(stream, fieldnames=["image", "reason", "image_bytes"])
             writer.writeheader()
             writer.writerows(skipped)
     payload = {**info, "images": rows, "skipped": skipped, "complete": True}
@@ -426,8 +603,9 @@ def write_results(
     """Run ``write`` into a staging folder and make its output ``out_dir`` only when it returns (module docstring).
 
     Stale staging folders are removed and the output location is checked first; then ``write(folder)`` fills a new
-    staging folder, which replaces ``out_dir`` (the previous results are deleted only after that). If ``write``
-    raises, nothing it wrote is left and ``out_dir`` is as before.
+    staging folder, which replaces ``out_dir`` (the previous results are deleted only after that). Without
+    ``overwrite``, ``out_dir`` is claimed only if it is still what it was at the start (module docstring). If
+    ``write`` raises, nothing it wrote is left and ``out_dir`` is as before.
 
     Args:
         out_dir: Output folder (a symbolic link is kept; the folder it points to receives the results).
@@ -441,19 +619,27 @@ def write_results(
         What ``write`` returned.
 
     Raises:
-        EdgeInputError: If ``out_dir`` exists (without ``overwrite``) or cannot be written.
+        EdgeInputError: If ``out_dir`` exists (without ``overwrite``) or cannot be written, or (without
+            ``overwrite``) was changed by someone else while ``write`` ran: the message names the folder with
+            the complete results.
         EdgeInterruptedError: On ``KeyboardInterrupt`` (Ctrl-C) or :class:`TerminationSignal` (SIGTERM, see
             :func:`terminate_as_interrupt`), after cleaning up; its message says what was left where.
     """
     shown = text_name(out_dir)
     target = _prepare_out(out_dir, source, overwrite, log, source_name)
-    existed = target.exists()
+    start = _folder_id(target)
     staging = _staging_path(target)
+    new_id: FolderId | None = None
     try:
-        result = write(_make_staging(out_dir, target))
-        _swap_in(staging, target, log)
+        work = _make_staging(out_dir, target)
+        new_id = _folder_id(work)
+        result = write(work)
+        if overwrite:
+            _swap_in(staging, target, log)
+        else:
+            _claim(staging, target, start, shown)
     except BaseException as error:
-        left = _abandon(staging, target, shown, existed)
+        left = _abandon(staging, target, shown, start is not None, new_id)
         if isinstance(error, KeyboardInterrupt):
             number = getattr(error, "signal_number", signal.SIGINT)
             msg = f"interrupted by {signal.Signals(number).name}: {left}."
@@ -465,6 +651,7 @@ def write_results(
 __all__ = [
     "STAGING_MARKER",
     "check_output_names",
+    "name_bytes",
     "plan_sources",
     "remove_stale_staging",
     "write_image_outputs",
