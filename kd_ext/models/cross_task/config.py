@@ -16,6 +16,9 @@ and arguments override earlier ones), ``--print_config`` and dotted overrides (`
     student: {trunk: small, hidden_channels: 32}
     training: {epochs: 20, batch_size: 8, task_weighting: dwa, temperature: adaptive}
     export: {precision: fp32}
+
+``output`` must lie outside every task's data folder, and a folder that holds an earlier run's files
+(:data:`RUN_FILES`) is refused unless ``overwrite: true`` (``--overwrite``) replaces them.
 """
 
 from dataclasses import dataclass, field, fields
@@ -244,19 +247,68 @@ class ExportConfig:
         self.precision = _choice(ExportPrecision, self.precision, "export precision")
 
 
+RUN_FILES = ("report.json", "student.ckpt", "openvino/student.xml", "openvino/student.bin")
+"""What a run writes into ``output`` (``report.json`` first in the list: it is removed first and written last)."""
+
+
 @dataclass
 class DistillConfig:
-    """Everything ``kd-ext distill`` needs."""
+    """Everything ``kd-ext distill`` needs.
+
+    Attributes:
+        tasks: The tasks.
+        output: Folder of the student's checkpoint, IR and report; outside every task's data folder.
+        student: Student architecture.
+        training: Distillation settings.
+        export: OpenVINO export.
+        overwrite: Replace an earlier run's files (:data:`RUN_FILES`) in ``output``; without it such a folder is
+            refused before any work. They are replaced once the new student is trained and evaluated.
+    """
 
     tasks: list[TaskConfig]
     output: Path
     student: StudentConfig = field(default_factory=StudentConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
         check_task_names([task.name for task in self.tasks])
+        if not isinstance(self.overwrite, bool):
+            msg = f"overwrite must be true or false, got {self.overwrite!r}."
+            raise ValueError(msg)
+
+    def previous_run_files(self) -> list[str]:
+        """The files of an earlier run in ``output`` (see :data:`RUN_FILES`), relative to it."""
+        return [name for name in RUN_FILES if (self.output / name).exists()]
+
+    def check_output(self) -> None:
+        """Refuse an ``output`` inside (or equal to) a task's data folder, or holding an earlier run without overwrite.
+
+        Paths are compared resolved (symbolic links followed, ``..`` removed). Called before any work.
+
+        Raises:
+            ValueError: Naming the task's data folder, or the earlier run's files and ``--overwrite``.
+        """
+        output = self.output.expanduser().resolve()
+        for task in self.tasks:
+            data = task.data_dir.expanduser().resolve()
+            if output.is_relative_to(data):
+                where = "is" if output == data else "is inside"
+                msg = (
+                    f"output {self.output} {where} the data folder {task.data_dir} of task '{task.name}': the "
+                    f"student's files ({', '.join(RUN_FILES)}) would be written among its images; choose an output "
+                    "folder outside every task's data folder."
+                )
+                raise ValueError(msg)
+        existing = self.previous_run_files()
+        if existing and not self.overwrite:
+            msg = (
+                f"output {self.output} already holds an earlier run's {', '.join(existing)}; choose another output "
+                "folder, or pass --overwrite (overwrite: true in the config) to replace them."
+            )
+            raise ValueError(msg)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DistillConfig":
@@ -268,9 +320,9 @@ class DistillConfig:
         if not isinstance(values, dict):
             msg = "The distillation config must be a mapping with 'tasks' and 'output'."
             raise ValueError(msg)
-        unknown = sorted(set(values) - {"tasks", "output", "student", "training", "export"})
+        unknown = sorted(set(values) - {"tasks", "output", "student", "training", "export", "overwrite"})
         if unknown:
-            msg = f"Unknown top-level keys {unknown}; allowed: tasks, output, student, training, export."
+            msg = f"Unknown top-level keys {unknown}; allowed: tasks, output, student, training, export, overwrite."
             raise ValueError(msg)
         if not values.get("tasks") or "output" not in values:
             msg = "The distillation config needs 'output' and a non-empty list 'tasks'."
@@ -281,6 +333,7 @@ class DistillConfig:
             student=_build(StudentConfig, values.get("student"), "student"),
             training=_build(TrainingConfig, values.get("training"), "training"),
             export=_build(ExportConfig, values.get("export"), "export"),
+            overwrite=values.get("overwrite", False),
         )
 
     @classmethod
@@ -326,7 +379,12 @@ def distill_parser() -> Any:
         default_env=False,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file (see README)")
-    parser.add_argument("--output", type=Path, required=True, help="output folder")
+    parser.add_argument("--output", type=Path, required=True, help="output folder (outside every task's data folder)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's student.ckpt, openvino/student.* and report.json in OUTPUT (else refused)",
+    )
     parser.add_argument(
         "--tasks",
         type=list[dict[str, Any]],

@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812
 from kd_ext.backbones import lite0_reference_trunk
 from kd_ext.models.distributed import global_rank, launched_world_size, process_group, world_size
 
-from .config import DistillConfig, ExportPrecision, StudentConfig, TargetKind, TrainingConfig
+from .config import RUN_FILES, DistillConfig, ExportPrecision, StudentConfig, TargetKind, TrainingConfig
 from .export import export_all_tasks_openvino
 from .lightning_model import CrossTaskStudent
 from .tasks import PreparedTask, prepare_tasks, training_image_count
@@ -242,11 +242,22 @@ def comparison(teacher: dict[str, dict[str, float]], student: dict[str, dict[str
 
 
 def save_checkpoint(student: CrossTaskStudent, path: Path) -> Path:
-    """Write a Lightning checkpoint of the student (``CrossTaskStudent.load_from_checkpoint`` reads it)."""
+    """Write a Lightning checkpoint of the student (``CrossTaskStudent.load_from_checkpoint`` reads it).
+
+    Only the weights, hyper-parameters and kd_ext's own entries are written (Lightning's ``weights_only=True``: no
+    optimizer or callback states, which a student trained outside Lightning's loop does not have), so the file loads
+    with ``torch.load(..., weights_only=True)``.
+    """
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu", devices=1)
     trainer.strategy.connect(student)
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=True)
     return path
+
+
+def remove_previous_run(output: Path) -> None:
+    """Delete an earlier run's files from ``output`` (``report.json`` first, so the folder reads as unfinished)."""
+    for name in RUN_FILES:
+        (output / name).unlink(missing_ok=True)
 
 
 def _silent(line: str) -> None:
@@ -267,9 +278,12 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
         DistillResult: The student, its files and the report (see :class:`DistillResult` for the other processes).
 
     Raises:
-        ValueError: Before any training, naming every problem with the tasks (see :func:`prepare_tasks`) or with
-            sharing the batches among torchrun's processes (:func:`~.training.check_process_shares`).
+        ValueError: Before any work, naming the problem with ``output`` (inside a task's data folder, or an earlier
+            run's files there without ``overwrite``: :meth:`~.config.DistillConfig.check_output`); before any
+            training, naming every problem with the tasks (see :func:`prepare_tasks`) or with sharing the batches
+            among torchrun's processes (:func:`~.training.check_process_shares`).
     """
+    config.check_output()
     check_process_shares(config.training.batch_size, launched_world_size())  # before any process waits for another
     with process_group(timedelta(minutes=config.training.distributed_timeout)):
         return _distill(config, log if global_rank() == 0 else _silent)
@@ -295,6 +309,8 @@ def _distill(config: DistillConfig, log: Callable[[str], None]) -> DistillResult
     for task in tasks:
         results[task.name]["teacher_model"] = type(task.teacher).__name__
         log(f"task {task.name}: teacher {teacher_metrics[task.name]}, student {student_metrics[task.name]}")
+    if config.overwrite:
+        remove_previous_run(output)  # no file of the earlier run stays next to the new ones
     checkpoint = save_checkpoint(student, output / "student.ckpt")
     ir = None
     if config.export.precision != ExportPrecision.none:
