@@ -365,11 +365,10 @@ def trained_signal_kd(tmp_path_factory: pytest.TempPathFactory):
     files = write_ucr(root / "SYN_TRAIN.txt"), write_ucr(root / "SYN_TEST.txt", normal=6, abnormal=6, seed=5)
     module = UCRSeries(*files, seed=0, train_batch_size=8, eval_batch_size=8)
     torch.manual_seed(0)
-    model = SignalKD(width=8, hidden=16, teacher_epochs=2)
-    engine = Engine(
-        max_epochs=2, default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    model = SignalKD(width=8, hidden=16, teacher_epochs=2, epochs=2)
+    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False)
     engine.fit(model, datamodule=module)
+    assert (engine.trainer.max_epochs, engine.trainer.current_epoch) == (2, 2)  # the model's epochs, not 1000
     metrics = engine.test(model, datamodule=module, verbose=False)
     return model, module, metrics, root
 
@@ -423,3 +422,53 @@ def test_openvino_ir_matches_torch(trained_signal_kd) -> None:
             np.testing.assert_array_equal(outputs[name], getattr(expected, name).numpy())
     with pytest.raises(ValueError, match="SignalKD takes series, not images"):
         export_openvino(model, root / "export", input_size=(256, 256))
+
+
+def test_signal_kd_carries_its_epochs_over_the_trainers() -> None:
+    from kd_ext.models.signal_kd import SignalKD
+
+    assert SignalKD().trainer_arguments["max_epochs"] == SignalKD().epochs
+    assert SignalKD(epochs=7).trainer_arguments["max_epochs"] == 7
+    with pytest.raises(ValueError, match="epochs must be a whole number >= 1, got 0"):
+        SignalKD(epochs=0)
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_readme_command_stops_after_the_models_epochs(tmp_path: Path) -> None:
+    """README's ``anomalib train --model SignalKD --data kd_ext.data.UCRSeries`` ends after the model's epochs.
+
+    No epoch count is given, as in the README (Lightning's default would be 1000 epochs); only the network is made
+    small and the teacher's pretraining short, to keep the test fast.
+    """
+    import subprocess
+    import sys
+
+    from kd_ext.models.signal_kd import SignalKD
+
+    train, test = write_ucr(tmp_path / "SYN_TRAIN.txt"), write_ucr(tmp_path / "SYN_TEST.txt", normal=6, abnormal=6)
+    command = [
+        str(Path(sys.executable).with_name("anomalib")),
+        "train",
+        "--model",
+        "SignalKD",
+        "--data",
+        "kd_ext.data.UCRSeries",
+        "--data.train_file",
+        str(train),
+        "--data.test_file",
+        str(test),
+        "--model.width",
+        "8",
+        "--model.hidden",
+        "8",
+        "--model.teacher_epochs",
+        "1",
+        "--default_root_dir",
+        str(tmp_path / "results"),
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert f"`max_epochs={SignalKD().epochs}` reached" in output, output[-4000:]
+    assert "image_AUROC" in output

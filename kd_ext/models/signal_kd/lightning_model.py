@@ -13,12 +13,12 @@ Example:
     >>> from kd_ext.data import UCRSeries
     >>> from kd_ext.models.signal_kd import SignalKD
     >>> datamodule = UCRSeries(train_file="ECG200_TRAIN.txt", test_file="ECG200_TEST.txt", seed=0)  # doctest: +SKIP
-    >>> Engine(max_epochs=50).train(SignalKD(), datamodule=datamodule)  # doctest: +SKIP
+    >>> Engine().train(SignalKD(), datamodule=datamodule)  # doctest: +SKIP
 
-    From anomalib's command line::
+    From anomalib's command line (``--model.epochs`` changes the students' epochs)::
 
         anomalib train --model kd_ext.models.signal_kd.SignalKD --data kd_ext.data.UCRSeries \
-            --data.train_file ECG200_TRAIN.txt --data.test_file ECG200_TEST.txt --trainer.max_epochs 50
+            --data.train_file ECG200_TRAIN.txt --data.test_file ECG200_TEST.txt
 """
 
 import logging
@@ -40,12 +40,15 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from kd_ext.edge.series_preprocessing import METADATA_KEY, SeriesPreprocessing
+from kd_ext.models.base import check_epochs
 
 from .loss import SignalKDLoss
 from .torch_model import SignalKDModel
 
 logger = logging.getLogger(__name__)
 ONNX_OPSET = 17
+DEFAULT_SIGNAL_EPOCHS = 60
+"""Students' training epochs unless ``epochs`` says otherwise (the protocol of ``benchmarks/signals.py``)."""
 
 
 class SignalKD(AnomalibModule):
@@ -63,6 +66,9 @@ class SignalKD(AnomalibModule):
         map_levels: Feature levels (0, 1, 2: shallow to deep) whose discrepancies make the map (see
             :class:`SignalKDModel`).
         learning_rate: Adam learning rate of the students.
+        epochs: Training epochs of the students. They become the trainer's ``max_epochs`` through
+            :attr:`trainer_arguments`, which anomalib applies over the trainer's own settings: change them with
+            ``--model.epochs``.
         teacher_epochs: Epochs of the teacher's masked-reconstruction pretraining.
         teacher_learning_rate: Adam learning rate of the pretraining.
         mask_ratio: Share of time steps hidden in pretraining.
@@ -85,6 +91,7 @@ class SignalKD(AnomalibModule):
         top_k_ratio: float = 0.1,
         map_levels: Sequence[int] = (1, 2),
         learning_rate: float = 1e-3,
+        epochs: int = DEFAULT_SIGNAL_EPOCHS,
         teacher_epochs: int = 60,
         teacher_learning_rate: float = 1e-3,
         mask_ratio: float = 0.25,
@@ -101,6 +108,7 @@ class SignalKD(AnomalibModule):
             visualizer=visualizer,
         )
         self.learning_rate = learning_rate
+        self.epochs = check_epochs(epochs)
         self.teacher_epochs = teacher_epochs
         self.teacher_learning_rate = teacher_learning_rate
         self.mask_ratio = mask_ratio
@@ -276,8 +284,8 @@ class SignalKD(AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping, no sanity validation."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+        """The training protocol: ``epochs`` epochs, no gradient clipping, no sanity validation."""
+        return {"max_epochs": self.epochs, "gradient_clip_val": 0, "num_sanity_val_steps": 0}
 
     @property
     def learning_type(self) -> LearningType:
