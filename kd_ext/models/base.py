@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from kd_ext.export.mixin import KDExtExportMixin
 from kd_ext.models.checkpoint import KDExtCheckpointMixin, pre_processor_image_size, teacher_pre_processor
+from kd_ext.models.components.clips import ClipVisualizer, clip_frames, loaders_target_frame, target_frames
 from kd_ext.models.components.finetune import FinetuneReport, batches_at_size
 from kd_ext.models.distributed import (
     average_moving_statistics,
@@ -49,9 +50,16 @@ def check_epochs(epochs: int) -> int:
 
 
 class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
-    """One-class distillation models: Adam on the trainable parts, loss-term logging, eval on validation."""
+    """One-class distillation models: Adam on the trainable parts, loss-term logging, eval on validation.
+
+    Batches of anomalib's clip-based video datamodules (``UCSDped``, ``Avenue``, ``ShanghaiTech``) are taken
+    frame-wise (:mod:`kd_ext.models.components.clips`): every frame of a training clip is one training image, and
+    an evaluated clip is scored by its target frame, the frame whose ground truth the dataset returns.
+    """
 
     learning_rate: float
+    clip_target: int | None = None
+    """Index of the frame that scores each clip in the running evaluation (``None``: images, not clips)."""
     epochs: int | None = None
     model: torch.nn.Module
     teacher_finetune_reports: tuple[FinetuneReport, ...] | list[FinetuneReport] = ()
@@ -73,6 +81,11 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
             PreProcessor: The pre-processor.
         """
         return teacher_pre_processor(backbone, image_size)
+
+    @classmethod
+    def configure_visualizer(cls) -> ClipVisualizer:
+        """The image visualiser of anomalib, which here also draws the clips of its video datamodules."""
+        return ClipVisualizer()
 
     def on_fit_start(self) -> None:
         """Silence Lightning's warning about modules in eval mode: the frozen teacher stays in eval mode on purpose.
@@ -147,17 +160,20 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
 
     def on_validation_start(self) -> None:
         """Fit what the model fits on normal training images (a prior, map statistics) before scoring."""
+        self.clip_target = loaders_target_frame(self.trainer.val_dataloaders)  # type: ignore[attr-defined]
         self.calibrate_on_training_images()
         super().on_validation_start()  # type: ignore[misc]
 
     def on_test_start(self) -> None:
         """Check the test images, then calibrate on normal training images if training changed the model."""
         super().on_test_start()  # type: ignore[misc]
+        self.clip_target = loaders_target_frame(self.trainer.test_dataloaders)  # type: ignore[attr-defined]
         self.calibrate_on_training_images()
 
     def on_predict_start(self) -> None:
         """Check the images to predict, then calibrate on normal training images if training changed the model."""
         super().on_predict_start()  # type: ignore[misc]
+        self.clip_target = loaders_target_frame(self.trainer.predict_dataloaders)  # type: ignore[attr-defined]
         self.calibrate_on_training_images()
 
     def calibrate_on_training_images(self) -> None:
@@ -183,7 +199,8 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
     def training_images(self, purpose: str) -> Callable[[], Iterator[torch.Tensor]]:
         """The trainer's normal training images (``[0, 1]``, on the model's device), as a fresh iterator per call.
 
-        They come from the trainer's datamodule, or from its training loader when it was given loaders.
+        They come from the trainer's datamodule, or from its training loader when it was given loaders; the frames
+        of video clips are images of their own.
 
         Args:
             purpose: What the images are for, as the error message should say it (``"fit its normal statistics on"``).
@@ -208,14 +225,14 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
 
         def images() -> Iterator[torch.Tensor]:
             for batch in loader:
-                yield batch.image.to(device)
+                yield clip_frames(batch.image).to(device)
 
         return images
 
     @staticmethod
     def training_input(images: torch.Tensor) -> torch.Tensor:
-        """Images in the channels-last layout the model trains in."""
-        return images.contiguous(memory_format=torch.channels_last)
+        """Images (clips' frames flattened into the batch) in the channels-last layout the model trains in."""
+        return clip_frames(images).contiguous(memory_format=torch.channels_last)
 
     def log_loss_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> None:
         """Log every loss term per epoch (``loss`` also on the progress bar; to the logger when there is one)."""
@@ -230,10 +247,25 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
             )
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict anomaly maps and scores for validation images."""
+        """Predict anomaly maps and scores for validation images.
+
+        A clip is scored by its target frame, which then stands for the clip's image in the returned batch (what
+        the visualiser draws the map over).
+        """
         del args, kwargs
-        predictions = self.model(batch.image)
+        images = target_frames(batch.image, self.clip_target)
+        predictions = self.model(images)
+        if images is not batch.image:
+            batch.update(image=images)
         return batch.update(**predictions._asdict())
+
+    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict anomaly maps and scores for test images, as :meth:`validation_step`."""
+        return self.validation_step(batch, *args, **kwargs)
+
+    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict anomaly maps and scores for images to predict, as :meth:`validation_step`."""
+        return self.validation_step(batch, *args, **kwargs)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over the trainable parameters (the frozen teacher has none)."""

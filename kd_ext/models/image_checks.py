@@ -9,8 +9,11 @@ training, that includes the validation and test images the run will read after i
 from collections.abc import Iterable
 from pathlib import Path
 
+from anomalib.data.datasets.base.video import AnomalibVideoDataset
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from kd_ext.edge.images import list_images
 
 
 def unreadable_images(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
@@ -39,11 +42,19 @@ def unreadable_images(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
 
 
 def dataset_image_paths(dataset: object) -> list[str]:
-    """Image paths of an anomalib dataset (``samples.image_path``) or ``PredictDataset`` (``image_filenames``)."""
+    """Image paths of an anomalib dataset (``samples.image_path``) or ``PredictDataset`` (``image_filenames``).
+
+    In anomalib's video datasets a sample is a clip source: a folder of frames (UCSD Ped's ``Train001/``,
+    ShanghaiTech's test frames) stands for the image files in it, and a video file (Avenue's ``.avi``), which is
+    decoded as video and not as an image, for none.
+    """
     samples = getattr(dataset, "samples", None)
-    if samples is not None and "image_path" in getattr(samples, "columns", ()):
+    if samples is None or "image_path" not in getattr(samples, "columns", ()):
+        return [str(path) for path in getattr(dataset, "image_filenames", [])]
+    if not isinstance(dataset, AnomalibVideoDataset):
         return [str(path) for path in samples["image_path"]]
-    return [str(path) for path in getattr(dataset, "image_filenames", [])]
+    folders = [Path(path) for path in samples["image_path"] if Path(path).is_dir()]
+    return [str(frame) for folder in folders for frame in list_images(folder)]
 
 
 def check_dataloader_images(dataloaders: DataLoader | Iterable[DataLoader | Dataset] | None) -> None:

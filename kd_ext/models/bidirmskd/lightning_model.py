@@ -127,7 +127,8 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Distil the teacher into the students on a batch of normal images."""
         del args, kwargs
-        teacher, forward, reverse = self.model(self.training_input(batch.image))
+        images = self.training_input(batch.image)
+        teacher, forward, reverse = self.model(images)
         terms = self.loss(teacher, forward, reverse)
-        self.log_loss_terms(terms, batch.image.shape[0])
+        self.log_loss_terms(terms, images.shape[0])
         return {"loss": terms["loss"]}

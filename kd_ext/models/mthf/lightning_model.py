@@ -149,6 +149,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Distil the shared teacher into every group's student on a batch of normal images."""
         del args, kwargs
-        terms = self.loss(self.model(self.training_input(batch.image)))
-        self.log_loss_terms(terms, batch.image.shape[0])
+        images = self.training_input(batch.image)
+        terms = self.loss(self.model(images))
+        self.log_loss_terms(terms, images.shape[0])
         return {"loss": terms["loss"]}
