@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy
 import accuracy_report as report
 
-PROTOCOL, EPOCHS = accuracy.PROTOCOL, accuracy.EPOCHS
+CONFIRM = accuracy.PROTOCOLS["confirm"]
+PROTOCOL, EPOCHS = CONFIRM.id, CONFIRM.epochs
 CPU = {"device": "cpu", "cpu": "Test CPU", "cpu_cores": 2, "gpu": None, "torch": "2.x", "platform": "Linux"}
 
 
@@ -203,47 +204,69 @@ def test_plot_is_written(tmp_path):
     assert not report.plot({}, tmp_path / "empty.png", [], [])
 
 
-def test_render_only_writes_markdown_and_plot_from_json(tmp_path):
-    (tmp_path / "accuracy.json").write_text(json.dumps(synthetic_store()))
+def test_render_only_writes_every_protocols_page_and_plot_from_json(tmp_path):
+    store = synthetic_store()
+    store["runs"].append(
+        make_run("BiDirMSKD", "ucsd_ped1", 0, {"image_AUROC": 0.61}, epochs=6) | {"protocol": "screen-1"}
+    )
+    (tmp_path / "accuracy.json").write_text(json.dumps(store))
     assert accuracy.main(["--render-only", "--results", str(tmp_path)]) == 0
     markdown = (tmp_path / "accuracy.md").read_text()
-    assert "## bottle" in markdown and "## brain_mri" in markdown
+    assert "## bottle" in markdown and "## brain_mri" in markdown and "ucsd_ped1" not in markdown.split("\n## ")[1]
     assert "![image and pixel AUROC" in markdown
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+    screen = (tmp_path / "accuracy_screen.md").read_text()
+    assert "Protocol `screen-1`" in screen and "## ucsd_ped1" in screen and "0.6100" in screen
+    assert "## bottle" not in screen  # confirm runs stay out of the screen page
 
 
 # --- command line -------------------------------------------------------------------------------------------
 
 
-def test_suite_dev_runs_every_row_on_the_four_sets_with_three_seeds():
+def test_confirm_runs_every_row_on_the_five_sets_with_three_seeds():
     args = accuracy.parse_args(["--suite", "dev"])
-    assert args.sets == ["bottle", "hazelnut_toy", "ucsd_ped2", "brain_mri"]
-    assert args.rows == list(accuracy.ROWS)
+    assert args.protocol is CONFIRM
+    assert args.sets == ["bottle", "hazelnut_toy", "brain_mri", "ucsd_ped2", "ucsd_ped1"]
+    assert args.rows == accuracy.ROW_ORDER
     assert args.seeds == [0, 1, 2]
     assert args.epochs == 10
     jobs = accuracy.plan(args)
-    trained = len(accuracy.ROWS) - len(accuracy.ONE_PASS_ROWS)
-    assert len(jobs) == 4 * (3 * trained + len(accuracy.ONE_PASS_ROWS))
-    assert [seed for row, set_name, seed in jobs if row == "anomalib Padim"] == [0, 0, 0, 0]
+    trained = len(accuracy.ROW_ORDER) - len(accuracy.ONE_PASS_ROWS)
+    assert len(jobs) == 5 * (3 * trained + len(accuracy.ONE_PASS_ROWS))
+    assert [seed for row, set_name, seed in jobs if row == "anomalib Padim"] == [0] * 5
     assert jobs[0][2] == 0 and jobs[-1][2] == 2  # seed by seed: every set gets seed 0 first
+
+
+def test_screen_is_one_seed_fewer_epochs_and_strided_video_frames():
+    args = accuracy.parse_args(["--protocol", "screen", "--sets", "ucsd_ped2"])
+    assert (args.protocol.id, args.seeds, args.epochs) == ("screen-1", [0], 6)
+    assert args.protocol.train_frame_stride > CONFIRM.train_frame_stride and args.protocol.test_frame_stride > 1
+    assert CONFIRM.test_frame_stride == 1  # confirm scores every test frame
 
 
 def test_subset_arguments():
     args = accuracy.parse_args(
-        ["--sets", "hazelnut_toy", "--rows", "anomalib Padim", "BiDirMSKD", "--seeds", "1", "--epochs", "1"]
+        ["--sets", "hazelnut_toy", "--rows", "anomalib Padim", "BiDirMSKD +prior", "--seeds", "1"]
     )
-    assert (args.sets, args.rows, args.seeds, args.epochs) == (
-        ["hazelnut_toy"],
-        ["anomalib Padim", "BiDirMSKD"],
-        [1],
-        1,
+    assert (args.sets, args.rows, args.seeds) == (["hazelnut_toy"], ["anomalib Padim", "BiDirMSKD +prior"], [1])
+    assert accuracy.plan(args) == [("anomalib Padim", "hazelnut_toy", 0), ("BiDirMSKD +prior", "hazelnut_toy", 1)]
+
+
+def test_retest_rows_join_their_base_rows_training():
+    args = accuracy.parse_args(
+        ["--sets", "brain_mri", "--rows", "BiDirMSKD", "BiDirMSKD +prior max", "anomalib Stfpm", "--seeds", "0"]
     )
-    assert accuracy.plan(args) == [("anomalib Padim", "hazelnut_toy", 0), ("BiDirMSKD", "hazelnut_toy", 1)]
+    assert accuracy.trainings(accuracy.plan(args)) == [
+        ("BiDirMSKD +prior", "brain_mri", 0, ["BiDirMSKD", "BiDirMSKD +prior max"]),
+        ("anomalib Stfpm", "brain_mri", 0, []),
+    ]
+    for name, retest in accuracy.RETESTS.items():
+        assert retest.base in accuracy.ROWS and retest.base != name
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--sets", "carpet"], ["--rows", "Nope"], ["--seeds", "-1"], ["--epochs", "0"], ["--suite", "full"]],
+    [["--sets", "carpet"], ["--rows", "Nope"], ["--seeds", "-1"], ["--protocol", "dev"], ["--suite", "full"]],
 )
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
@@ -258,7 +281,7 @@ def test_resume_skips_stored_runs():
         make_run("anomalib Padim", "bottle", 0, {}, one_pass=True),
         make_run("BiDirMSKD", "bottle", 1, {}, epochs=2),  # other epochs: not done
     ]
-    assert accuracy.pending(accuracy.plan(args), stored, EPOCHS) == [("BiDirMSKD", "bottle", 1)]
+    assert accuracy.pending(accuracy.plan(args), stored, CONFIRM) == [("BiDirMSKD", "bottle", 1)]
 
 
 # --- metrics ------------------------------------------------------------------------------------------------
@@ -312,7 +335,7 @@ def test_rescore_picks_stored_runs_without_scores_and_refuses_a_missing_checkpoi
         report.merge_run(path, run)
     calls = []
 
-    def fake_rescore(row, set_name, seed, workdir, accelerator):
+    def fake_rescore(protocol, row, set_name, seed, workdir, accelerator):
         calls.append((row, set_name, seed))
         scores = {"pred_score": [1.0], "gt_label": [1], "image_path": ["x"]}
         return {"image_scores": scores, "rescore_metrics": {"image_AUROC": 0.7 if seed == 1 else 0.5}}
@@ -331,7 +354,7 @@ def test_rescore_picks_stored_runs_without_scores_and_refuses_a_missing_checkpoi
 
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
-        accuracy.rescore("BiDirMSKD", "brain_mri", 2, tmp_path / "nowhere", "cpu")
+        accuracy.rescore(CONFIRM, "BiDirMSKD", "brain_mri", 2, tmp_path / "nowhere", "cpu")
 
 
 def test_medical_report_roc_finetune_verdicts_and_files(tmp_path):
@@ -347,7 +370,8 @@ def test_medical_report_roc_finetune_verdicts_and_files(tmp_path):
 
     def run(row, seed, auroc, one_pass=False):
         record = make_run(row, "brain_mri", seed, {"image_AUROC": auroc, "image_F1Max": 0.9}, one_pass=one_pass)
-        return record | {"image_scores": {"pred_score": scores, "gt_label": labels, "image_path": ["p"] * 6}}
+        scored = {"image_scores": {"pred_score": scores, "gt_label": labels, "image_path": ["p"] * 6}}
+        return record | scored | {"protocol": medical.PROTOCOL}  # the report reads protocol dev-1's brain runs
 
     runs = [run("BiDirMSKD", s, a) for s, a in enumerate([0.80, 0.82, 0.84])]
     adapted = {"teacher_finetune": [{"steps": 40, "first_loss": 0.7, "last_loss": 0.3, "weight_shift": 0.01}]}

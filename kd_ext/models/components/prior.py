@@ -13,6 +13,7 @@ equal weights: no weight is chosen on test images.
 """
 
 from collections.abc import Callable, Iterable, Sequence
+from enum import Enum
 from typing import Any
 
 import torch
@@ -166,15 +167,25 @@ class NormalFeaturePrior(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class PriorRule(str, Enum):
+    """How standardised maps are combined: their mean, or their pixel-wise maximum."""
+
+    MEAN = "mean"
+    MAX = "max"
+
+
 class MapStandardiser(nn.Module):
-    """Standardise several anomaly maps with their normal-image statistics and average them.
+    """Standardise several anomaly maps with their normal-image statistics and combine them.
 
     Args:
         num_maps: Number of maps fused.
+        rule: ``"mean"`` averages the standardised maps; ``"max"`` keeps, at every pixel, the most anomalous one (a
+            detection by either map keeps its full strength).
     """
 
-    def __init__(self, num_maps: int) -> None:
+    def __init__(self, num_maps: int, rule: PriorRule | str = PriorRule.MEAN) -> None:
         super().__init__()
+        self.rule = PriorRule(rule)
         self.register_buffer("map_mean", torch.zeros(num_maps))
         self.register_buffer("map_std", torch.ones(num_maps))
         self._moments: torch.Tensor | None = None
@@ -212,9 +223,11 @@ class MapStandardiser(nn.Module):
         self._moments = None
 
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Mean of the standardised maps ``[B, 1, H, W]``."""
+        """Mean or maximum (see ``rule``) of the standardised maps ``[B, 1, H, W]``."""
         stacked = torch.cat(list(maps), dim=1)
         standardised = (stacked - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
+        if self.rule is PriorRule.MAX:
+            return standardised.amax(dim=1, keepdim=True)
         return standardised.mean(dim=1, keepdim=True)
 
 
