@@ -240,7 +240,7 @@ def test_sixteen_bit_image_scores_like_its_eight_bit_copy(ir: Path, tmp_path: Pa
     assert scores["b_16bit.png"] == pytest.approx(scores["a_8bit.png"], abs=1e-6)
     assert scores["c_32bit_int.tif"] == pytest.approx(scores["a_8bit.png"], abs=1e-6)
     notes = {row["image"]: row["notes"] for row in report.rows}
-    assert "divided by 257" in notes["b_16bit.png"]
+    assert "16-bit values scaled by 1/65535" in notes["b_16bit.png"]
 
 
 def test_images_without_a_defined_range_are_skipped_with_reason(ir: Path, tmp_path: Path) -> None:

@@ -41,11 +41,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+from anomalib.data.dataclasses import DatasetItem
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import Transform
+
+from .reading import kd_ext_image_reading
 
 TRAIN_FRAMES = Path("training") / "frames"
 TEST_FRAMES = Path("testing") / "frames"
@@ -337,6 +340,15 @@ class VideoFramesDataset(AnomalibDataset):
         self.root = Path(root)
         self.split = split
         self.samples = make_video_frames_dataset(root, split=split, frame_stride=frame_stride)
+
+    def __getitem__(self, index: int) -> DatasetItem:
+        """A frame as anomalib's ``AnomalibDataset`` returns it, read by kd_ext's rule whatever the model.
+
+        The rule (:mod:`kd_ext.image_input`, through :func:`kd_ext.data.reading.kd_ext_image_reading`) is the
+        edge runtime's: 16-bit frames are scaled to ``[0, 1]``, not saturated as anomalib's reader would.
+        """
+        with kd_ext_image_reading():
+            return super().__getitem__(index)
 
 
 class VideoFrames(AnomalibDataModule):

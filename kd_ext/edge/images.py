@@ -1,4 +1,8 @@
-"""Reading images for an IR: listing a folder, converting to 8-bit RGB by value range, resizing, size limits."""
+"""Reading images for an IR: listing a folder, size limits, and kd_ext's image rule (:mod:`kd_ext.image_input`).
+
+Values and resizing follow :mod:`kd_ext.image_input`, the rule that training and ``anomalib test`` read images by
+as well, so a file scores the same here as in ``anomalib test`` from the same checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from kd_ext.image_input import ImageValueRangeError, eight_bit_rgb, resize_values, rgb_values
+
 from .errors import EdgeInputError, text_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-SIXTEEN_BIT_SCALE = 257
-"""``65535 / 255``: 16-bit values divided by this are on the 8-bit scale (white stays white)."""
-NO_RANGE_MODES = {"F": "32-bit floating point"}
-"""Pillow modes without a defined value range: such images are skipped, not guessed."""
 
 
 @dataclass
@@ -73,12 +75,10 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
 
 
 def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
-    """Convert a decoded image to 8-bit RGB by its format's value range.
+    """A decoded image as 8-bit RGB for display (overlays), converted by kd_ext's rule.
 
-    8-bit modes (grayscale, palette, RGBA, CMYK, ...) are converted by Pillow (alpha dropped). 16-bit images
-    (``I;16*``, and ``I`` with all values in ``0..65535``) are divided by 257, so a 16-bit copy of an 8-bit
-    picture gives the same pixels. Modes without a defined range (``F``; ``I`` with values outside 16 bits)
-    are refused rather than rescaled.
+    The values are :func:`kd_ext.image_input.rgb_values`' (16-bit images scaled, not saturated), rounded to
+    8 bits; an 8-bit image keeps its pixels.
 
     Args:
         image: A loaded image.
@@ -89,27 +89,13 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
     Raises:
         EdgeInputError: If the mode has no defined value range.
     """
-    mode = image.mode
-    if mode == "RGB":
+    if image.mode == "RGB":
         return image.copy(), []
-    if mode in NO_RANGE_MODES:
-        msg = (
-            f"mode {mode} ({NO_RANGE_MODES[mode]}) has no defined value range, so it cannot be scaled to 8 bits "
-            "without guessing; save the image as 8- or 16-bit"
-        )
-        raise EdgeInputError(msg)
-    if mode == "I" or mode.startswith("I;16"):
-        values = np.asarray(image)
-        if mode == "I" and values.size and (int(values.min()) < 0 or int(values.max()) > 65535):
-            msg = (
-                f"mode I (32-bit integer) with values {int(values.min())}..{int(values.max())} outside the 16-bit "
-                "range has no defined scale; save the image as 8- or 16-bit"
-            )
-            raise EdgeInputError(msg)
-        eight_bit = np.rint(values.astype(np.float64) / SIXTEEN_BIT_SCALE).astype(np.uint8)
-        note = f"converted from {mode} to RGB (16-bit values divided by {SIXTEEN_BIT_SCALE})"
-        return Image.fromarray(eight_bit, mode="L").convert("RGB"), [note]
-    return image.convert("RGB"), [f"converted from {mode} to RGB"]
+    try:
+        values, notes = rgb_values(image)
+    except ImageValueRangeError as error:
+        raise EdgeInputError(str(error)) from error
+    return eight_bit_rgb(values), notes
 
 
 def load_image(
@@ -119,11 +105,12 @@ def load_image(
 ) -> tuple[np.ndarray, Image.Image, list[str]]:
     """Read an image as the IR expects it: RGB, ``(H, W) = size``, ``float32`` CHW in ``[0, 1]``.
 
-    Images are converted to RGB by their value range (:func:`to_rgb`) and images of another size are resized
-    (bilinear); each such step is noted. The size is checked from the file's header, before decoding: an image
-    over ``max_pixels``, or over Pillow's decompression-bomb limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``), is
-    refused. Between ``PIL.Image.MAX_IMAGE_PIXELS`` and that limit Pillow only warns; the image is read and the
-    warning becomes a note.
+    Values and size follow kd_ext's image rule, as in training and ``anomalib test``: converted to RGB by the
+    format's value range (:func:`kd_ext.image_input.rgb_values`) and resized as the models' pre-processor does
+    (:func:`kd_ext.image_input.resize_values`); each such step is noted. The size is checked from the file's
+    header, before decoding: an image over ``max_pixels``, or over Pillow's decompression-bomb limit
+    (``2 * PIL.Image.MAX_IMAGE_PIXELS``), is refused. Between ``PIL.Image.MAX_IMAGE_PIXELS`` and that limit
+    Pillow only warns; the image is read and the warning becomes a note.
 
     Args:
         path: Image file.
@@ -150,7 +137,9 @@ def load_image(
                     )
                     raise EdgeInputError(msg)
                 image.load()
-                original, notes = to_rgb(image)
+                values, notes = rgb_values(image)
+    except ImageValueRangeError as error:
+        raise EdgeInputError(str(error)) from error
     except Image.DecompressionBombError as error:
         msg = (
             f"image too large for Pillow's decompression-bomb check ({error}); raise the limit with --max-pixels "
@@ -166,12 +155,10 @@ def load_image(
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     height, width = size
-    resized = original
-    if original.size != (width, height):
-        notes.append(f"resized from {original.size[0]}x{original.size[1]} to {width}x{height}")
-        resized = original.resize((width, height), Image.Resampling.BILINEAR)
-    array = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    return array, original, notes
+    if values.shape[:2] != (height, width):
+        notes.append(f"resized from {values.shape[1]}x{values.shape[0]} to {width}x{height}")
+    array = np.ascontiguousarray(resize_values(values, size).transpose(2, 0, 1))
+    return array, eight_bit_rgb(values), notes
 
 
 __all__ = ["IMAGE_SUFFIXES", "LoadedImage", "Source", "list_images", "load_image", "to_rgb"]

@@ -17,6 +17,7 @@ from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
+from kd_ext.data.reading import start_kd_ext_image_reading, stop_kd_ext_image_reading
 from kd_ext.export.mixin import KDExtExportMixin
 from kd_ext.models.checkpoint import KDExtCheckpointMixin, pre_processor_image_size, teacher_pre_processor
 from kd_ext.models.components.clips import ClipVisualizer, clip_frames, loaders_target_frame, target_frames
@@ -61,6 +62,8 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
     clip_target: int | None = None
     """Index of the frame that scores each clip in the running evaluation (``None``: images, not clips)."""
     epochs: int | None = None
+    image_reading_runs: int = 0
+    """Trainer runs set up and not yet torn down, each reading images by kd_ext's rule (:mod:`kd_ext.data.reading`)."""
     model: torch.nn.Module
     teacher_finetune_reports: tuple[FinetuneReport, ...] | list[FinetuneReport] = ()
     """What the teacher fine-tuning of the last fit did (empty when it did not run)."""
@@ -109,16 +112,24 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
         broadcast_from_rank_zero(self.model)  # several processes start from one model (an adapted teacher included)
 
     def setup(self, stage: str) -> None:
-        """With several processes: global batch statistics and each evaluation image scored once (see distributed)."""
+        """Read images by kd_ext's rule until teardown (see kd_ext.data.reading); distributed set-up as needed.
+
+        With several processes: global batch statistics and each evaluation image scored once (see distributed).
+        """
+        start_kd_ext_image_reading()
+        self.image_reading_runs += 1
         super().setup(stage)  # type: ignore[misc]
         if stage == "fit":  # before DDP wraps the model: its gradient buckets keep the layout they were made with
             self.model.to(memory_format=torch.channels_last)
         setup_distributed(self.trainer, self.model, stage)  # type: ignore[attr-defined]
 
     def teardown(self, stage: str) -> None:
-        """Give the batch-norm layers back their own classes after a distributed fit."""
+        """Give the batch-norm layers back their own classes after a distributed fit; anomalib's reader back."""
         restore_batch_norm(self.model)
         super().teardown(stage)  # type: ignore[misc]
+        while self.image_reading_runs:
+            self.image_reading_runs -= 1
+            stop_kd_ext_image_reading()
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         """With several processes, average the moving statistics that each updated from its share of the batch."""

@@ -14,22 +14,25 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from kd_ext.edge.images import list_images
+from kd_ext.image_input import check_value_range
 
 
 def unreadable_images(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
-    """Decode each image fully and collect those that fail.
+    """Decode each image fully and collect those that fail, or that have no defined value range (``F`` mode).
 
     Args:
         paths: Image files.
 
     Returns:
-        list[tuple[str, str]]: ``(path, reason)`` for every file that is missing or cannot be decoded.
+        list[tuple[str, str]]: ``(path, reason)`` for every file that is missing, cannot be decoded or has
+        no defined value range.
     """
     failures = []
     for path in paths:
         try:
             with Image.open(path) as image:
                 image.load()
+                check_value_range(image)  # read later by kd_ext's rule, which refuses floating-point images
         except Image.DecompressionBombError as error:
             reason = (
                 f"too large for Pillow ({error}); downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS "
