@@ -101,6 +101,38 @@ def test_mixin_replaces_anomalib_quantisation() -> None:
     assert BiDirMSKD._accuracy_control_quantization_ov is KDExtExportMixin._accuracy_control_quantization_ov
 
 
+def export_mode_of(xml: Path) -> str:
+    return str(ov.Core().read_model(xml).get_rt_info(["kd_ext", "export_mode"]).astype(str))
+
+
+def test_anomalib_to_openvino_writes_the_features_ir_by_default(tmp_path: Path) -> None:
+    """``anomalib export`` (ExportMixin.to_openvino) picks the features IR; standard on request or where needed."""
+    from anomalib.models.components.base.export_mixin import ExportMixin
+
+    model = BiDirMSKD(pre_trained=False, visualizer=False, pre_processor=BiDirMSKD.configure_pre_processor((96, 128)))
+    with (
+        mock.patch("kd_ext.export.openvino.export_openvino", return_value=tmp_path / "f.xml") as features,
+        mock.patch.object(ExportMixin, "to_openvino", return_value=tmp_path / "s.xml") as standard,
+    ):
+        assert model.to_openvino(tmp_path) == tmp_path / "f.xml"
+        assert features.call_args.kwargs["mode"] == "features"
+        assert features.call_args.kwargs["input_size"] == (96, 128)  # the model's image size when none is given
+        model.to_openvino(tmp_path, input_size=(64, 64), compression_type=CompressionType.INT8_PTQ, datamodule="dm")
+        assert features.call_args.args[2] is Precision.INT8_PTQ
+        assert features.call_args.kwargs["calibration"] == "dm"
+        assert features.call_args.kwargs["input_size"] == (64, 64)
+        assert standard.call_count == 0
+        assert model.to_openvino(tmp_path, onnx_kwargs={"export_mode": "standard"}) == tmp_path / "s.xml"
+        assert standard.call_args.args[-1] == {}  # the option is kd_ext's; anomalib's export does not see it
+        model.to_openvino(tmp_path, compression_type=CompressionType.INT8_ACQ, datamodule="dm")
+        assert standard.call_count == 2  # INT8_ACQ checks scores, which a features IR does not output
+        assert features.call_count == 2
+    with pytest.raises(ValueError, match='"export_mode": "standard"'):
+        model.to_openvino(tmp_path, onnx_kwargs={"opset_version": 17})
+    with pytest.raises(ValueError, match="Unknown export mode"):
+        model.to_openvino(tmp_path, onnx_kwargs={"export_mode": "tail"})
+
+
 def test_int8_needs_calibration() -> None:
     model = BiDirMSKD(pre_trained=False, visualizer=False)
     for precision in ("int8_ptq", "int8_acq", CompressionType.INT8_PTQ):
@@ -217,6 +249,7 @@ def test_engine_export_int8_ptq_calibrates_on_training_images(
             datamodule=datamodule,
         )
     assert failing.call_count == 0
+    assert export_mode_of(xml) == "features"  # anomalib's export writes kd_ext's features IR, maps checked
     ops = {op.get_type_name() for op in ov.Core().read_model(xml).get_ordered_ops()}
     assert "FakeQuantize" in ops
     held_out = held_out_training_images(toy_datamodule())
@@ -234,7 +267,11 @@ def test_engine_export_int8_ptq_calibrates_on_training_images(
 
 @needs_toy
 @pytest.mark.cli
-def test_anomalib_cli_export(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("extra", "mode"), [([], "features"), (["--onnx_kwargs", '{"export_mode": "standard"}'], "standard")]
+)
+def test_anomalib_cli_export(toy: tuple[BiDirMSKD, Path], tmp_path: Path, extra: list[str], mode: str) -> None:
+    """What an anomalib user runs writes the features IR; the standard one on request; both match torch."""
     command = [
         str(Path(sys.executable).parent / "anomalib"),
         "export",
@@ -244,14 +281,22 @@ def test_anomalib_cli_export(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> Non
         "openvino",
         "--ckpt_path",
         str(toy[1]),
-        "--input_size",
-        "[256,256]",
         "--export_root",
         str(tmp_path),
+        *extra,
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     xml = tmp_path / "weights" / "openvino" / "model.xml"
+    core_model = ov.Core().read_model(xml)
+    names = {name for output in core_model.outputs for name in output.get_names()}
+    if mode == "features":
+        assert export_mode_of(xml) == "features"
+        assert all(name.startswith("feature/") for name in names)
+        assert tuple(core_model.input(0).get_partial_shape()[2:].to_shape()) == (256, 256)  # the model's size
+    else:
+        assert not core_model.has_rt_info(["kd_ext"])  # anomalib's own IR, as anomalib writes it
+        assert "anomaly_map" in names
     images, _, _ = test_images(toy_datamodule())
     ref_maps, _, _ = torch_predict(toy[0], images[:4])
     maps, _, _ = edge_predict(xml, images[:4])

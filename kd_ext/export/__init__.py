@@ -1,9 +1,10 @@
 """Export kd_ext (and other anomalib) models to ONNX and OpenVINO IR, FP32 / FP16 / INT8.
 
 anomalib's own route works for kd_ext models (``anomalib export --model BiDirMSKD --export_type openvino
---ckpt_path ...`` and ``Engine.export``); kd_ext models additionally calibrate ``INT8_PTQ`` / ``INT8_ACQ`` on
-normal *training* images, keep the anomaly-map tail in floating point and check INT8 anomaly maps against FP32
-on held-out training images (see :class:`KDExtExportMixin`).
+--ckpt_path ...`` and ``Engine.export``): for BiDirMSKD and MTHF it writes the *features* IR below where it applies
+(anomalib's whole-forward IR with ``--onnx_kwargs '{"export_mode": "standard"}'``), and kd_ext models calibrate
+``INT8_PTQ`` / ``INT8_ACQ`` on normal *training* images, keep the anomaly-map tail in floating point and check INT8
+anomaly maps against FP32 on held-out training images (see :class:`KDExtExportMixin`).
 :func:`export_openvino` does the same for any anomalib model and records what it did in the IR's ``rt_info``; its
 precision names are anomalib's ``CompressionType`` values (:class:`Precision`: ``fp32``, ``fp16``, ``int8`` weights
 only, ``int8_ptq``, ``int8_acq``). Its ``mode`` (:class:`ExportMode`) is ``"standard"`` (anomalib's whole forward)
