@@ -70,6 +70,7 @@ VideoFrames = Lazy("kd_ext.data", "VideoFrames")
 BiDirMSKD = Lazy("kd_ext.models", "BiDirMSKD")
 MTHF = Lazy("kd_ext.models", "MTHF")
 PriorRule = Lazy("kd_ext.models.components.prior", "PriorRule")
+PriorScope = Lazy("kd_ext.models.components.prior", "PriorScope")
 
 # No validation loop runs (see DESCRIPTION). "same_as_test" keeps every training and test image where it is: anomalib's
 # Folder would otherwise move half of the test images into a validation set, VideoFrames 10 % of the training frames
@@ -338,24 +339,38 @@ def patchcore() -> Any:
 
 LITE_TEACHERS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 ROWS: dict[str, Callable[[], Any]] = {
-    "BiDirMSKD": lambda: BiDirMSKD(backbone=TEACHER, **common()),
-    "BiDirMSKD forward-only": lambda: BiDirMSKD(backbone=TEACHER, reverse_student=False, fusion=False, **common()),
+    "BiDirMSKD": lambda: BiDirMSKD(backbone=TEACHER, prior=False, **common()),
+    "BiDirMSKD forward-only": lambda: BiDirMSKD(
+        backbone=TEACHER, reverse_student=False, fusion=False, prior=False, **common()
+    ),
     "BiDirMSKD reverse-only": lambda: BiDirMSKD(
-        backbone=TEACHER, forward_student=False, attention=False, fusion=False, **common()
+        backbone=TEACHER, forward_student=False, attention=False, fusion=False, prior=False, **common()
     ),
-    "BiDirMSKD no-attention": lambda: BiDirMSKD(backbone=TEACHER, attention=False, **common()),
-    "BiDirMSKD no-fusion": lambda: BiDirMSKD(backbone=TEACHER, fusion=False, **common()),
-    "BiDirMSKD +prior": lambda: BiDirMSKD(backbone=TEACHER, prior=True, **common()),
+    "BiDirMSKD no-attention": lambda: BiDirMSKD(backbone=TEACHER, attention=False, prior=False, **common()),
+    "BiDirMSKD no-fusion": lambda: BiDirMSKD(backbone=TEACHER, fusion=False, prior=False, **common()),
+    "BiDirMSKD +prior": lambda: BiDirMSKD(backbone=TEACHER, prior=True, prior_scope="map", **common()),
     "BiDirMSKD reverse-only +prior": lambda: BiDirMSKD(
-        backbone=TEACHER, forward_student=False, attention=False, fusion=False, prior=True, **common()
+        backbone=TEACHER,
+        forward_student=False,
+        attention=False,
+        fusion=False,
+        prior=True,
+        prior_scope="map",
+        **common(),
     ),
-    "BiDirMSKD +finetune": lambda: BiDirMSKD(backbone=TEACHER, teacher_finetune="synthetic", **common()),
+    "BiDirMSKD +finetune": lambda: BiDirMSKD(backbone=TEACHER, teacher_finetune="synthetic", prior=False, **common()),
     "BiDirMSKD reverse-only +finetune": lambda: BiDirMSKD(
-        backbone=TEACHER, forward_student=False, attention=False, fusion=False, teacher_finetune="synthetic", **common()
+        backbone=TEACHER,
+        forward_student=False,
+        attention=False,
+        fusion=False,
+        teacher_finetune="synthetic",
+        prior=False,
+        **common(),
     ),
     "MTHF": lambda: MTHF(backbone=TEACHER, **common()),
     "MTHF +finetune": lambda: MTHF(backbone=TEACHER, teacher_finetune="synthetic", **common()),
-    "MTHF +prior": lambda: MTHF(backbone=TEACHER, prior=True, **common()),
+    "MTHF +prior": lambda: MTHF(backbone=TEACHER, prior=True, prior_scope="map", **common()),
     "MTHF distinct-teachers": lambda: MTHF(backbone=TEACHER, group_backbones=LITE_TEACHERS, **common()),
     "MTHF one-group": lambda: MTHF(backbone=TEACHER, groups=("A",), **common()),
     "MTHF one-stage": lambda: MTHF(backbone=TEACHER, fusion_stages=1, **common()),
@@ -397,6 +412,10 @@ def prior_rule_max(module: Any) -> Callable[[], None]:
     return swap(module.model.prior_fusion.standardiser, "rule", PriorRule("max"))
 
 
+def prior_score_only(module: Any) -> Callable[[], None]:
+    return swap(module.model.prior_fusion, "scope", PriorScope("score"))
+
+
 def topk_score(module: Any) -> Callable[[], None]:
     return swap(module.model, "score_mode", "topk")
 
@@ -405,10 +424,12 @@ RETESTS: dict[str, Retest] = {
     "BiDirMSKD": Retest("BiDirMSKD +prior", without_prior),
     "BiDirMSKD +prior max": Retest("BiDirMSKD +prior", prior_rule_max),
     "BiDirMSKD +prior topk": Retest("BiDirMSKD +prior", topk_score),
+    "BiDirMSKD +prior score-only": Retest("BiDirMSKD +prior", prior_score_only),
     "BiDirMSKD reverse-only": Retest("BiDirMSKD reverse-only +prior", without_prior),
     "BiDirMSKD reverse-only +prior max": Retest("BiDirMSKD reverse-only +prior", prior_rule_max),
     "MTHF": Retest("MTHF +prior", without_prior),
     "MTHF +prior max": Retest("MTHF +prior", prior_rule_max),
+    "MTHF +prior score-only": Retest("MTHF +prior", prior_score_only),
 }
 ROW_ORDER = [*ROWS, *(row for row in RETESTS if row not in ROWS)]
 ONE_PASS_ROWS = {"anomalib Padim", "anomalib Patchcore"}  # fit in one pass, deterministic: run once, no epochs

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kd_ext.models.bidirmskd.torch_model import BiDirMSKDModel
-from kd_ext.models.components import MapStandardiser, NormalFeaturePrior
+from kd_ext.models.components import MapStandardiser, NormalFeaturePrior, PriorScope
 
 
 def _features(batch: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -60,6 +60,38 @@ def test_standardiser_gives_zero_mean_unit_std_on_its_own_maps() -> None:
     expected = ((first - first.mean()) / std[0] + (second - second.mean()) / std[1]) / 2
     torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
     assert abs(float(fused.mean())) < 1e-5
+
+
+def test_standardiser_max_rule_keeps_the_more_anomalous_map_at_every_pixel() -> None:
+    generator = torch.Generator().manual_seed(3)
+    first, second = torch.rand(4, 1, 8, 8, generator=generator) * 5 + 3, torch.rand(4, 1, 8, 8, generator=generator)
+    mean_rule, max_rule = MapStandardiser(num_maps=2), MapStandardiser(num_maps=2, rule="max")
+    for standardiser in (mean_rule, max_rule):
+        standardiser.accumulate([first, second])
+        standardiser.finalize()
+    z = [(m - m.mean()) / m.std(unbiased=False) for m in (first, second)]
+    torch.testing.assert_close(max_rule([first, second]), torch.maximum(*z), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(max_rule([first, second]), mean_rule([first, second]))
+    with pytest.raises(ValueError, match="'median' is not a valid PriorRule"):
+        MapStandardiser(num_maps=2, rule="median")
+
+
+def test_prior_scope_score_keeps_the_distillation_map_and_scores_the_fused_map() -> None:
+    torch.manual_seed(0)
+    model = BiDirMSKDModel(pre_trained=False, prior=True)
+    model.calibrate(lambda: [torch.rand(4, 3, 64, 64) for _ in range(2)])
+    images = torch.rand(3, 3, 64, 64)
+    model.eval()
+    assert model.prior_fusion is not None
+    with torch.no_grad():
+        fused = model(images)
+        model.prior_fusion.scope = PriorScope("score")
+        scored = model(images)
+        model.prior_fusion = None
+        plain = model(images)
+    torch.testing.assert_close(scored.anomaly_map, plain.anomaly_map, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scored.pred_score, fused.pred_score, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(scored.pred_score, plain.pred_score)
 
 
 def test_bidirmskd_with_prior_calibrates_and_changes_the_map() -> None:

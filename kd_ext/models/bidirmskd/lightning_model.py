@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from kd_ext.kernels import validate_sigma
 from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin, check_epochs
 from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, pre_processor_image_size, teacher_pre_processor
-from kd_ext.models.components import TeacherFinetune, resolve_teacher_finetune
+from kd_ext.models.components import PriorScope, TeacherFinetune, resolve_teacher_finetune
 
 from .loss import BiDirMSKDLoss
 from .torch_model import BiDirMSKDModel
@@ -62,7 +62,12 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         kernel_backend: Anomaly-map kernel at inference: ``"auto"`` (fused native kernel when available),
             ``"native"`` or ``"reference"`` (pure torch). Export always traces the torch reference.
         prior: Fuse a normal-feature prior (a per-location Gaussian of the teacher's deep features, fitted on
-            the normal training images) into the anomaly map.
+            the normal training images) with the distillation map, both standardised on normal training images.
+            On by default: the default configuration is chosen by ``benchmarks/accuracy.py`` over the five dev sets
+            (see ``benchmarks/results/accuracy_screen.md``).
+        prior_scope: What the fused map decides: ``"score"`` (default: the image score, while the anomaly map stays
+            the distillation map, whose localisation of small defects a coarse prior would blur) or ``"map"`` (the
+            anomaly map too, for anomalies made of normal-looking parts such as missing or misplaced components).
         teacher_finetune: ``"none"`` (frozen ImageNet teacher, default) or ``"synthetic"`` (adapted to the normal
             training images before distillation, then frozen; see above). ``True`` / ``False`` also work.
         pre_processor: Pre-processor; ``True`` resizes to 256x256 and normalises as the teacher expects.
@@ -88,7 +93,8 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         learning_rate: float = 0.005,
         epochs: int = DEFAULT_EPOCHS,
         kernel_backend: str = "auto",
-        prior: bool = False,
+        prior: bool = True,
+        prior_scope: PriorScope | str = PriorScope.SCORE,
         teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -120,6 +126,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
             score_mode=score_mode,
             kernel_backend=kernel_backend,
             prior=prior,
+            prior_scope=PriorScope(prior_scope).value,
             teacher_finetune=teacher_finetune,
         )
         self.loss = BiDirMSKDLoss()

@@ -27,6 +27,7 @@ from kd_ext.models.components import (
     FrozenTeacherModel,
     OneClassBottleneck,
     PriorFusion,
+    PriorScope,
     ReverseDecoder,
     TeacherFinetune,
     build_forward_student,
@@ -88,6 +89,8 @@ class BiDirMSKDModel(FrozenTeacherModel):
             available, torch reference while exporting), ``"native"`` or ``"reference"`` (force pure torch).
         prior: Fuse a normal-feature prior of the teacher's two deepest levels into the map (fitted on the
             normal training images by :meth:`calibrate`).
+        prior_scope: What the fused map decides: ``"score"`` (the image score; the anomaly map stays the
+            distillation map) or ``"map"`` (the anomaly map and the image score). See :class:`PriorScope`.
         teacher_finetune: ``"none"`` (frozen pretrained teacher) or ``"synthetic"`` (its last stages adapted to the
             normal training images by :meth:`finetune_teachers` before distillation, then frozen again; see
             :mod:`kd_ext.models.components.finetune`). ``True`` / ``False`` also work.
@@ -108,6 +111,7 @@ class BiDirMSKDModel(FrozenTeacherModel):
         top_k_ratio: float = 0.01,
         kernel_backend: str = "auto",
         prior: bool = False,
+        prior_scope: PriorScope | str = PriorScope.SCORE,
         teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
     ) -> None:
         super().__init__()
@@ -143,7 +147,8 @@ class BiDirMSKDModel(FrozenTeacherModel):
             if fusion:
                 self.fusion = FeatureFusionResidual(channels, strides, embedding_channels)
         self.anomaly_map_generator = AnomalyMapGenerator(fusion=map_fusion, sigma=sigma, backend=kernel_backend)
-        self.prior_fusion = PriorFusion(levels=(-2, -1) if len(self.layers) > 1 else (-1,)) if prior else None
+        levels = (-2, -1) if len(self.layers) > 1 else (-1,)
+        self.prior_fusion = PriorFusion(levels=levels, scope=prior_scope) if prior else None
         self.needs_calibration = False
 
     def distill(
@@ -196,8 +201,9 @@ class BiDirMSKDModel(FrozenTeacherModel):
             )
             return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
         distillation_map = self.anomaly_map_generator(teacher, students, (height, width))
-        anomaly_map = self.prior_fusion(distillation_map, teacher, (height, width))
-        return InferenceBatch(pred_score=image_score(anomaly_map, self.score_mode, top_k), anomaly_map=anomaly_map)
+        fused = self.prior_fusion(distillation_map, teacher, (height, width))
+        anomaly_map = distillation_map if self.prior_fusion.scope is PriorScope.SCORE else fused
+        return InferenceBatch(pred_score=image_score(fused, self.score_mode, top_k), anomaly_map=anomaly_map)
 
     @staticmethod
     def _students(forward: list[torch.Tensor] | None, reverse: list[torch.Tensor] | None) -> list[list[torch.Tensor]]:

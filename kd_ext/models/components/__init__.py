@@ -5,7 +5,7 @@ from .bottleneck import OneClassBottleneck
 from .decoder import ReverseDecoder
 from .finetune import FinetuneReport, FinetuneSchedule, TeacherFinetune, finetune_teacher, resolve_teacher_finetune
 from .fusion import FeatureFusionResidual
-from .prior import MapStandardiser, NormalFeaturePrior, PriorFusion
+from .prior import MapStandardiser, NormalFeaturePrior, PriorFusion, PriorRule, PriorScope
 from .students import build_forward_student, build_teacher
 from .teacher import FrozenTeacherModel, check_score_options, level_strides, probe_levels, require_halving_strides
 
@@ -20,6 +20,8 @@ __all__ = [
     "NormalFeaturePrior",
     "OneClassBottleneck",
     "PriorFusion",
+    "PriorRule",
+    "PriorScope",
     "ReverseDecoder",
     "SpatialAttention",
     "TeacherFinetune",

@@ -174,6 +174,17 @@ class PriorRule(str, Enum):
     MAX = "max"
 
 
+class PriorScope(str, Enum):
+    """What the fused map decides: the anomaly map and the image score, or the image score only.
+
+    With ``"score"`` the image score comes from the fused map while the anomaly map stays the distillation map:
+    the prior's coarse grid then never blurs the localisation of small defects.
+    """
+
+    MAP = "map"
+    SCORE = "score"
+
+
 class MapStandardiser(nn.Module):
     """Standardise several anomaly maps with their normal-image statistics and combine them.
 
@@ -240,12 +251,21 @@ class PriorFusion(nn.Module):
 
     Args:
         levels: Teacher levels of the prior (see :class:`NormalFeaturePrior`).
+        rule: How the standardised maps are combined (see :class:`PriorRule`).
+        scope: Whether the fused map is also the anomaly map or decides the image score only (see
+            :class:`PriorScope`); models read it.
     """
 
-    def __init__(self, levels: Sequence[int] = (-2, -1)) -> None:
+    def __init__(
+        self,
+        levels: Sequence[int] = (-2, -1),
+        rule: PriorRule | str = PriorRule.MEAN,
+        scope: PriorScope | str = PriorScope.MAP,
+    ) -> None:
         super().__init__()
         self.prior = NormalFeaturePrior(levels)
-        self.standardiser = MapStandardiser(num_maps=2)
+        self.standardiser = MapStandardiser(num_maps=2, rule=rule)
+        self.scope = PriorScope(scope)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args, **kwargs) -> None:
         """Also read early checkpoints that still carry the former ``calibrated`` flag.

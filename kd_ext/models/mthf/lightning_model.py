@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from kd_ext.kernels import validate_sigma
 from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin, check_epochs
 from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, pre_processor_image_size, teacher_pre_processor
-from kd_ext.models.components import TeacherFinetune, resolve_teacher_finetune
+from kd_ext.models.components import PriorScope, TeacherFinetune, resolve_teacher_finetune
 
 from .loss import MTHFLoss
 from .torch_model import GROUPS, MTHFModel
@@ -70,7 +70,11 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         group_backbones: One teacher per group, e.g. ``["efficientnet_lite0", "efficientnet_lite1",
             "efficientnet_lite2"]`` (the paper's distinct teacher-student pairs); ``None`` shares ``backbone``.
         prior: Fuse a normal-feature prior (a per-location Gaussian of the teacher's deep features, fitted on
-            the normal training images) into the anomaly map.
+            the normal training images) with the distillation map, both standardised on normal training images.
+            Off by default.
+        prior_scope: What the fused map decides: ``"score"`` (default: the image score, while the anomaly map stays
+            the distillation map, whose localisation of small defects a coarse prior would blur) or ``"map"`` (the
+            anomaly map too, for anomalies made of normal-looking parts such as missing or misplaced components).
         teacher_finetune: ``"none"`` (frozen ImageNet teachers, default) or ``"synthetic"`` (adapted to the normal
             training images before distillation, then frozen; see above). ``True`` / ``False`` also work.
         pre_processor: Pre-processor; ``True`` resizes to 256x256 and normalises as the teacher expects.
@@ -106,6 +110,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         kernel_backend: str = "auto",
         group_backbones: Sequence[str] | None = None,
         prior: bool = False,
+        prior_scope: PriorScope | str = PriorScope.SCORE,
         teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -142,6 +147,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
             kernel_backend=kernel_backend,
             group_backbones=group_backbones,
             prior=prior,
+            prior_scope=PriorScope(prior_scope).value,
             teacher_finetune=teacher_finetune,
         )
         self.loss = MTHFLoss()

@@ -38,6 +38,7 @@ from kd_ext.models.components import (
     FrozenTeacherModel,
     OneClassBottleneck,
     PriorFusion,
+    PriorScope,
     ReverseDecoder,
     TeacherFinetune,
     build_forward_student,
@@ -138,6 +139,8 @@ class MTHFModel(FrozenTeacherModel):
         group_backbones: One teacher backbone per group (in the order of ``groups``); ``None`` shares
             ``backbone``. Teachers must share one input normalisation.
         prior: Fuse a normal-feature prior of the main teacher's two deepest shallow levels into the map.
+        prior_scope: What the fused map decides: ``"score"`` (the image score; the anomaly map stays the
+            distillation map) or ``"map"`` (the anomaly map and the image score). See :class:`PriorScope`.
         teacher_finetune: ``"none"`` (frozen pretrained teachers) or ``"synthetic"`` (every teacher's last stages
             adapted to the normal training images by :meth:`finetune_teachers` before distillation, then frozen
             again; see :mod:`kd_ext.models.components.finetune`). ``True`` / ``False`` also work.
@@ -163,6 +166,7 @@ class MTHFModel(FrozenTeacherModel):
         kernel_backend: str = "auto",
         group_backbones: Sequence[str] | None = None,
         prior: bool = False,
+        prior_scope: PriorScope | str = PriorScope.SCORE,
         teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
     ) -> None:
         super().__init__()
@@ -228,7 +232,7 @@ class MTHFModel(FrozenTeacherModel):
             if fusion_modules:
                 self.fusions[name] = HierarchicalAttentionFusion(group_channels, group_strides)
         prior_indices = tuple(self.layers.index(layer) for layer in prior_layers)
-        self.prior_fusion = PriorFusion(levels=prior_indices) if prior else None
+        self.prior_fusion = PriorFusion(levels=prior_indices, scope=prior_scope) if prior else None
         self.needs_calibration = False
 
     def _validate_group_backbones(self, backbone: str, group_backbones: Sequence[str] | None) -> dict[str, str]:
@@ -368,9 +372,12 @@ class MTHFModel(FrozenTeacherModel):
             self.needs_calibration = self.prior_fusion is not None
             return pairs
         anomaly_map = self.anomaly_map_generator(list(pairs.values()), size)
-        if self.prior_fusion is not None and self.prior_fusion.ready:
-            anomaly_map = self.prior_fusion(anomaly_map, teachers[self.teacher_name], size)
-        return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)
+        if self.prior_fusion is None or not self.prior_fusion.ready:
+            return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)
+        fused = self.prior_fusion(anomaly_map, teachers[self.teacher_name], size)
+        if self.prior_fusion.scope is not PriorScope.SCORE:
+            anomaly_map = fused
+        return InferenceBatch(pred_score=self.image_score(fused), anomaly_map=anomaly_map)
 
     def _outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         teachers = self.teacher_features(images)
