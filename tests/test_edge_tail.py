@@ -4,6 +4,8 @@ A BiDirMSKD and an MTHF (random teachers, 64x64 inputs) are trained for one epoc
 (the post-processor gets real normalisation statistics and thresholds), exported to OpenVINO in both modes, and
 scored on the real test images by the torch model, the standard IR and the features IR (real OpenVINO, real
 compiled kernel). The two-stage fusion paths of the tail are checked against MTHF's torch fusion without OpenVINO.
+Models with a fitted normal-feature prior (untrained, the prior calibrated directly on real training images) are
+exported once per model; every prior scope and rule is checked on that IR's outputs against torch.
 """
 
 import json
@@ -23,10 +25,22 @@ from lightning.pytorch import seed_everything
 from kd_ext import kernels
 from kd_ext.cli import main
 from kd_ext.edge import EdgeModel, EdgeModelError
-from kd_ext.edge.contract import RT_INFO_KEY, TAIL_KEY, AnomalyTail, ExportMode, Normalization, TailGroup
-from kd_ext.edge.tail import gaussian_blur, raw_map_and_score, two_stage_numpy
+from kd_ext.edge.contract import (
+    PRIOR_OUTPUT,
+    RT_INFO_KEY,
+    TAIL_KEY,
+    AnomalyTail,
+    ExportMode,
+    Normalization,
+    TailGroup,
+    TailPrior,
+)
+from kd_ext.edge.tail import bilinear_resize, fuse_prior, gaussian_blur, raw_map_and_score, run_tail, two_stage_numpy
 from kd_ext.export import export_openvino
+from kd_ext.export.features import anomaly_tail, features_map_function
 from kd_ext.models import MTHF, BiDirMSKD
+from kd_ext.models.components import PriorFusion
+from kd_ext.models.components.prior import PriorRule, PriorScope
 from kd_ext.models.mthf.anomaly_map import MTHFAnomalyMap
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
@@ -47,14 +61,20 @@ def _train(model_class: type, root: Path) -> torch.nn.Module:
     return module.eval()
 
 
-@pytest.fixture(scope="module")
-def images() -> torch.Tensor:
+def _hazelnut_images(split: str, count: int | None = None) -> torch.Tensor:
+    """The first ``count`` (all) images of hazelnut_toy's ``"train"`` or ``"test"`` split, resized to ``SIZE``."""
     if not (DATA / "hazelnut_toy").is_dir():
         pytest.skip(f"hazelnut_toy data not found at {DATA / 'hazelnut_toy'}")
     datamodule = MVTecAD(root=DATA, category="hazelnut_toy", eval_batch_size=8, num_workers=0)
-    datamodule.setup("test")
-    batch = torch.cat([batch.image for batch in datamodule.test_dataloader()])
+    datamodule.setup("fit" if split == "train" else "test")
+    dataset = datamodule.train_data if split == "train" else datamodule.test_data
+    batch = torch.stack([dataset[index].image for index in range(count or len(dataset))])
     return F.interpolate(batch, size=SIZE, mode="bilinear", align_corners=False, antialias=True).contiguous()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return _hazelnut_images("test")
 
 
 @pytest.fixture(scope="module", params=["BiDirMSKD", "MTHF"])
@@ -115,7 +135,7 @@ def test_features_ir_equals_standard_ir_in_throughput_mode(exported: tuple, imag
 def test_standard_ir_stays_anomalibs(exported: tuple) -> None:
     import openvino as ov
 
-    _, standard, features = exported
+    module, standard, features = exported
     core = ov.Core()
     standard_model, features_model = core.read_model(standard), core.read_model(features)
     names = {name for output in standard_model.outputs for name in output.get_names()}
@@ -124,7 +144,9 @@ def test_standard_ir_stays_anomalibs(exported: tuple) -> None:
     assert standard_model.get_rt_info([RT_INFO_KEY, "export_mode"]).astype(str) == "standard"
     assert EdgeModel(standard).tail is None
     feature_names = {name for output in features_model.outputs for name in output.get_names()}
-    assert all(name.startswith("feature/") for name in feature_names)
+    prior = module.model.prior_fusion is not None and module.model.prior_fusion.ready
+    assert (PRIOR_OUTPUT in feature_names) == prior  # BiDirMSKD's default prior is fitted in training
+    assert all(name.startswith("feature/") for name in feature_names - {PRIOR_OUTPUT})
     assert EdgeModel(features).describe()["anomaly_tail"].startswith("kd_ext.kernels")
 
 
@@ -224,16 +246,151 @@ def test_auto_mode_picks_features_where_it_applies() -> None:
     assert _export_mode("standard", Precision.FP32, SIZE, bidir) is ExportMode.STANDARD
 
 
-def test_features_mode_refuses_a_fitted_prior() -> None:
-    from kd_ext.export.features import anomaly_tail
-    from kd_ext.models.components import PriorFusion
+def test_auto_mode_picks_features_for_a_fitted_prior() -> None:
+    from kd_ext.export import Precision
+    from kd_ext.export.openvino import _export_mode
 
-    module = BiDirMSKD(pre_trained=False, visualizer=False, prior=True)
-    with (
-        mock.patch.object(PriorFusion, "ready", new=property(lambda self: True)),
-        pytest.raises(ValueError, match="mode='standard'"),
-    ):
-        anomaly_tail(module, SIZE)
+    module = BiDirMSKD(pre_trained=False, visualizer=False)  # prior=True, prior_scope="score": the default
+    with mock.patch.object(PriorFusion, "ready", new=property(lambda self: True)):
+        assert _export_mode("auto", Precision.FP32, SIZE, module) is ExportMode.FEATURES
+        assert _export_mode("auto", Precision.INT8_PTQ, SIZE, module) is ExportMode.FEATURES
+
+
+# ---------------------------------------------------------------- a fitted normal-feature prior
+
+PRIOR_VARIANTS = [("score", "mean"), ("score", "max"), ("map", "mean"), ("map", "max")]
+STANDARD_VARIANT = {"BiDirMSKD": ("map", "max"), "MTHF": ("score", "mean")}
+"""The variant each model's standard IR is exported with (the features IR's graph is the same for every variant)."""
+
+
+def _set_prior(module: torch.nn.Module, scope: str, rule: str) -> None:
+    fusion = module.model.prior_fusion
+    fusion.scope = PriorScope(scope)
+    fusion.standardiser.rule = PriorRule(rule)
+
+
+@pytest.fixture(scope="module")
+def train_images() -> torch.Tensor:
+    return _hazelnut_images("train", 16)
+
+
+@pytest.fixture(scope="module", params=["BiDirMSKD", "MTHF"])
+def prior_exported(
+    request: pytest.FixtureRequest, train_images: torch.Tensor, tmp_path_factory: pytest.TempPathFactory
+):
+    """An untrained model whose prior is calibrated on real normal images, its features IR and a standard IR."""
+    model_class = {"BiDirMSKD": BiDirMSKD, "MTHF": MTHF}[request.param]
+    torch.manual_seed(0)
+    module = model_class(
+        pre_trained=False, prior=True, pre_processor=model_class.configure_pre_processor(SIZE), visualizer=False
+    ).eval()
+    transform = module.pre_processor.transform
+    module.model.calibrate(lambda: [transform(train_images[:8]), transform(train_images[8:])])
+    assert module.model.prior_fusion.ready
+    root = tmp_path_factory.mktemp(f"{request.param}_prior")
+    _set_prior(module, *STANDARD_VARIANT[request.param])
+    standard = export_openvino(module, root / "standard", "fp32", input_size=SIZE, mode="standard")
+    features = export_openvino(module, root / "features", "fp32", input_size=SIZE, mode="features")
+    return request.param, module, standard, features
+
+
+def _ir_outputs(xml: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(images.numpy())
+    return {port.get_any_name(): np.ascontiguousarray(value) for port, value in result.items()}
+
+
+def _close(actual: np.ndarray, expected: np.ndarray) -> bool:
+    """Within the tail's parity budget: 1e-5 of the maps' scale (raw maps: the calibrated-only model has no
+    post-processor statistics, so the maps are not normalised to [0, 1])."""
+    return bool(np.abs(actual - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max())))
+
+
+@pytest.mark.parametrize(("scope", "rule"), PRIOR_VARIANTS)
+def test_prior_tail_on_the_features_ir_matches_torch(
+    prior_exported: tuple, images: torch.Tensor, scope: str, rule: str
+) -> None:
+    _, module, _, features = prior_exported
+    _set_prior(module, scope, rule)
+    outputs = _ir_outputs(features, images)
+    assert PRIOR_OUTPUT in outputs
+    tail, _ = anomaly_tail(module, SIZE)
+    assert tail.prior == TailPrior(
+        output=PRIOR_OUTPUT,
+        rule=rule,
+        scope=scope,
+        map_mean=tuple(module.model.prior_fusion.standardiser.map_mean.tolist()),
+        map_std=tuple(module.model.prior_fusion.standardiser.map_std.tolist()),
+    )
+    result = run_tail(tail, outputs)
+    with torch.no_grad():
+        expected = module(images)
+    expected_maps = expected.anomaly_map.reshape(result["anomaly_map"].shape).numpy()
+    assert _close(result["anomaly_map"], expected_maps)
+    assert _close(result["pred_score"], expected.pred_score.numpy())
+    without = run_tail(AnomalyTail(**{**tail.__dict__, "prior": None}), outputs)  # the distillation map alone
+    assert not _close(without["pred_score"], expected.pred_score.numpy())  # the prior decides the score
+    if scope == "score":
+        np.testing.assert_array_equal(result["anomaly_map"], without["anomaly_map"])
+    else:
+        assert not _close(without["anomaly_map"], expected_maps)
+
+
+def test_prior_features_ir_equals_the_standard_ir_and_torch_on_the_edge(
+    prior_exported: tuple, images: torch.Tensor
+) -> None:
+    name, module, standard, features = prior_exported
+    _set_prior(module, *STANDARD_VARIANT[name])
+    edge = EdgeModel(features, precision_hint="f32")
+    assert edge.tail is not None
+    assert edge.tail.prior is not None
+    assert (edge.tail.prior.scope, edge.tail.prior.rule) == STANDARD_VARIANT[name]
+    reference = EdgeModel(standard, precision_hint="f32")
+    with torch.no_grad():
+        expected = module(images)
+    for start in range(0, len(images), 4):
+        batch = images[start : start + 4]
+        prediction, baseline = edge.predict(batch.numpy()), reference.predict(batch.numpy())
+        torch_maps = expected.anomaly_map[start : start + 4].reshape(prediction.anomaly_map.shape).numpy()
+        assert _close(prediction.anomaly_map, torch_maps)
+        assert _close(prediction.pred_score, expected.pred_score[start : start + 4].numpy())
+        assert _close(prediction.anomaly_map, baseline.anomaly_map)
+        assert _close(prediction.pred_score, baseline.pred_score)
+
+
+def test_int8_keeps_the_prior_in_float(prior_exported: tuple) -> None:
+    """Every op between the networks and the prior output is in the quantisation's ignored scope."""
+    import openvino as ov
+
+    from kd_ext.export.quantization import anomaly_map_ignored_scope
+
+    _, _, _, features = prior_exported
+    ir = ov.Core().read_model(features)
+    ignored = set(anomaly_map_ignored_scope(ir).names)
+    result = next(output.get_node() for output in ir.outputs if PRIOR_OUTPUT in output.get_names())
+    stack, prior_ops, network = [result.input_value(0).get_node()], [], {"Convolution", "GroupConvolution"}
+    while stack:
+        op = stack.pop()
+        if op.get_type_name() in {"Constant", "Parameter"} | network or op.get_friendly_name() not in ignored:
+            continue  # the teacher's features feed the prior: quantised with the networks
+        prior_ops.append(op)
+        stack.extend(value.get_node() for value in op.input_values())
+    types = {op.get_type_name() for op in prior_ops}
+    assert {"MatMul", "Sqrt"} <= types, types  # the Mahalanobis distance itself stays float
+    assert "AvgPool" in types or "ReduceMean" in types, types  # and the pooled embedding it reads
+
+
+def test_int8_map_check_sees_the_prior(prior_exported: tuple, images: torch.Tensor) -> None:
+    """The INT8 map check compares the fused (score) map too when the anomaly map is the distillation map."""
+    _, module, _, features = prior_exported
+    outputs = _ir_outputs(features, images[:4])
+    moved = {**outputs, PRIOR_OUTPUT: outputs[PRIOR_OUTPUT] * np.float32(1.5)}
+    for scope in ("score", "map"):
+        _set_prior(module, scope, "mean")
+        maps = features_map_function(anomaly_tail(module, SIZE)[0])
+        assert np.abs(np.asarray(maps(moved)) - np.asarray(maps(outputs))).max() > 1e-3
 
 
 # ---------------------------------------------------------------- MTHF's stage 2 without OpenVINO
@@ -273,6 +430,29 @@ def test_two_stage_tail_matches_mthf_fusion(group_fusion: str) -> None:
     assert np.abs(numpy_maps - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
 
 
+@pytest.mark.parametrize(
+    ("grid", "size"), [((2, 2), (64, 64)), ((4, 4), (64, 64)), ((5, 7), (33, 48)), ((9, 6), (4, 3))]
+)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_numpy_resize_is_torchs_bilinear_interpolate(grid: tuple, size: tuple, align_corners: bool) -> None:
+    maps = np.random.default_rng(0).random((2, 1, *grid), dtype=np.float32) * 10
+    expected = F.interpolate(torch.from_numpy(maps), size=size, mode="bilinear", align_corners=align_corners).numpy()
+    np.testing.assert_allclose(bilinear_resize(maps, size, align_corners), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["mean", "max"])
+def test_fuse_prior_is_prior_fusion(rule: str) -> None:
+    torch.manual_seed(0)
+    fusion = PriorFusion(levels=(-2, -1), rule=rule)
+    fusion.standardiser.map_mean.copy_(torch.tensor([0.3, 12.0]))
+    fusion.standardiser.map_std.copy_(torch.tensor([0.05, 3.0]))
+    distillation, grid = torch.rand(2, 1, *SIZE), torch.rand(2, 1, 4, 4) * 20
+    upsampled = F.interpolate(grid, size=SIZE, mode="bilinear", align_corners=False)
+    expected = fusion.standardiser([distillation, upsampled]).numpy()
+    prior = TailPrior(rule=rule, map_mean=(0.3, 12.0), map_std=(0.05, 3.0))
+    np.testing.assert_allclose(fuse_prior(prior, distillation.numpy(), grid.numpy()), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_numpy_blur_is_the_kernels_blur() -> None:
     rng = np.random.default_rng(0)
     maps = rng.random((2, 1, 40, 48), dtype=np.float32)
@@ -295,3 +475,26 @@ def test_tail_json_round_trip_keeps_missing_statistics() -> None:
     assert again.pixel_threshold == 0.5
     with pytest.raises(ValueError, match="layout version"):
         AnomalyTail.from_json(tail.to_json().replace('"version":1', '"version":99'))
+
+
+def test_tail_json_carries_the_prior_and_reads_old_tails() -> None:
+    group = TailGroup(pairs=(("feature/0", "feature/1"),))
+    old = '{"align_corners":false,"distance":"cosine","group_fusion":"none","groups":[{"fusion":"mean","pairs":'
+    old += '[["feature/0","feature/1"]]}],"output_size":[8,8],"score":"max","sigma":4.0,"top_k":null,"version":1}'
+    assert AnomalyTail.from_json(old).prior is None  # a tail written before priors were exported
+    plain = AnomalyTail(output_size=(8, 8), groups=(group,))
+    assert json.loads(plain.to_json())["version"] == 1  # without a prior: readable by every runtime
+    assert "prior" not in json.loads(plain.to_json())
+    prior = TailPrior(rule="max", scope="map", map_mean=(0.25, 11.5), map_std=(0.125, 2.5))
+    tail = AnomalyTail(output_size=(8, 8), groups=(group,), prior=prior)
+    assert json.loads(tail.to_json())["version"] == 2  # a runtime that knows no prior refuses it
+    again = AnomalyTail.from_json(tail.to_json())
+    assert again.prior == prior
+    assert again.feature_names == ("feature/0", "feature/1", PRIOR_OUTPUT)
+    for bad, match in (
+        ({"rule": "median"}, "prior rule"),
+        ({"scope": "all"}, "prior scope"),
+        ({"map_std": (1.0, 0.0)}, "stds"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TailPrior(**{**prior.__dict__, **bad})

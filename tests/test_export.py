@@ -24,6 +24,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from kd_ext.cli import main
 from kd_ext.edge import EdgeModel
+from kd_ext.edge.contract import PRIOR_OUTPUT
 from kd_ext.export import MAX_MAP_ERROR, KDExtExportMixin, Precision, export_onnx, export_openvino, resolve_precision
 from kd_ext.export.quantization import holdout_split, quantize_on_training_images
 from kd_ext.models import BiDirMSKD
@@ -133,6 +134,25 @@ def test_anomalib_to_openvino_writes_the_features_ir_by_default(tmp_path: Path) 
         model.to_openvino(tmp_path, onnx_kwargs={"export_mode": "tail"})
 
 
+def test_anomalib_to_openvino_writes_the_features_ir_for_a_fitted_prior(tmp_path: Path) -> None:
+    """The default BiDirMSKD (prior fitted, scope "score") gets the features IR, not anomalib's whole forward."""
+    from anomalib.models.components.base.export_mixin import ExportMixin
+
+    from kd_ext.models.components import PriorFusion
+
+    model = BiDirMSKD(pre_trained=False, visualizer=False, pre_processor=BiDirMSKD.configure_pre_processor((64, 64)))
+    with (
+        mock.patch.object(PriorFusion, "ready", new=property(lambda self: True)),
+        mock.patch("kd_ext.export.openvino.export_openvino", return_value=tmp_path / "f.xml") as features,
+        mock.patch.object(ExportMixin, "to_openvino", return_value=tmp_path / "s.xml") as standard,
+    ):
+        assert model.model.prior_fusion.ready
+        assert model.to_openvino(tmp_path) == tmp_path / "f.xml"
+        model.to_openvino(tmp_path, compression_type=CompressionType.INT8_PTQ, datamodule="dm")
+    assert features.call_count == 2
+    assert standard.call_count == 0
+
+
 def test_int8_needs_calibration() -> None:
     model = BiDirMSKD(pre_trained=False, visualizer=False)
     for precision in ("int8_ptq", "int8_acq", CompressionType.INT8_PTQ):
@@ -178,6 +198,8 @@ def test_onnx_export_is_valid(toy: tuple[BiDirMSKD, Path], tmp_path: Path) -> No
 @needs_toy
 def test_fp32_ir_matches_torch(toy: tuple[BiDirMSKD, Path], toy_fp32: Path) -> None:
     images, _, _ = test_images(toy_datamodule())
+    assert toy[0].model.prior_fusion is not None and toy[0].model.prior_fusion.ready  # the default prior, fitted
+    assert export_mode_of(toy_fp32) == "features"  # which the features IR carries
     ref_maps, ref_scores, ref_labels = torch_predict(toy[0], images)
     maps, scores, labels = edge_predict(toy_fp32, images)
     assert np.abs(maps - ref_maps).max() < 1e-3
@@ -292,7 +314,8 @@ def test_anomalib_cli_export(toy: tuple[BiDirMSKD, Path], tmp_path: Path, extra:
     names = {name for output in core_model.outputs for name in output.get_names()}
     if mode == "features":
         assert export_mode_of(xml) == "features"
-        assert all(name.startswith("feature/") for name in names)
+        assert PRIOR_OUTPUT in names  # the default model's fitted prior travels with the features IR
+        assert all(name.startswith("feature/") for name in names - {PRIOR_OUTPUT})
         assert tuple(core_model.input(0).get_partial_shape()[2:].to_shape()) == (256, 256)  # the model's size
     else:
         assert not core_model.has_rt_info(["kd_ext"])  # anomalib's own IR, as anomalib writes it

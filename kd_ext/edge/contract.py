@@ -41,8 +41,16 @@ TASK_SEPARATOR = "/"
 """A multi-task IR names a task's outputs ``<task>/<field>``."""
 FEATURE_PREFIX = "feature/"
 """A features IR names its outputs ``feature/<index>``."""
-TAIL_VERSION = 1
-"""Version of the :class:`AnomalyTail` layout; the runtime refuses a newer one."""
+PRIOR_OUTPUT = "prior/distance"
+"""Name of a features IR's normal-feature prior output (Mahalanobis distances on the prior's grid)."""
+TAIL_VERSION = 2
+"""Newest :class:`AnomalyTail` layout this kd_ext reads; the runtime refuses a newer one. A tail is written with
+the oldest layout that describes it: 1 without a prior, 2 with one (an older runtime then refuses it rather than
+ignoring the prior)."""
+PRIOR_TAIL_VERSION = 2
+"""First :class:`AnomalyTail` layout with a :class:`TailPrior`."""
+PRIOR_MAPS = ("distillation", "prior")
+"""The maps a :class:`TailPrior` standardises and fuses, in the order of its statistics."""
 
 
 class ExportMode(str, Enum):
@@ -51,8 +59,8 @@ class ExportMode(str, Enum):
     Attributes:
         STANDARD: anomalib's whole forward (pre-processor, networks, anomaly-map tail, post-processor).
         FEATURES: pre-processor and networks; the tail runs in the edge runtime through :mod:`kd_ext.kernels`.
-        AUTO: ``FEATURES`` where the model and options allow it (BiDirMSKD and MTHF without a fitted prior, a static
-            input size, not ``int8_acq``), else ``STANDARD``. Only an export option; an IR records the mode it got.
+        AUTO: ``FEATURES`` where the model and options allow it (BiDirMSKD and MTHF, a static input size, not
+            ``int8_acq``), else ``STANDARD``. Only an export option; an IR records the mode it got.
     """
 
     STANDARD = "standard"
@@ -135,6 +143,53 @@ class Normalization:
 
 
 @dataclass(frozen=True)
+class TailPrior:
+    """A normal-feature prior fused into the tail (kd_ext's ``PriorFusion``).
+
+    The IR output ``output`` holds the prior's Mahalanobis distances ``[B, 1, h, w]`` on its own grid. The tail
+    upsamples them to the map size (bilinear, ``align_corners=False``, as the prior does in torch), standardises
+    the distillation map ``D`` and the prior map ``P`` with their statistics on normal training images,
+    ``z = ((D - map_mean[0]) / map_std[0], (P - map_mean[1]) / map_std[1])``, and fuses them by ``rule``
+    (``"mean"`` or ``"max"`` of the two). The image score is taken from the fused map; the anomaly map is the fused
+    map (``scope`` ``"map"``) or the distillation map (``"score"``).
+
+    Attributes:
+        output: Name of the IR output with the prior's distances (:data:`PRIOR_OUTPUT`).
+        rule: ``"mean"`` or ``"max"``.
+        scope: ``"map"`` or ``"score"``.
+        map_mean: Means of the distillation and the prior map on normal training images.
+        map_std: Their standard deviations.
+    """
+
+    output: str = PRIOR_OUTPUT
+    rule: str = "mean"
+    scope: str = "score"
+    map_mean: tuple[float, float] = (0.0, 0.0)
+    map_std: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        """Check the rule, the scope and the statistics.
+
+        Raises:
+            ValueError: If one is unknown or malformed (named in the message).
+        """
+        if self.rule not in {"mean", "max"}:
+            msg = f"Unknown prior rule '{self.rule}'; choose 'mean' or 'max'."
+            raise ValueError(msg)
+        if self.scope not in {"map", "score"}:
+            msg = f"Unknown prior scope '{self.scope}'; choose 'map' or 'score'."
+            raise ValueError(msg)
+        if len(self.map_mean) != len(PRIOR_MAPS) or len(self.map_std) != len(PRIOR_MAPS):
+            msg = f"A prior needs a map mean and std per map {PRIOR_MAPS}, got {self.map_mean}, {self.map_std}."
+            raise ValueError(msg)
+        if not all(math.isfinite(value) for value in self.map_mean) or any(
+            not math.isfinite(value) or value <= 0 for value in self.map_std
+        ):
+            msg = f"The prior's map statistics must be finite, the stds positive: {self.map_mean}, {self.map_std}."
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
 class AnomalyTail:
     """Everything a features IR's anomaly-map tail needs, recorded at export in the IR's ``rt_info``.
 
@@ -142,7 +197,9 @@ class AnomalyTail:
     ``output_size`` with ``align_corners``, the group's ``fusion``). With one group and ``group_fusion`` ``"none"``
     the kernel also blurs (``sigma``) and scores. Stage 2 (MTHF): each group map ``M_g`` is standardised,
     ``(M_g - group_mean[g]) / group_std[g]``, the standardised maps are combined by ``group_fusion`` (``"mean"`` or
-    ``"max"``) and blurred. The image score is ``score`` (``"max"`` or ``"topk"`` of ``top_k`` values). Then
+    ``"max"``) and blurred. With a ``prior`` (:class:`TailPrior`) that map is fused with the prior's map, and the
+    fused map gives the image score (and, by the prior's scope, the anomaly map). The image score is ``score``
+    (``"max"`` or ``"topk"`` of ``top_k`` values). Then
     anomalib's post-processor: min-max normalisation around the threshold (``normalization``) and the labels and
     masks at ``image_threshold`` / ``pixel_threshold`` of the normalised values (``None``: no labels).
 
@@ -160,7 +217,8 @@ class AnomalyTail:
         normalization: Post-processor statistics, or ``None`` (raw outputs).
         image_threshold: Threshold of the (normalised) score, or ``None``.
         pixel_threshold: Threshold of the (normalised) map, or ``None``.
-        version: :data:`TAIL_VERSION` of the writer.
+        prior: The fused normal-feature prior, or ``None``.
+        version: Layout version read (:attr:`layout_version` is what :meth:`to_json` writes).
     """
 
     output_size: tuple[int, int]
@@ -176,6 +234,7 @@ class AnomalyTail:
     normalization: Normalization | None = None
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    prior: TailPrior | None = None
     version: int = TAIL_VERSION
 
     def __post_init__(self) -> None:
@@ -202,12 +261,19 @@ class AnomalyTail:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        """The IR outputs the tail reads, in first-use order."""
+        """The IR outputs the tail reads, in first-use order (the prior's output last)."""
         names: dict[str, None] = {}
         for group in self.groups:
             for teacher, student in group.pairs:
                 names[teacher] = names[student] = None
+        if self.prior is not None:
+            names[self.prior.output] = None
         return tuple(names)
+
+    @property
+    def layout_version(self) -> int:
+        """The oldest layout that describes this tail: :data:`PRIOR_TAIL_VERSION` with a prior, else 1."""
+        return PRIOR_TAIL_VERSION if self.prior is not None else 1
 
     @property
     def thresholds(self) -> bool:
@@ -226,7 +292,11 @@ class AnomalyTail:
                 return [clean(item) for item in value]
             return value
 
-        return json.dumps(clean(asdict(self)), separators=(",", ":"), sort_keys=True)
+        data = asdict(self)
+        data["version"] = self.layout_version
+        if self.prior is None:
+            del data["prior"]  # the layout-1 vocabulary: a runtime that knows no prior reads it
+        return json.dumps(clean(data), separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> AnomalyTail:
@@ -251,6 +321,7 @@ class AnomalyTail:
                 )
                 raise ValueError(msg)
             normalization = data.get("normalization")
+            prior = data.get("prior")
             return cls(
                 output_size=(int(data["output_size"][0]), int(data["output_size"][1])),
                 groups=tuple(
@@ -270,6 +341,7 @@ class AnomalyTail:
                 else Normalization(**{key: _number(value) for key, value in normalization.items()}),
                 image_threshold=None if data.get("image_threshold") is None else float(data["image_threshold"]),
                 pixel_threshold=None if data.get("pixel_threshold") is None else float(data["pixel_threshold"]),
+                prior=None if prior is None else _prior(prior),
                 version=version,
             )
         except (KeyError, TypeError, IndexError, json.JSONDecodeError) as error:
@@ -281,11 +353,23 @@ def _number(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
+def _prior(data: dict[str, Any]) -> TailPrior:
+    return TailPrior(
+        output=str(data["output"]),
+        rule=str(data["rule"]),
+        scope=str(data["scope"]),
+        map_mean=(float(data["map_mean"][0]), float(data["map_mean"][1])),
+        map_std=(float(data["map_std"][0]), float(data["map_std"][1])),
+    )
+
+
 __all__ = [
     "CHECKSUM_KEY",
     "EXPORT_MODE_KEY",
     "FEATURE_PREFIX",
     "OUTPUT_FIELDS",
+    "PRIOR_OUTPUT",
+    "PRIOR_TAIL_VERSION",
     "REQUIRED_OUTPUTS",
     "RT_INFO_KEY",
     "TAIL_KEY",
@@ -295,6 +379,7 @@ __all__ = [
     "ExportMode",
     "Normalization",
     "TailGroup",
+    "TailPrior",
     "feature_output",
     "file_sha256",
     "task_output",

@@ -8,7 +8,9 @@ upsampling, fusion, blur and score run in one call of the fused native kernel (`
 numpy step: standardise each group map with its training statistics, combine the groups (mean or maximum), blur
 with :func:`gaussian_blur` and score. Folding the mean of standardised groups into one weighted kernel call is
 faster but subtracts a large constant afterwards, which loses float32 precision beyond the tail's parity budget
-(``benchmarks/results/edge.md``), so it is not used.
+(``benchmarks/results/edge.md``), so it is not used. A normal-feature prior (:class:`~kd_ext.edge.contract.TailPrior`)
+is a numpy step after that map: the IR's prior distances are upsampled (:func:`bilinear_resize`), both maps are
+standardised and fused (:func:`fuse_prior`), and the image score is taken from the fused map.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from kd_ext import kernels
 from kd_ext.kernels._options import gaussian_radius
 
-from .contract import AnomalyTail, Normalization, TailGroup
+from .contract import AnomalyTail, Normalization, TailGroup, TailPrior
 
 Features = dict[str, np.ndarray]
 
@@ -56,6 +58,57 @@ def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
+def _resize_matrix(size_in: int, size_out: int, align_corners: bool) -> np.ndarray:
+    """``[size_out, size_in]`` linear-interpolation weights along one axis, as ``F.interpolate`` computes them."""
+    out = np.arange(size_out, dtype=np.float64)
+    if align_corners:
+        source = out * ((size_in - 1) / (size_out - 1)) if size_out > 1 else np.zeros_like(out)
+    else:
+        source = np.maximum((out + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    weight = (source - low).astype(np.float32)
+    matrix = np.zeros((size_out, size_in), dtype=np.float32)
+    np.add.at(matrix, (np.arange(size_out), low), np.float32(1) - weight)
+    np.add.at(matrix, (np.arange(size_out), high), weight)
+    return matrix
+
+
+def bilinear_resize(maps: np.ndarray, size: tuple[int, int], align_corners: bool = False) -> np.ndarray:
+    """Bilinear resize of ``[B, 1, h, w]`` maps to ``size``, as ``F.interpolate(mode="bilinear")``, in numpy.
+
+    Args:
+        maps: ``float32`` maps.
+        size: Output ``(H, W)``.
+        align_corners: ``F.interpolate``'s ``align_corners``.
+
+    Returns:
+        np.ndarray: ``float32`` maps ``[B, 1, H, W]``.
+    """
+    rows = _resize_matrix(maps.shape[-2], size[0], align_corners)
+    columns = _resize_matrix(maps.shape[-1], size[1], align_corners)
+    return np.ascontiguousarray(rows @ maps.astype(np.float32) @ columns.T, dtype=np.float32)
+
+
+def fuse_prior(prior: TailPrior, distillation: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """The distillation map fused with the upsampled prior distances (kd_ext's ``PriorFusion``), in numpy.
+
+    Args:
+        prior: The tail's prior.
+        distillation: Distillation maps ``[B, 1, H, W]``.
+        distances: The IR's prior output ``[B, 1, h, w]``, upsampled bilinearly (``align_corners=False``, as the
+            prior's ``forward``).
+
+    Returns:
+        np.ndarray: Fused ``float32`` maps ``[B, 1, H, W]``: the mean or maximum of the standardised maps.
+    """
+    prior_map = bilinear_resize(distances, distillation.shape[-2:])
+    first = (distillation - np.float32(prior.map_mean[0])) / np.float32(prior.map_std[0])
+    second = (prior_map - np.float32(prior.map_mean[1])) / np.float32(prior.map_std[1])
+    fused = np.maximum(first, second) if prior.rule == "max" else (first + second) / np.float32(2)
+    return np.ascontiguousarray(fused, dtype=np.float32)
+
+
 def group_features(group: TailGroup, features: Features) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A group's teacher and student feature arrays, in the order of its pairs."""
     return [features[teacher] for teacher, _ in group.pairs], [features[student] for _, student in group.pairs]
@@ -91,12 +144,12 @@ def two_stage_numpy(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, 
     return maps, kernels.image_score(maps, tail.score, tail.top_k, backend="native")
 
 
-def raw_map_and_score(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, np.ndarray]:
-    """Unnormalised anomaly maps ``[B, 1, H, W]`` and scores ``[B]`` of a features IR's outputs.
+def distillation_map_and_score(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, np.ndarray]:
+    """Unnormalised distillation maps ``[B, 1, H, W]`` and their scores ``[B]`` (the tail without its prior).
 
     Args:
         tail: The IR's tail.
-        features: The IR's outputs by name (every name of :attr:`AnomalyTail.feature_names`).
+        features: The IR's outputs by name.
 
     Returns:
         tuple: Maps and scores, ``float32``.
@@ -116,6 +169,41 @@ def raw_map_and_score(tail: AnomalyTail, features: Features) -> tuple[np.ndarray
             backend="native",
         )
     return two_stage_numpy(tail, features)
+
+
+def raw_maps_and_score(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unnormalised anomaly maps, scores, and the maps the scores are taken from, of a features IR's outputs.
+
+    Without a prior the third item is the anomaly map itself. With one it is the fused map, which is also the
+    anomaly map when the prior's scope is ``"map"`` (for ``"score"`` the anomaly map is the distillation map).
+
+    Args:
+        tail: The IR's tail.
+        features: The IR's outputs by name (every name of :attr:`AnomalyTail.feature_names`).
+
+    Returns:
+        tuple: Anomaly maps ``[B, 1, H, W]``, scores ``[B]`` and score maps ``[B, 1, H, W]``, ``float32``.
+    """
+    maps, scores = distillation_map_and_score(tail, features)
+    if tail.prior is None:
+        return maps, scores, maps
+    fused = fuse_prior(tail.prior, maps, features[tail.prior.output])
+    scores = kernels.image_score(fused, tail.score, tail.top_k, backend="native")
+    return (fused if tail.prior.scope == "map" else maps), scores, fused
+
+
+def raw_map_and_score(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, np.ndarray]:
+    """Unnormalised anomaly maps ``[B, 1, H, W]`` and scores ``[B]`` of a features IR's outputs.
+
+    Args:
+        tail: The IR's tail.
+        features: The IR's outputs by name (every name of :attr:`AnomalyTail.feature_names`).
+
+    Returns:
+        tuple: Maps and scores, ``float32``.
+    """
+    maps, scores, _ = raw_maps_and_score(tail, features)
+    return maps, scores
 
 
 def normalize(values: np.ndarray, low: float, high: float, threshold: float) -> np.ndarray:
@@ -181,11 +269,15 @@ def run_tail(tail: AnomalyTail, features: Features) -> dict[str, np.ndarray]:
 
 
 __all__ = [
+    "bilinear_resize",
+    "distillation_map_and_score",
+    "fuse_prior",
     "gaussian_blur",
     "group_features",
     "normalize",
     "post_process",
     "raw_map_and_score",
+    "raw_maps_and_score",
     "run_tail",
     "two_stage_numpy",
 ]

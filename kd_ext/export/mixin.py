@@ -50,10 +50,11 @@ class KDExtExportMixin:
         """Export to OpenVINO IR as ``anomalib export --export_type openvino`` asks, the features IR by default.
 
         The features IR (:func:`kd_ext.export.export_openvino` with ``mode="features"``) is written for BiDirMSKD and
-        MTHF without a fitted prior, except with ``INT8_ACQ`` (which checks the scores a features IR does not
-        output). It has a static input size: ``input_size``, or the model's image size (its pre-processor's
-        ``Resize``) when none is given. ``INT8_PTQ`` calibrates on the normal training images and keeps the maps
-        within :data:`kd_ext.export.MAX_MAP_ERROR` of FP32 on held-out training images. Only kd_ext's edge runtime
+        MTHF (a fitted normal-feature prior included: the IR outputs its distances and the edge tail fuses them),
+        except with ``INT8_ACQ`` (which checks the scores a features IR does not output). It has a static input
+        size: ``input_size``, or the model's image size (its pre-processor's ``Resize``) when none is given.
+        ``INT8_PTQ`` calibrates on the normal training images and keeps the maps within
+        :data:`kd_ext.export.MAX_MAP_ERROR` of FP32 on held-out training images. Only kd_ext's edge runtime
         (``kd-ext infer``, :class:`kd_ext.edge.EdgeModel`) reads a features IR.
 
         ``onnx_kwargs={"export_mode": "standard"}`` (command line: ``--onnx_kwargs '{"export_mode": "standard"}'``)

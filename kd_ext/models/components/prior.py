@@ -129,15 +129,17 @@ class NormalFeaturePrior(nn.Module):
         self.precision = torch.linalg.inv(shrunk).float().to(device)
         self._count, self._sum, self._outer = 0, None, None
 
-    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """Mahalanobis distance of every location to the normal Gaussian, upsampled to ``size``.
+    def distance_grid(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mahalanobis distance of every location to the normal Gaussian, on the prior's own grid.
+
+        This is the prior's whole rule before upsampling: :meth:`forward` upsamples it, and the features IR
+        (:mod:`kd_ext.export.features`) outputs it for the edge runtime to upsample.
 
         Args:
             features: Teacher features, one tensor per level.
-            size: Output size ``(H, W)``.
 
         Returns:
-            torch.Tensor: Distance maps ``[B, 1, H, W]``.
+            torch.Tensor: Distances ``[B, 1, h, w]`` on the deepest selected level's grid.
 
         Raises:
             RuntimeError: If the prior is not fitted, or the features' grid differs from the fitted one.
@@ -155,8 +157,22 @@ class NormalFeaturePrior(nn.Module):
             raise RuntimeError(msg)
         centred = embedding.flatten(2).permute(2, 0, 1) - self.mean.unsqueeze(1)  # [L, B, D]
         distance = ((centred @ self.precision) * centred).sum(dim=2).clamp_min(0).sqrt()  # [L, B]
-        grid = distance.permute(1, 0).reshape(batch, 1, height, width)
-        return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+        return distance.permute(1, 0).reshape(batch, 1, height, width)
+
+    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Mahalanobis distance of every location to the normal Gaussian (:meth:`distance_grid`), upsampled to ``size``.
+
+        Args:
+            features: Teacher features, one tensor per level.
+            size: Output size ``(H, W)``.
+
+        Returns:
+            torch.Tensor: Distance maps ``[B, 1, H, W]`` (bilinear, ``align_corners=False``).
+
+        Raises:
+            RuntimeError: If the prior is not fitted, or the features' grid differs from the fitted one.
+        """
+        return F.interpolate(self.distance_grid(features), size=size, mode="bilinear", align_corners=False)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args, **kwargs) -> None:
         """Take the fitted buffers' shapes from the checkpoint (they are empty until fitted)."""
