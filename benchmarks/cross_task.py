@@ -9,7 +9,8 @@ Rows (``--rows``), every trained one per seed (``--seeds``):
 - ``fixed w + fixed tau``, ``DWA + fixed tau``, ``fixed w + adaptive tau``, ``DWA + adaptive tau``,
   ``uncertainty + adaptive tau``: the small trainable trunk (EfficientNet-Lite0 style, width 0.5) trained jointly
   on all tasks by feature + soft-target distillation; the ablation of the paper's two mechanisms;
-- ``frozen-trunk prior student``: the earlier student (frozen Lite0 trunk, fitted-statistics heads), a baseline;
+- ``frozen-trunk prior student``: the earlier student (frozen Lite0 trunk, fitted-statistics heads), a baseline
+  (``benchmarks/frozen_trunk.py``);
 - ``small trunk, no distillation``: the same small trunk trained per task on the synthetic anomalies' own masks
   (a smaller model trained directly: one model per task, no teacher);
 - ``N=1 soft-label KD``: the first task's teacher compressed into a one-head student with plain soft-label KD
@@ -37,18 +38,17 @@ import numpy as np
 import torch
 from lightning.pytorch import seed_everything
 
-from kd_ext.models.cross_task.config import StudentConfig, TaskConfig, TrainingConfig
-from kd_ext.models.cross_task.distill import build_student, compute_report, evaluate_student, test_metrics
-from kd_ext.models.cross_task.export import export_all_tasks_openvino
-from kd_ext.models.cross_task.tasks import PreparedTask, prepare_tasks
-from kd_ext.models.cross_task.teachers import teacher_features
-from kd_ext.models.cross_task.training import (
-    FeatureAdapters,
-    adapter_parameters,
-    build_task_samples,
-    teacher_targets,
-    train_student,
-)
+from kd_ext.distill.config import StudentConfig, TaskConfig, TrainingConfig
+from kd_ext.distill.export import export_all_tasks_openvino
+from kd_ext.distill.pipeline import build_student, compute_report, evaluate_student, test_metrics
+from kd_ext.distill.targets import build_task_samples, teacher_targets
+from kd_ext.distill.tasks import PreparedTask, prepare_tasks
+from kd_ext.distill.teachers import teacher_channels
+from kd_ext.distill.training import train_student
+from kd_ext.models.cross_task import CrossTaskStudent, FeatureAdapters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frozen_trunk import FrozenTrunkStudent, fit_frozen_heads
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("KD_EXT_DATA", REPO.parent / "shared" / "data"))
@@ -119,7 +119,7 @@ def run_row(
     if row in JOINT:
         groups = [(tasks, small, replace(training, **JOINT[row]))]
     elif row == FROZEN:
-        groups = [(tasks, StudentConfig(trunk="frozen"), replace(training, **JOINT["DWA + adaptive tau"]))]
+        groups = [(tasks, small, replace(training, **JOINT["DWA + adaptive tau"]))]
     elif row == DIRECT:
         settings = {"targets": "synthetic", "feature_distillation": False, "task_weighting": "fixed"}
         groups = [([task], small, replace(training, temperature="fixed", **settings)) for task in tasks]
@@ -130,18 +130,27 @@ def run_row(
     student = None
     for group_tasks, student_config, group_training in groups:
         seed_everything(seed, workers=True)
-        student = build_student([task.name for task in group_tasks], group_tasks[0].image_size, student_config)
-        samples = {
-            task.name: build_task_samples(task.name, targets[task.name], student, group_training)
-            for task in group_tasks
-        }
+        names = [task.name for task in group_tasks]
+        student_class = FrozenTrunkStudent if row == FROZEN else CrossTaskStudent
+        student = build_student(names, group_tasks[0].image_size, student_config, student_class)
+        samples = {name: build_task_samples(name, targets[name], student, group_training) for name in names}
+        if row == FROZEN:
+            fit_frozen_heads(student, samples, {name: targets[name].clean_count for name in names})
         started = time.perf_counter()
-        history = train_student(student, samples, group_training, log=log)
+        history = train_student(student, samples, group_training)
         record["train_seconds"] += time.perf_counter() - started
         record["history"][",".join(samples)] = history
+        log(json.dumps({"history": ",".join(samples), "loss": history[-1]["loss"]}))
         record["tasks"].update(evaluate_student(student, group_tasks))
-        record["adapter_parameters"] = adapter_parameters(student, samples)
+        channels = {name: task_samples.teacher_channels() for name, task_samples in samples.items()}
+        record["adapter_parameters"] = adapter_parameter_count(student, channels)
     return record, student
+
+
+def adapter_parameter_count(student: object, channels: dict[str, list[int]]) -> int:
+    """Parameters of the training-only feature adapters (not deployed) to teachers with ``channels`` per level."""
+    adapters = FeatureAdapters(student.model.trunk_channels(), channels)
+    return sum(parameter.numel() for parameter in adapters.parameters())
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -412,18 +421,16 @@ def measure_compute(tasks: list[PreparedTask], args: argparse.Namespace) -> dict
     names = [task.name for task in tasks]
     students = {
         "small-trunk student (all heads)": build_student(names, size, StudentConfig()),
-        "frozen-trunk prior student": build_student(names, size, StudentConfig(trunk="frozen")),
+        "frozen-trunk prior student": build_student(names, size, StudentConfig(), FrozenTrunkStudent),
     }
     small = students["small-trunk student (all heads)"]
-    probe = torch.rand(1, 3, *size)
-    channels = {task.name: [level.shape[1] for level in teacher_features(task.teacher, probe)] for task in tasks}
-    adapters = FeatureAdapters(small.model.trunk_channels(), channels)
+    channels = {task.name: teacher_channels(task.teacher, size) for task in tasks}
     measured = {
         "compute": {
             "small": compute_report(small, teachers, size),
             "frozen": compute_report(students["frozen-trunk prior student"], teachers, size),
         },
-        "adapter_parameters": sum(parameter.numel() for parameter in adapters.parameters()),
+        "adapter_parameters": adapter_parameter_count(small, channels),
     }
     path = args.results / "cross_task_compute.json"
     path.write_text(json.dumps(measured, indent=2))

@@ -254,8 +254,7 @@ def _add_distill(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_distill(args: argparse.Namespace) -> int:
-    from kd_ext.models.cross_task.config import parse_distill_args  # noqa: PLC0415
-    from kd_ext.models.cross_task.distill import distill  # noqa: PLC0415
+    from kd_ext.distill import distill, parse_distill_args  # noqa: PLC0415
 
     arguments = list(args.arguments)
     if arguments and not arguments[0].startswith("-"):  # `kd-ext distill CONFIG.yaml ...`, the original form
@@ -266,7 +265,7 @@ def _run_distill(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         sys.stderr.write(f"kd-ext distill: error: {error}\n")
         return 2
-    if not result.report:  # another process than rank 0 of a torchrun job: rank 0 reports
+    if not result.report:  # another process than rank 0 of a several-process run: rank 0 reports
         return 0
     summary = {
         "checkpoint": str(result.checkpoint),

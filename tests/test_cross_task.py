@@ -18,15 +18,14 @@ from anomalib.models import Padim
 from PIL import Image
 
 from kd_ext.backbones import no_pretrained_downloads
+from kd_ext.distill import DistillConfig, distill
+from kd_ext.distill.tasks import prepare_tasks
+from kd_ext.distill.teachers import load_anomaly_model
 from kd_ext.edge import EdgeModel
 from kd_ext.edge.errors import EdgeModelError
 from kd_ext.models import BiDirMSKD
 from kd_ext.models.checkpoint import teacher_pre_processor
 from kd_ext.models.cross_task import CrossTaskStudent
-from kd_ext.models.cross_task.config import DistillConfig
-from kd_ext.models.cross_task.distill import distill
-from kd_ext.models.cross_task.tasks import prepare_tasks
-from kd_ext.models.cross_task.teachers import load_anomaly_model
 
 SIZE = 64
 

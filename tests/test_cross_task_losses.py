@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from kd_ext.models.cross_task import TaskHead, check_task_names
-from kd_ext.models.cross_task.config import DistillConfig
+from kd_ext.distill.config import DistillConfig
+from kd_ext.models.cross_task import check_task_names
 from kd_ext.models.cross_task.loss import (
     AdaptiveTemperature,
     DynamicWeightAverage,
@@ -109,19 +109,6 @@ def test_dwa_weights_favour_the_task_whose_loss_falls_slowest() -> None:
         dwa.update([1.0])
 
 
-def test_task_head_standardises_with_fitted_normal_statistics() -> None:
-    torch.manual_seed(0)
-    head = TaskHead(channels=[4, 6], feature_size=(8, 8), hidden_channels=8)
-    normal = [torch.randn(20, 4, 8, 8) * 2 + 1, torch.randn(20, 6, 4, 4) * 3 - 1]
-    head.fit_normal_statistics(normal)
-    standardised = (head.stack(normal) - head.normal_mean) / head.normal_std
-    assert standardised.mean().abs().item() < 0.05
-    assert 0.6 < standardised.std().item() < 0.75  # the floor (the channel's mean variance) halves the variance
-    map_logits, score_logits = head(normal)
-    assert map_logits.shape == (20, 1, 8, 8)
-    assert score_logits.shape == (20,)
-
-
 @pytest.mark.parametrize(
     ("tasks", "match"),
     [([], "At least one"), (["a", "a"], "Duplicate"), (["a.b"], "Invalid"), (["ok", ""], "Invalid")],
@@ -171,20 +158,3 @@ def test_config_from_yaml(tmp_path) -> None:
         DistillConfig.from_yaml(tmp_path / "bad.yaml")
     with pytest.raises(FileNotFoundError):
         DistillConfig.from_yaml(tmp_path / "missing.yaml")
-
-
-def test_task_head_starts_as_the_calibrated_deviation_score() -> None:
-    torch.manual_seed(0)
-    head = TaskHead(channels=[4, 6], feature_size=(8, 8), hidden_channels=8).eval()
-    normal = [torch.randn(20, 4, 8, 8), torch.randn(20, 6, 4, 4)]
-    head.fit_normal_statistics(normal)
-    samples = [level.clone() for level in normal]
-    samples[0][:5, :, 2:4, 2:4] += 6.0  # a local defect in five samples
-    _, log_total, _ = head.deviations(samples)
-    map_targets = 2.0 * log_total - 1.0
-    head.fit_calibration(samples, map_targets, score_targets=torch.linspace(-3, 3, 20))
-    assert head.deviation_scale.item() == pytest.approx(2.0, rel=1e-4)
-    assert head.deviation_bias.item() == pytest.approx(-1.0, abs=1e-3)
-    map_logits, _ = head(samples)
-    torch.testing.assert_close(map_logits, map_targets, atol=1e-4, rtol=0)  # the residual starts at zero
-    assert map_logits[:5, 0, 2:4, 2:4].mean() > map_logits[5:, 0, 2:4, 2:4].mean() + 1.0

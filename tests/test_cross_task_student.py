@@ -11,23 +11,25 @@ import torch.nn.functional as F  # noqa: N812
 
 from kd_ext.backbones import build_small_lite_trunk, create_backbone, lite0_reference_trunk
 from kd_ext.backbones.small_lite import slice_state_dict
-from kd_ext.models.cross_task import CrossTaskStudent, DistilledHead, TaskHead
-from kd_ext.models.cross_task.config import DistillConfig, TrainingConfig, parse_distill_args
-from kd_ext.models.cross_task.distill import flops_per_image, parameter_count
+from kd_ext.distill.config import DistillConfig, TrainingConfig, parse_distill_args
+from kd_ext.distill.pipeline import flops_per_image, parameter_count
+from kd_ext.distill.targets import TaskSamples
+from kd_ext.distill.training import train_student
+from kd_ext.models.cross_task import CrossTaskStudent, DistilledHead
+from kd_ext.models.cross_task.lightning_model import Window
 from kd_ext.models.cross_task.loss import DynamicWeightAverage
-from kd_ext.models.cross_task.training import TaskSamples, Window, train_student
 
 SIZE = 64
 TASKS = ("a", "b")
 
 
-def _student(trunk: str = "small") -> CrossTaskStudent:
+def _student() -> CrossTaskStudent:
     return CrossTaskStudent(
-        tasks=list(TASKS), trunk=trunk, pre_trained=False, image_size=(SIZE, SIZE), hidden_channels=8, visualizer=False
+        tasks=list(TASKS), pre_trained=False, image_size=(SIZE, SIZE), hidden_channels=8, visualizer=False
     )
 
 
-def _samples(student: CrossTaskStudent, sizes: dict[str, int], features: bool = True) -> dict[str, TaskSamples]:
+def _samples(sizes: dict[str, int], features: bool = True) -> dict[str, TaskSamples]:
     """Made-up targets: task 'a' is easy (constant), task 'b' noisy; teacher features are random projections."""
     generator = torch.Generator().manual_seed(0)
     samples = {}
@@ -37,18 +39,13 @@ def _samples(student: CrossTaskStudent, sizes: dict[str, int], features: bool = 
         maps = torch.randn(count, 1, SIZE // 4, SIZE // 4, generator=generator) * scale - 2
         scores = torch.randn(count, generator=generator) * scale
         teacher = [torch.randn(count, 24, SIZE // 4, SIZE // 4, generator=generator)] if features else []
-        if student.model.trunk_is_trainable:
-            samples[task] = TaskSamples(images, None, maps, scores, teacher)
-        else:
-            with torch.no_grad():
-                inputs = student.model.trunk_features(images)
-            samples[task] = TaskSamples(None, inputs, maps, scores)
+        samples[task] = TaskSamples(images, maps, scores, teacher)
     return samples
 
 
 def _train(student: CrossTaskStudent, epochs: int = 3, features: bool = True, **settings: object) -> list[dict]:
     config = TrainingConfig(epochs=epochs, batch_size=4, **settings)
-    return train_student(student, _samples(student, {"a": 8, "b": 12}, features), config, log=lambda line: None)
+    return train_student(student, _samples({"a": 8, "b": 12}, features), config)
 
 
 def test_small_trunk_has_at_most_half_of_lite0s_parameters_and_flops() -> None:
@@ -74,15 +71,11 @@ def test_small_trunk_starts_from_sliced_lite0_weights() -> None:
         build_small_lite_trunk(width=1.5, pre_trained=False)
 
 
-def test_student_heads_are_small_and_the_default_is_the_distilled_one() -> None:
+def test_student_heads_are_small_and_distilled() -> None:
     student = _student()
     assert all(isinstance(head, DistilledHead) for head in student.model.heads.values())
     assert all(parameter_count(head) < 5_000 for head in student.model.heads.values())
     assert not any("normal_" in name for name, _ in student.model.named_buffers())  # no fitted statistics
-    frozen = _student("frozen")
-    assert all(isinstance(head, TaskHead) for head in frozen.model.heads.values())
-    with pytest.raises(ValueError, match="Unknown trunk 'tiny'"):
-        _student("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +96,6 @@ def test_trunk_receives_gradients_and_its_weights_change_in_training(trained: tu
     assert len(changed) == len(before)  # every trunk tensor moved: the tasks' losses reach the shared trunk
     assert history[-1]["parts"]["a"]["feature"] > 0  # the feature-distillation term is on
     assert student.model.training is False
-
-
-def test_frozen_trunk_baseline_keeps_its_trunk() -> None:
-    torch.manual_seed(0)
-    student = _student("frozen")
-    before = {name: value.detach().clone() for name, value in student.model.trunk.named_parameters()}
-    history = _train(student, epochs=1)
-    assert all(torch.equal(value, before[name]) for name, value in student.model.trunk.named_parameters())
-    assert history[0]["parts"]["b"]["feature"] == 0.0
 
 
 def test_dwa_weights_follow_the_recorded_loss_ratios(trained: tuple) -> None:
@@ -153,8 +137,8 @@ def test_switches_off_give_the_fixed_versions() -> None:
 
 
 def test_one_ir_for_all_tasks_matches_torch(trained: tuple, tmp_path) -> None:
+    from kd_ext.distill.export import export_all_tasks_openvino
     from kd_ext.edge import EdgeModel
-    from kd_ext.models.cross_task.export import export_all_tasks_openvino
 
     student = trained[0]
     xml = export_all_tasks_openvino(student, tmp_path / "student.xml", (SIZE, SIZE))
@@ -175,18 +159,24 @@ def test_distill_config_parses_like_anomalib(tmp_path) -> None:
         "layout: folder}}\ntraining: {epochs: 3}\n"
     )
     parsed = parse_distill_args(
-        ["--config", str(config), "--training.task_weighting", "uncertainty", "--student.trunk", "frozen"]
+        ["--config", str(config), "--training.task_weighting", "uncertainty", "--student.hidden_channels", "16"]
     )
     assert isinstance(parsed, DistillConfig)
-    assert (parsed.training.epochs, parsed.training.task_weighting, parsed.student.trunk) == (
+    assert (parsed.training.epochs, parsed.training.task_weighting, parsed.student.hidden_channels) == (
         3,
         "uncertainty",
-        "frozen",
+        16,
     )
+    assert parsed.student.trunk == "small"
     assert parsed.tasks[0].layout == "folder"
     with pytest.raises(SystemExit) as exit_info:
         parse_distill_args(["--config", str(config), "--training.temperature", "hot"])
     assert exit_info.value.code == 2
+    # The frozen trunk became a benchmark baseline: the earlier key value is refused with where it went.
+    with pytest.raises(ValueError, match=r"student.trunk 'frozen'.*benchmarks/frozen_trunk.py"):
+        parse_distill_args(["--config", str(config), "--student.trunk", "frozen"])
+    with pytest.raises(ValueError, match="Unknown trunk 'tiny'"):
+        parse_distill_args(["--config", str(config), "--student.trunk", "tiny"])
 
 
 def test_training_crops_match_at_every_resolution() -> None:
@@ -204,7 +194,7 @@ def test_training_crops_match_at_every_resolution() -> None:
 
 
 def test_checkpoint_reloads_with_weights_only(trained: tuple, tmp_path) -> None:
-    from kd_ext.models.cross_task.distill import save_checkpoint
+    from kd_ext.distill.pipeline import save_checkpoint
 
     student = trained[0]
     path = save_checkpoint(student, tmp_path / "student.ckpt")

@@ -1,4 +1,4 @@
-"""``kd-ext distill`` under ``torchrun`` (2 gloo processes on the CPU) equals one process with the same config.
+"""``kd-ext distill`` with 2 processes (Lightning's DDP, gloo on the CPU) equals one process with the same config.
 
 Two tiny real tasks (64x64 hazelnut photos: 8 and 12 normal training images, one synthetic anomaly each, so 16 and 24
 samples) and one anomalib Padim teacher trained here. The small trainable student (DWA, adaptive temperature, feature
@@ -8,8 +8,9 @@ the teacher on its share of the images only and trained on half of each global b
 agree to 1e-5 and every step's to 1e-2; the final student's weights must agree to 1e-2 of how far training moved
 them and its probabilities on the test images to 1e-3; rank 0 alone reports, and its checkpoint tests in one
 process as the report says (to 1e-5: a student reloaded from its checkpoint scores pixels a few 1e-7 apart from the
-in-memory one, in a one-process run too). The frozen-trunk student (uncertainty weighting) is distilled by
-``torchrun --no-python kd-ext distill`` itself: its fitted normal statistics must equal one process's exactly.
+in-memory one, in a one-process run too). A second setting (uncertainty weighting, fixed temperature, no feature
+distillation, 32x32 training crops) is distilled by ``torchrun --no-python kd-ext distill`` itself and by
+``kd-ext distill --training.devices 2`` (Lightning starts the second process): both must train as one process.
 
 This file is also the worker script the tests start (``python tests/test_ddp_distill.py CONFIG --out DIR ...``).
 
@@ -57,18 +58,18 @@ def work(config: Path, out: Path, extra: list[str]) -> int:
     import torch
 
     from kd_ext import cli
-    from kd_ext.models.cross_task import distill as pipeline
+    from kd_ext.distill import pipeline
 
     torch.set_num_threads(1)
-    cache, train = pipeline.cache_samples, pipeline.train_student
+    cache, fit = pipeline.cache_samples, pipeline.fit_student
     record: dict = {"teacher_images": 0, "trunk_batches": []}
 
-    def cache_samples(tasks, student, config, log):
+    def cache_samples(tasks, student, config, device, log):
         def count(module, inputs):
             record["teacher_images"] += inputs[0].shape[0]
 
         hooks = [task.teacher.model.register_forward_pre_hook(count) for task in tasks]
-        samples = cache(tasks, student, config, log)
+        samples = cache(tasks, student, config, device, log)
         for hook in hooks:
             hook.remove()
         record["samples"] = {
@@ -77,26 +78,26 @@ def work(config: Path, out: Path, extra: list[str]) -> int:
                 "score_targets": task.score_targets,
                 "teacher_features": task.teacher_features,
                 "images": task.images,
-                "inputs": task.inputs,
             }
             for name, task in samples.items()
         }
         return samples
 
-    def train_student(student, samples, config, log):
-        record["initial"] = {name: value.clone() for name, value in student.model.state_dict().items()}
+    def fit_student(trainer, module, data):
+        model = module.student.model
+        record["initial"] = {name: value.clone() for name, value in model.state_dict().items()}
 
         def batch(module, inputs):
-            if module.training:  # a training step's trunk pass (not a probe for the trunk's channels)
+            if module.training:  # a training step's trunk pass (not a probe for the trunk's shapes)
                 record["trunk_batches"].append(inputs[0].shape[0])
 
-        hook = student.model.trunk.register_forward_pre_hook(batch)
+        hook = model.trunk.register_forward_pre_hook(batch)
         try:
-            return train(student, samples, config, log)
+            return fit(trainer, module, data)
         finally:
             hook.remove()
 
-    pipeline.cache_samples, pipeline.train_student = cache_samples, train_student
+    pipeline.cache_samples, pipeline.fit_student = cache_samples, fit_student
     status = cli.main(["distill", str(config), *extra])
     torch.save(record, out / f"rank{os.environ.get('RANK', '0')}.pt")
     return status
@@ -192,7 +193,7 @@ def write_config(path: Path, root: Path, teacher: Path, student: dict, training:
         }
         for name in TASKS
     ]
-    settings = {"batch_size": 4, "synthetic_per_image": 1, "crop_size": 0, **training}
+    settings = {"batch_size": 4, "synthetic_per_image": 1, "crop_size": 0, **training}  # crop 0: whole images
     config = {"output": "student", "tasks": tasks, "student": student, "training": settings}
     path.write_text(yaml.safe_dump({**config, "export": {"precision": "none"}}))
     return path
@@ -207,9 +208,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory, hazelnut_root: Path) -> dict
     small = write_config(
         base / "small.yaml", root, teacher, {"trunk": "small", "hidden_channels": 8}, training | {"learning_rate": 1e-4}
     )
-    training = {"epochs": 2, "task_weighting": "uncertainty", "temperature": "fixed"}
-    frozen = write_config(base / "frozen.yaml", root, teacher, {"trunk": "frozen", "hidden_channels": 8}, training)
-    return {"base": base, "root": root, "small": small, "frozen": frozen}
+    training = {
+        "epochs": 2,
+        "task_weighting": "uncertainty",
+        "temperature": "fixed",
+        "feature_distillation": False,
+        "crop_size": 32,
+        "learning_rate": 1e-4,
+    }
+    cropped = write_config(base / "cropped.yaml", root, teacher, {"hidden_channels": 8}, training)
+    return {"base": base, "root": root, "small": small, "cropped": cropped}
 
 
 @pytest.fixture(scope="module")
@@ -313,14 +321,15 @@ def test_ddp_student_weights_equal_one_process_within_rounding(small_runs: dict,
 @ddp
 @slow
 def test_only_rank_zero_reports_and_its_checkpoint_tests_in_one_process(small_runs: dict, setup: dict) -> None:
+    from kd_ext.distill.config import DistillConfig
+    from kd_ext.distill.pipeline import test_metrics
+    from kd_ext.distill.tasks import PreparedTask
     from kd_ext.models.cross_task import CrossTaskStudent
-    from kd_ext.models.cross_task.config import DistillConfig
-    from kd_ext.models.cross_task.distill import test_metrics
-    from kd_ext.models.cross_task.tasks import PreparedTask
 
-    summaries = [line for line in small_runs["stdout"].splitlines() if line.startswith('{"checkpoint"')]
-    assert len(summaries) == 1
+    # stdout is rank 0's JSON summary alone (Lightning's progress bar and logs go to stderr, rank 1 prints nothing).
+    summary = json.loads(small_runs["stdout"])
     result = report(small_runs["ddp"])
+    assert summary["checkpoint"] == result["checkpoint"]
     assert Path(small_runs["ddp"] / result["openvino"]).is_file()
     student = CrossTaskStudent.load_from_checkpoint(small_runs["ddp"] / result["checkpoint"], weights_only=True).eval()
     config = DistillConfig.from_yaml(setup["small"])
@@ -329,68 +338,111 @@ def test_only_rank_zero_reports_and_its_checkpoint_tests_in_one_process(small_ru
         metrics = test_metrics(student, PreparedTask(task, None, (SIZE, SIZE)))  # type: ignore[arg-type]
         # The reloaded student's maps differ from the in-memory one's in the last bits, as in one process.
         assert metrics == pytest.approx(result["tasks"][task.name]["student"], abs=1e-5)
+    logged = sorted((small_runs["ddp"] / "student" / "lightning_logs").glob("version_*/metrics.csv"))
+    assert len(logged) == 1  # Lightning's logger, on rank 0 only
+    assert "loss/a" in logged[0].read_text().splitlines()[0]
+
+
+def probabilities(folders: list[Path], root: Path) -> list:
+    """Every test image's probabilities per task, of the students distilled into ``folders``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from kd_ext.models.cross_task import CrossTaskStudent
+
+    files = sorted(root.glob("nut_*/test/*/*.png"))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(path).convert("RGB"))) for path in files])
+    images = images.permute(0, 3, 1, 2).float() / 255
+    outputs = []
+    for folder in folders:
+        student = CrossTaskStudent.load_from_checkpoint(folder / "student" / "student.ckpt", weights_only=True).eval()
+        per_task = {}
+        for task in TASKS:
+            student.select_task(task)
+            with torch.no_grad():
+                per_task[task] = student(images)
+        outputs.append(per_task)
+    return outputs
 
 
 @ddp
 @slow
-def test_frozen_trunk_student_under_torchrun_fits_one_process_statistics(setup: dict) -> None:
-    """``torchrun --no-python kd-ext distill CONFIG`` itself; the normal statistics come from all gathered features."""
+def test_torchrun_no_python_and_lightning_devices_train_as_one_process(setup: dict) -> None:
+    """``torchrun --no-python kd-ext distill CONFIG`` and ``kd-ext distill CONFIG --training.devices 2`` (Lightning
+    starts the second process by running the command again), with uncertainty weights and training crops."""
     import torch
 
-    from kd_ext.models.cross_task import CrossTaskStudent
-
-    ddp, single = setup["base"] / "frozen_ddp", setup["base"] / "frozen_single"
-    for folder in (ddp, single):
+    folders = [setup["base"] / name for name in ("cropped_torchrun", "cropped_devices", "cropped_single")]
+    for folder in folders:
         folder.mkdir()
-    command = [str(Path(sys.executable).parent / "kd-ext"), "distill", str(setup["frozen"])]
-    run([*torchrun(), "--no-python", *command], ddp)
-    run(command, single)
-    reports = [report(folder) for folder in (ddp, single)]
-    assert [result["processes"] for result in reports] == [2, 1]
+    command = [str(Path(sys.executable).parent / "kd-ext"), "distill", str(setup["cropped"])]
+    run([*torchrun(), "--no-python", *command], folders[0])
+    run([*command, "--training.devices", "2"], folders[1])
+    run(command, folders[2])
+    reports = [report(folder) for folder in folders]
+    assert [result["processes"] for result in reports] == [2, 2, 1]
     steps = [[loss for epoch in result["history"] for loss in epoch["steps"]] for result in reports]
-    assert steps[0][0] == pytest.approx(steps[1][0], rel=FIRST_LOSS_RTOL)
-    assert steps[0] == pytest.approx(steps[1], rel=LOSS_RTOL)
-    assert reports[0]["history"][-1]["weight"] == pytest.approx(reports[1]["history"][-1]["weight"], rel=LOSS_RTOL)
-    states = [
-        CrossTaskStudent.load_from_checkpoint(folder / "student" / "student.ckpt", weights_only=True).model.state_dict()
-        for folder in (ddp, single)
-    ]
-    fitted = [name for name in states[1] if "normal_" in name]
-    assert len(fitted) == 2 * 2
-    assert all(torch.equal(states[0][name], states[1][name]) for name in fitted)
+    assert len(steps[2]) == 2 * 6
+    for result, ours in zip(reports[:2], steps[:2], strict=True):
+        assert ours[0] == pytest.approx(steps[2][0], rel=FIRST_LOSS_RTOL)
+        assert ours == pytest.approx(steps[2], rel=LOSS_RTOL)
+        for epoch, theirs in zip(result["history"], reports[2]["history"], strict=True):
+            assert epoch["weight"] == pytest.approx(theirs["weight"], rel=LOSS_RTOL)  # learnt uncertainty weights
+    assert reports[2]["history"][-1]["weight"]["a"] != pytest.approx(1.0, abs=1e-5)  # they moved
+    *distributed, single = probabilities(folders, setup["root"])
+    for outputs in distributed:
+        for task in TASKS:
+            torch.testing.assert_close(
+                outputs[task].anomaly_map, single[task].anomaly_map, atol=PROBABILITY_ATOL, rtol=0
+            )
+            torch.testing.assert_close(outputs[task].pred_score, single[task].pred_score, atol=PROBABILITY_ATOL, rtol=0)
+
+
+def torchrun_environment(rank: int, processes: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives process ``rank`` of ``processes`` on one node (what Lightning detects)."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(processes),
+        "LOCAL_WORLD_SIZE": str(processes),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": "0",
+        "TORCHELASTIC_RUN_ID": "kd_ext_test",
+    }
 
 
 @ddp
 @slow
 def test_a_stuck_process_does_not_hang_the_others(tmp_path: Path) -> None:
-    """Rank 1 never joins the gather: rank 0 fails after the group's timeout instead of waiting forever."""
+    """Rank 1 never joins the gather: rank 0 fails after ``training.distributed_timeout`` instead of waiting forever.
+
+    The process group is the one ``kd-ext distill``'s trainer starts (``strategy.setup_environment()``, the first
+    thing ``fit`` does), with the timeout Lightning's ``DDPStrategy`` got from the config.
+    """
     script = (
         "import sys, time\n"
-        "from datetime import timedelta\n"
         "import torch\n"
-        "from kd_ext.models.distributed import gather_chunks, global_rank, process_group\n"
-        "with process_group(timedelta(seconds=5)):\n"
-        "    if global_rank() == 1:\n"
-        "        time.sleep(60)\n"
-        "    start = time.monotonic()\n"
-        "    try:\n"
-        "        gather_chunks(lambda chunk: [chunk * 2], torch.arange(8.0), 2)\n"
-        "    except Exception as error:\n"
-        "        print(f'failed after {time.monotonic() - start:.0f} s: {type(error).__name__}')\n"
-        "        sys.exit(3)\n"
+        "from kd_ext.distill.config import TrainingConfig\n"
+        "from kd_ext.distill.training import distillation_trainer\n"
+        "from kd_ext.models.distributed import gather_chunks\n"
+        "trainer = distillation_trainer(TrainingConfig(distributed_timeout=5 / 60), logger=False, progress_bar=False)\n"
+        "trainer.strategy.setup_environment()\n"
+        "if trainer.global_rank == 1:\n"
+        "    time.sleep(60)\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    gather_chunks(lambda chunk: [chunk * 2], torch.arange(8.0), 2)\n"
+        "except Exception as error:\n"
+        "    print(f'failed after {time.monotonic() - start:.0f} s: {type(error).__name__}')\n"
+        "    sys.exit(3)\n"
     )
     port = free_port()
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "WORLD_SIZE": "2",
-        "OMP_NUM_THREADS": "1",
-    }
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", script],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            env={**os.environ, "OMP_NUM_THREADS": "1", **torchrun_environment(rank, 2, port)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -407,14 +459,14 @@ def test_a_stuck_process_does_not_hang_the_others(tmp_path: Path) -> None:
     assert "failed after" in output
 
 
-# Fast checks of the sharing rules (no process group).
+# Fast checks of the sharing rules and the trainer (no process group).
 
 
 @pytest.mark.parametrize("processes", [1, 2, 4])
 def test_process_shares_are_equal_slices_whose_union_is_the_global_batch(processes: int) -> None:
     import torch
 
-    from kd_ext.models.cross_task.training import check_process_shares, process_share
+    from kd_ext.distill.data import check_process_shares, process_share
 
     batch = torch.randperm(16)[:8]
     check_process_shares(8, processes, {"a": 8, "b": 30})
@@ -423,8 +475,55 @@ def test_process_shares_are_equal_slices_whose_union_is_the_global_batch(process
     assert torch.equal(torch.cat(shares), batch)  # in rank order: the one-process batch
 
 
+@pytest.mark.parametrize("processes", [2, 4])
+def test_every_process_loads_its_share_of_the_one_process_batches_across_epochs(processes: int) -> None:
+    """The loaders of P processes, step by step and epoch after epoch, give the one-process batches in shares."""
+    import torch
+
+    from kd_ext.distill.data import DistillationData
+    from kd_ext.distill.targets import TaskSamples
+
+    def samples() -> dict[str, TaskSamples]:
+        sizes = {"a": 12, "b": 30}  # a: fewer samples than an epoch's batches take, so it cycles (and reshuffles)
+        return {
+            task: TaskSamples(
+                torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1).expand(count, 3, 2, 2),
+                torch.zeros(count, 1, 1, 1),
+                torch.arange(count, dtype=torch.float32),
+                [torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1)],
+            )
+            for task, count in sizes.items()
+        }
+
+    class Trainer:
+        def __init__(self, rank: int, world_size: int) -> None:
+            self.global_rank, self.world_size = rank, world_size
+
+    def epochs(rank: int, world_size: int) -> list[list[dict]]:
+        data = DistillationData(batch_size=8, seed=3, samples=samples())
+        data.trainer = Trainer(rank, world_size)  # type: ignore[assignment]
+        loader = data.train_dataloader()  # built once, iterated per epoch (as Lightning does)
+        return [[batch for batch, *_ in loader] for _ in range(3)]
+
+    single = epochs(0, 1)
+    shares = [epochs(rank, processes) for rank in range(processes)]
+    assert [len(epoch) for epoch in single] == [4, 4, 4]  # ceil(30 / 8) steps, every epoch
+    seen = set()
+    for epoch, batches in enumerate(single):
+        for step, batch in enumerate(batches):
+            for task in ("a", "b"):
+                union = torch.cat([share[epoch][step][task]["score_target"] for share in shares])
+                assert torch.equal(union, batch[task]["score_target"])
+                assert batch[task]["score_target"].shape == (8,)
+                # the image and the teacher features of a sample come with it
+                assert torch.equal(batch[task]["image"][:, 0, 0, 0], batch[task]["score_target"])
+                assert torch.equal(batch[task]["teacher_features"][0][:, 0, 0, 0], batch[task]["score_target"])
+            seen.update(batch["a"]["score_target"].tolist())
+    assert seen == set(range(12))  # the small task cycles through all its samples
+
+
 def test_batches_the_processes_cannot_share_are_refused_with_the_fix() -> None:
-    from kd_ext.models.cross_task.training import check_process_shares
+    from kd_ext.distill.data import check_process_shares
 
     with pytest.raises(ValueError, match=r"batch_size 6 is each task's global batch.*multiple of 4"):
         check_process_shares(6, 4)
@@ -435,47 +534,68 @@ def test_batches_the_processes_cannot_share_are_refused_with_the_fix() -> None:
     check_process_shares(8, 4, {"a": 4, "b": 12})  # a's batch is all of its 4 samples, one each
 
 
-def test_distill_under_torchrun_refuses_an_indivisible_batch_before_anything(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("launch", ["torchrun", "devices"])
+def test_distill_refuses_an_indivisible_batch_before_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launch: str
 ) -> None:
-    """The batch check comes before the tasks are read and before any process group (no process waits)."""
+    """The batch check comes before the tasks are read and before any process starts or waits for another."""
     import torch.distributed as dist
 
-    from kd_ext.models.cross_task.config import DistillConfig
-    from kd_ext.models.cross_task.distill import distill
+    from kd_ext.distill import DistillConfig, distill
 
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("RANK", "0")
+    training: dict = {"batch_size": 6}
+    if launch == "torchrun":
+        for name, value in torchrun_environment(0, 4, free_port()).items():
+            monkeypatch.setenv(name, value)
+    else:
+        training["devices"] = 4
     task = {"name": "a", "checkpoint": str(tmp_path / "missing.ckpt"), "data": {"root": str(tmp_path), "category": "x"}}
-    config = DistillConfig.from_dict({"tasks": [task], "output": str(tmp_path / "out"), "training": {"batch_size": 6}})
+    config = DistillConfig.from_dict({"tasks": [task], "output": str(tmp_path / "out"), "training": training})
     with pytest.raises(ValueError, match="multiple of 4"):
         distill(config, log=lambda line: None)
     assert not dist.is_initialized()
     assert not (tmp_path / "out").exists()
 
 
-def test_no_process_group_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    from datetime import timedelta
+def test_trainer_follows_torchrun_and_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
 
+    from kd_ext.distill.config import TrainingConfig
+    from kd_ext.distill.training import distillation_trainer
+
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    one = distillation_trainer(TrainingConfig(accelerator="cpu"), logger=False, progress_bar=False)
+    assert one.world_size == 1 and not isinstance(one.strategy, DDPStrategy)
+    two = distillation_trainer(TrainingConfig(accelerator="cpu", devices=2), logger=False, progress_bar=False)
+    assert two.world_size == 2 and isinstance(two.strategy, DDPStrategy)
+    for name, value in torchrun_environment(1, 3, free_port()).items():
+        monkeypatch.setenv(name, value)
+    torchrun = distillation_trainer(TrainingConfig(accelerator="cpu"), logger=False, progress_bar=False)
+    assert (torchrun.world_size, torchrun.global_rank) == (3, 1)  # torchrun's processes, whatever devices says
+    assert isinstance(torchrun.strategy, DDPStrategy)
+
+
+def test_gather_chunks_in_one_process_computes_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
     import torch.distributed as dist
 
-    from kd_ext.models.distributed import gather_chunks, process_group
+    from kd_ext.models.distributed import gather_chunks
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with process_group(timedelta(seconds=5)) as device:
-        assert device == torch.device("cpu")
-        assert not dist.is_initialized()
-        gathered = gather_chunks(lambda chunk: [chunk * 2, chunk.sum(dim=1)], torch.arange(10.0).reshape(5, 2), 2)
+    gathered = gather_chunks(lambda chunk: [chunk * 2, chunk.sum(dim=1)], torch.arange(10.0).reshape(5, 2), 2)
+    assert not dist.is_initialized()
     assert torch.equal(gathered[0], torch.arange(10.0).reshape(5, 2) * 2)
     assert torch.equal(gathered[1], torch.tensor([1.0, 5.0, 9.0, 13.0, 17.0]))
 
 
-def test_distributed_timeout_must_be_positive() -> None:
-    from kd_ext.models.cross_task.config import TrainingConfig
+def test_distributed_settings_are_checked() -> None:
+    from kd_ext.distill.config import TrainingConfig
 
     with pytest.raises(ValueError, match="distributed_timeout must be a positive number of minutes"):
         TrainingConfig(distributed_timeout=0)
+    with pytest.raises(ValueError, match=r"training\.devices must be a whole number >= 1"):
+        TrainingConfig(devices=0)
 
 
 if __name__ == "__main__":

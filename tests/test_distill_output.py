@@ -1,7 +1,7 @@
 """``kd-ext distill``'s output folder: refused inside a task's data, an earlier run replaced only with --overwrite.
 
 Nothing here trains: every refusal must come before any work, which the tests check by making the first step of
-the work (:func:`~kd_ext.models.cross_task.tasks.prepare_tasks`) fail loudly. The student's checkpoint is written
+the work (:func:`~kd_ext.distill.tasks.prepare_tasks`) fail loudly. The student's checkpoint is written
 with Lightning's ``weights_only=True`` and reloads with ``torch.load(..., weights_only=True)``.
 """
 
@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from kd_ext.distill import pipeline as distill_module
+from kd_ext.distill.config import RUN_FILES, DistillConfig
+from kd_ext.distill.pipeline import distill, remove_previous_run, save_checkpoint
 from kd_ext.models.cross_task import CrossTaskStudent
-from kd_ext.models.cross_task import distill as distill_module
-from kd_ext.models.cross_task.config import RUN_FILES, DistillConfig
-from kd_ext.models.cross_task.distill import distill, remove_previous_run, save_checkpoint
 
 
 class WorkStartedError(Exception):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kd_ext.models.cross_task.config import TaskConfig
-from kd_ext.models.cross_task.tasks import prepare_tasks
-from kd_ext.models.cross_task.teachers import load_anomaly_model, model_class
+from kd_ext.distill.config import TaskConfig
+from kd_ext.distill.tasks import prepare_tasks
+from kd_ext.distill.teachers import load_anomaly_model, model_class
 from kd_ext.models.image_checks import unreadable_images
 
 

@@ -19,19 +19,17 @@ the functions here:
 Calibration on normal training images (the prior, map statistics) reads the full training set on every process
 (:func:`undistributed_loader`), so it is identical everywhere and equals the single-process one.
 
-Plain torch loops started by ``torchrun`` (``kd-ext distill``) use the same batch-norm variants and these helpers:
-:func:`process_group` (the default group from torchrun's environment, with a timeout, always torn down),
-:func:`gather_chunks` (a batched computation shared among the processes, every result on every process) and
-:func:`reduce_sum` (batch statistics and losses of the global batch).
+``kd-ext distill`` (:class:`~kd_ext.models.cross_task.CrossTaskDistillation`, also under Lightning's DDP) uses the
+same batch-norm variants and two helpers that work inside any process group: :func:`gather_chunks` (a batched
+computation shared among the processes, every result on every process: the teachers' targets) and
+:func:`reduce_sum` (the global batch's class-balance fractions inside the loss).
 """
 
 import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import timedelta
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -63,55 +61,11 @@ def global_rank() -> int:
     return 0
 
 
-def launched_world_size() -> int:
-    """Number of processes ``torchrun`` started (its ``WORLD_SIZE``; 1 without torchrun), before any group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def launched_rank() -> int:
-    """This process's rank as ``torchrun`` numbered it (its ``RANK``; 0 without torchrun), before any group exists."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def local_device() -> torch.device:
     """The device of this process: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
-
-def process_device() -> torch.device:
-    """Where this process trains: its :func:`local_device` when several processes train together, else the CPU."""
-    return local_device() if world_size() > 1 else torch.device("cpu")
-
-
-@contextmanager
-def process_group(timeout: timedelta) -> Iterator[torch.device]:
-    """The default process group of a ``torchrun`` job for the duration of the block; yields this process's device.
-
-    With ``WORLD_SIZE > 1`` (torchrun's environment: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) the
-    group is created (NCCL on CUDA, each process on its ``LOCAL_RANK`` GPU; gloo on CPUs) and destroyed when the
-    block ends, also on an error. Every collective operation fails after ``timeout`` instead of waiting forever
-    for a process that crashed or hangs (torchrun also stops the others when one process fails). Without torchrun,
-    or when a group already exists, nothing is created or destroyed.
-
-    Args:
-        timeout: Longest wait of one collective operation (including a barrier).
-
-    Yields:
-        torch.device: This process's device (the CPU in a single process).
-    """
-    if launched_world_size() == 1 or dist.is_initialized():
-        yield local_device() if dist.is_initialized() else torch.device("cpu")
-        return
-    device = local_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
 
 
 def gather_chunks(

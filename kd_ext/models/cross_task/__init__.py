@@ -1,22 +1,22 @@
-"""Cross-task adaptive distillation: N trained task teachers -> one lightweight multi-task edge student.
+"""Cross-task adaptive distillation's model: N trained task teachers -> one lightweight multi-task edge student.
 
-The model (:class:`CrossTaskStudent`: a shared trunk, one head per task, a task selector) is importable from here
-and from :mod:`kd_ext.models`. The pipeline that trains it lives in submodules, imported on use:
-:mod:`.config` (``kd-ext distill``'s configuration), :mod:`.tasks` and :mod:`.teachers` (checks and teacher
-targets), :mod:`.loss`, :mod:`.training`, :mod:`.distill` (:func:`~.distill.distill`) and :mod:`.export`
-(one OpenVINO IR for all tasks).
+As anomalib's model folders: :mod:`.torch_model` (:class:`CrossTaskStudentModel`: a shared trunk, one head per
+task, a task selector), :mod:`.loss` (soft labels, features, adaptive temperature, DWA and uncertainty weights) and
+:mod:`.lightning_model` (:class:`CrossTaskStudent`, the deployed anomalib model, and :class:`CrossTaskDistillation`,
+the LightningModule that trains it over every task's loader). The pipeline around them (``kd-ext distill``'s
+configuration, task checks, teacher targets, loaders, export) is :mod:`kd_ext.distill`.
 """
 
-from .lightning_model import CALIBRATED_THRESHOLD, CalibratedPostProcessor, CrossTaskStudent
-from .torch_model import CrossTaskStudentModel, DistilledHead, TaskHead, TrunkKind, check_task_names
+from .lightning_model import CALIBRATED_THRESHOLD, CalibratedPostProcessor, CrossTaskDistillation, CrossTaskStudent
+from .torch_model import CrossTaskStudentModel, DistilledHead, FeatureAdapters, check_task_names
 
 __all__ = [
     "CALIBRATED_THRESHOLD",
     "CalibratedPostProcessor",
+    "CrossTaskDistillation",
     "CrossTaskStudent",
     "CrossTaskStudentModel",
     "DistilledHead",
-    "TaskHead",
-    "TrunkKind",
+    "FeatureAdapters",
     "check_task_names",
 ]

@@ -84,7 +84,7 @@ def soft_label_loss(
     Args:
         student_logits: Student logits (any shape).
         teacher_logits: Teacher logits of the same shape (see
-            :class:`~kd_ext.models.cross_task.teachers.TeacherCalibration`).
+            :class:`~kd_ext.distill.teachers.TeacherCalibration`).
         temperature: ``tau >= 1`` (a scalar tensor when learnt).
         imbalance: ``"balanced"`` (class-balanced weights, :func:`class_balance_weights`) or ``"none"``.
 

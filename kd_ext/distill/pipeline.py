@@ -1,49 +1,44 @@
 """``distill``: N trained task teachers -> one multi-task student, evaluated per task and exported.
 
-Steps: check every task (names, data, checkpoints, image sizes) -> cache teacher soft targets and features on
-normal and synthetic images -> train -> test teacher and student per task -> save the student's checkpoint, one
-OpenVINO IR for all tasks and ``report.json``.
+Steps: check the output folder and every task (names, data, checkpoints, image sizes) -> train through Lightning
+(:mod:`.training`): the teachers' soft targets and features on normal and synthetic images are computed once the
+processes have started (:mod:`.targets`) and the student trains on one batch of every task per step
+(:class:`~kd_ext.models.cross_task.CrossTaskDistillation`) -> test teacher and student per task -> save the
+student's checkpoint, one OpenVINO IR for all tasks and ``report.json``.
 
-Started by ``torchrun`` (``torchrun --nproc-per-node P -m kd_ext.cli distill CONFIG``), every process checks the
-tasks, the process group is created (:func:`kd_ext.models.distributed.process_group`: gloo on CPUs, NCCL on GPUs,
-with ``training.distributed_timeout``), the teachers' targets are computed in shares and gathered, the student
-trains on equal shares of every global batch (:mod:`.training`), and rank 0 alone evaluates, saves, exports and
-writes the report while the others wait at a barrier. The result equals one process's with the same config.
+With several processes (``training.devices``, or ``torchrun --nproc-per-node P --no-python kd-ext distill CONFIG``)
+every process checks the tasks, Lightning starts the process group (gloo on CPUs, NCCL on GPUs, with
+``training.distributed_timeout``), the teachers' targets are computed in shares and gathered, the student trains on
+equal shares of every global batch, and rank 0 alone evaluates, saves, exports and writes the report while the
+others end. The result equals one process's with the same config.
 """
 
 import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from anomalib.models import AnomalibModule
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.classification import binary_auroc
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from kd_ext.backbones import lite0_reference_trunk
-from kd_ext.models.distributed import global_rank, launched_world_size, process_group, world_size
+from kd_ext.models.cross_task import CrossTaskStudent
 
 from .config import RUN_FILES, DistillConfig, ExportPrecision, StudentConfig, TargetKind, TrainingConfig
+from .data import DistillationData, check_process_shares
 from .export import export_all_tasks_openvino
-from .lightning_model import CrossTaskStudent
+from .targets import TaskSamples, build_task_samples, teacher_targets
 from .tasks import PreparedTask, prepare_tasks, training_image_count
-from .teachers import raw_predictions
-from .training import (
-    TaskSamples,
-    adapter_parameters,
-    build_task_samples,
-    check_process_shares,
-    teacher_targets,
-    train_student,
-)
+from .teachers import raw_predictions, teacher_channels
+from .training import distillation_module, distillation_trainer, fit_student
 
 EVALUATION_BATCH = 8
 
@@ -57,7 +52,7 @@ class DistillResult:
         checkpoint: Its Lightning checkpoint.
         ir: The multi-task OpenVINO IR (``None`` when export is off, and on the other processes than rank 0).
         report: Metrics, sizes, compute and training history (also in ``report.json``); empty on the other
-            processes than rank 0 of a ``torchrun`` job (rank 0 evaluates and writes everything).
+            processes than rank 0 of a several-process run (rank 0 evaluates and writes everything).
     """
 
     student: CrossTaskStudent
@@ -67,13 +62,15 @@ class DistillResult:
 
 
 def build_student(
-    tasks: list[str], image_size: tuple[int, int], config: StudentConfig | None = None
+    tasks: list[str],
+    image_size: tuple[int, int],
+    config: StudentConfig | None = None,
+    student_class: type[CrossTaskStudent] = CrossTaskStudent,
 ) -> CrossTaskStudent:
-    """The untrained student for the given tasks."""
+    """The untrained student for the given tasks (``student_class``: a subclass with another torch model)."""
     config = config or StudentConfig()
-    return CrossTaskStudent(
+    return student_class(
         tasks=tasks,
-        trunk=config.trunk,
         backbone=config.backbone,
         layers=config.layers,
         width=config.width,
@@ -166,7 +163,7 @@ def compute_report(student: CrossTaskStudent, teachers: dict[str, AnomalibModule
         for name, teacher in teachers.items()
     }
     return {
-        "trunk": model.trunk_kind.value,
+        "trunk": model.trunk_name,
         "student_parameters": parameter_count(model),
         "student_bytes": 4 * (parameter_count(model) + buffer_count(model)),
         "student_normal_statistics": sum(
@@ -190,24 +187,31 @@ def cache_samples(
     tasks: list[PreparedTask],
     student: CrossTaskStudent,
     config: TrainingConfig,
+    device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
 ) -> dict[str, TaskSamples]:
-    """Targets (and teacher features, or frozen-trunk features) of every task.
+    """Targets (and teacher features) of every task, the synthetic anomalies drawn from ``config.seed``.
 
-    Under ``torchrun`` every process gets every sample (computed in shares and gathered, see
-    :func:`~.training.teacher_targets`); first every task's sample count is checked against the processes.
+    With several processes every process gets every sample (computed in shares and gathered, see
+    :func:`~.targets.teacher_targets`).
 
-    Raises:
-        ValueError: If the processes cannot share a task's batches (:func:`~.training.check_process_shares`).
+    Args:
+        tasks: The tasks.
+        student: The student (its pre-processor and trunk).
+        config: Training settings.
+        device: Where the teachers run.
+        log: Progress sink.
+
+    Returns:
+        dict[str, TaskSamples]: The samples per task.
     """
-    counts = {task.name: training_image_count(task) * (1 + config.synthetic_per_image) for task in tasks}
-    check_process_shares(config.batch_size, world_size(), counts)
+    seed_everything(config.seed, workers=True, verbose=False)  # the synthetic anomalies depend on the seed alone
     start = time.perf_counter()
     samples = {}
     distilled = config.targets == TargetKind.teacher
     features = distilled and config.feature_distillation and student.model.trunk_is_trainable
     for task in tasks:
-        targets = teacher_targets(task, config.synthetic_per_image, teacher=distilled, features=features)
+        targets = teacher_targets(task, config.synthetic_per_image, teacher=distilled, features=features, device=device)
         samples[task.name] = build_task_samples(task.name, targets, student, config)
         log(f"task {task.name}: {len(samples[task.name])} samples cached ({time.perf_counter() - start:.0f} s)")
     return samples
@@ -245,8 +249,8 @@ def save_checkpoint(student: CrossTaskStudent, path: Path) -> Path:
     """Write a Lightning checkpoint of the student (``CrossTaskStudent.load_from_checkpoint`` reads it).
 
     Only the weights, hyper-parameters and kd_ext's own entries are written (Lightning's ``weights_only=True``: no
-    optimizer or callback states, which a student trained outside Lightning's loop does not have), so the file loads
-    with ``torch.load(..., weights_only=True)``.
+    optimizer or callback states, which belong to the distillation, not to the student), so the file loads with
+    ``torch.load(..., weights_only=True)``.
     """
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu", devices=1)
     trainer.strategy.connect(student)
@@ -264,15 +268,16 @@ def _silent(line: str) -> None:
     del line
 
 
-def distill(config: DistillConfig, log: Callable[[str], None] = print) -> DistillResult:
+def distill(config: DistillConfig, log: Callable[[str], None] = print, progress_bar: bool = True) -> DistillResult:
     """Distil the configured task teachers into one student; evaluate, save and export it.
 
-    Under ``torchrun`` (``WORLD_SIZE > 1``) the processes train together (see the module's description); the process
-    group lives for this call only (destroyed on return and on an error) and only rank 0 logs.
+    With several processes (``training.devices`` or torchrun) they train together (see the module's description)
+    and only rank 0 logs.
 
     Args:
         config: Tasks, student, training and export settings.
         log: Progress sink.
+        progress_bar: Show Lightning's progress bar (on stderr).
 
     Returns:
         DistillResult: The student, its files and the report (see :class:`DistillResult` for the other processes).
@@ -281,27 +286,35 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> Distil
         ValueError: Before any work, naming the problem with ``output`` (inside a task's data folder, or an earlier
             run's files there without ``overwrite``: :meth:`~.config.DistillConfig.check_output`); before any
             training, naming every problem with the tasks (see :func:`prepare_tasks`) or with sharing the batches
-            among torchrun's processes (:func:`~.training.check_process_shares`).
+            among the processes (:func:`~.data.check_process_shares`).
     """
     config.check_output()
-    check_process_shares(config.training.batch_size, launched_world_size())  # before any process waits for another
-    with process_group(timedelta(minutes=config.training.distributed_timeout)):
-        return _distill(config, log if global_rank() == 0 else _silent)
+    trainer = distillation_trainer(config.training, config.output, progress_bar=progress_bar)
+    check_process_shares(config.training.batch_size, trainer.world_size)  # before any process waits for another
+    return _distill(config, trainer, log if rank_zero_only.rank == 0 else _silent)
 
 
-def _distill(config: DistillConfig, log: Callable[[str], None]) -> DistillResult:
+def _distill(config: DistillConfig, trainer: Trainer, log: Callable[[str], None]) -> DistillResult:
+    training = config.training
     tasks = prepare_tasks(config.tasks)
-    seed_everything(config.training.seed, workers=True)
+    counts = {task.name: training_image_count(task) * (1 + training.synthetic_per_image) for task in tasks}
+    check_process_shares(training.batch_size, trainer.world_size, counts)
+    seed_everything(training.seed, workers=True, verbose=False)
     output = config.output
     output.mkdir(parents=True, exist_ok=True)
-    student = build_student([task.name for task in tasks], tasks[0].image_size, config.student)
+    image_size = tasks[0].image_size
+    student = build_student([task.name for task in tasks], image_size, config.student)
+    channels = {task.name: teacher_channels(task.teacher, image_size) for task in tasks}
+    module = distillation_module(student, training, channels)
+    data = DistillationData(
+        training.batch_size,
+        training.seed,
+        build=lambda device: cache_samples(tasks, student, training, device, log),
+    )
     start = time.perf_counter()
-    samples = cache_samples(tasks, student, config.training, log)
-    cache_seconds = time.perf_counter() - start
-    history = train_student(student, samples, config.training, log)
-    train_seconds = time.perf_counter() - start - cache_seconds
-    if global_rank() != 0:  # rank 0 evaluates, saves and exports the same student
-        dist.barrier()
+    history = fit_student(trainer, module, data)
+    train_seconds = time.perf_counter() - start - data.build_seconds
+    if trainer.global_rank != 0:  # rank 0 evaluates, saves and exports the same student
         return DistillResult(student=student, checkpoint=output / "student.ckpt", ir=None, report={})
     teacher_metrics = evaluate_teachers(tasks)
     student_metrics = evaluate_student(student, tasks)
@@ -315,22 +328,20 @@ def _distill(config: DistillConfig, log: Callable[[str], None]) -> DistillResult
     ir = None
     if config.export.precision != ExportPrecision.none:
         ir = export_all_tasks_openvino(
-            student, output / "openvino" / "student.xml", tasks[0].image_size, config.export.precision
+            student, output / "openvino" / "student.xml", image_size, config.export.precision
         )
-    compute = compute_report(student, {task.name: task.teacher for task in tasks}, tasks[0].image_size)
-    compute["training_only_adapter_parameters"] = adapter_parameters(student, samples)
+    compute = compute_report(student, {task.name: task.teacher for task in tasks}, image_size)
+    compute["training_only_adapter_parameters"] = module.adapter_parameter_count()
     report = {
         "tasks": results,
         "compute": compute,
-        "cache_seconds": round(cache_seconds, 1),
+        "cache_seconds": round(data.build_seconds, 1),
         "train_seconds": round(train_seconds, 1),
-        "processes": world_size(),
+        "processes": trainer.world_size,
         "history": history,
         "config": json.loads(json.dumps(asdict(config), default=str)),
         "checkpoint": str(checkpoint),
         "openvino": str(ir) if ir else None,
     }
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if world_size() > 1:
-        dist.barrier()
     return DistillResult(student=student, checkpoint=checkpoint, ir=ir, report=report)

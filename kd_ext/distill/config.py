@@ -2,7 +2,7 @@
 
 ``kd-ext distill`` parses it with jsonargparse, as anomalib's CLI does: ``--config FILE`` (repeatable, later files
 and arguments override earlier ones), ``--print_config`` and dotted overrides (``--training.epochs 5``,
-``--student.trunk frozen``). Example YAML (relative paths are relative to the working directory)::
+``--student.hidden_channels 16``). Example YAML (relative paths are relative to the working directory)::
 
     output: runs/cross_task
     tasks:
@@ -13,7 +13,7 @@ and arguments override earlier ones), ``--print_config`` and dotted overrides (`
         checkpoint: results/Padim/brain_mri/latest/weights/lightning/model.ckpt
         model: Padim          # anomalib checkpoints do not record their class; kd_ext ones do
         data: {root: ../shared/data, category: brain_mri, layout: folder}
-    student: {trunk: small, hidden_channels: 32}
+    student: {hidden_channels: 32}
     training: {epochs: 20, batch_size: 8, task_weighting: dwa, temperature: adaptive}
     export: {precision: fp32}
 
@@ -26,8 +26,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .loss import Imbalance, TaskWeighting, TemperatureMode
-from .torch_model import TrunkKind, check_task_names
+from kd_ext.models.cross_task.loss import Imbalance, TaskWeighting, TemperatureMode
+from kd_ext.models.cross_task.torch_model import check_task_names
 
 
 class DataLayout(StrEnum):
@@ -148,20 +148,25 @@ def task_from_dict(task: object, index: int) -> TaskConfig:
     )
 
 
+SMALL_TRUNK = "small"
+FROZEN_TRUNK_BASELINE = "benchmarks/frozen_trunk.py"
+"""Where the frozen-trunk student (formerly ``student.trunk: frozen``) lives: a baseline of the benchmark."""
+
+
 @dataclass
 class StudentConfig:
     """Student architecture (see :class:`~kd_ext.models.cross_task.torch_model.CrossTaskStudentModel`).
 
     Attributes:
-        trunk: ``small`` (narrow trainable trunk, distilled) or ``frozen`` (the frozen-trunk prior baseline).
-        backbone: The frozen trunk's backbone (and both trunks' normalisation).
+        trunk: ``small``, the narrow trainable trunk (the only one; the key stays so that earlier configs parse).
+        backbone: Whose normalisation and level names the trunk follows.
         layers: Trunk feature levels; ``None`` for the defaults.
         width: Channel multiplier of the small trunk against EfficientNet-Lite0.
         hidden_channels: Width of each task head.
         top_k: Map logits averaged into the image score.
     """
 
-    trunk: TrunkKind = TrunkKind.small
+    trunk: str = SMALL_TRUNK
     backbone: str = "efficientnet_lite0"
     layers: list[str] | None = None
     width: float = 0.5
@@ -169,7 +174,16 @@ class StudentConfig:
     top_k: int = 10
 
     def __post_init__(self) -> None:
-        self.trunk = _choice(TrunkKind, self.trunk, "trunk")
+        if self.trunk == "frozen":
+            msg = (
+                "student.trunk 'frozen' (the frozen-trunk prior student) is no longer distilled by kd-ext distill: it "
+                f"is a baseline of the cross-task benchmark ({FROZEN_TRUNK_BASELINE}, row 'frozen-trunk prior "
+                "student'). Remove student.trunk or set it to 'small'."
+            )
+            raise ValueError(msg)
+        if self.trunk != SMALL_TRUNK:
+            msg = f"Unknown trunk '{self.trunk}'; kd-ext distill trains the '{SMALL_TRUNK}' trunk."
+            raise ValueError(msg)
 
 
 @dataclass
@@ -178,11 +192,11 @@ class TrainingConfig:
 
     Attributes:
         epochs: Passes over the largest task's samples.
-        batch_size: Samples per task per step: the global batch. Under ``torchrun`` with ``P`` processes each
-            process takes an equal share of ``batch_size / P`` samples of every task's batch (the union of the
-            shares is the one-process batch, so any ``P`` trains the same student); ``P`` must divide the batch
-            (``min(batch_size, samples)`` for a task with fewer samples) and no task may have fewer samples than
-            ``P``, else distillation stops before it starts.
+        batch_size: Samples per task per step: the global batch. With ``P`` processes (``devices``, or
+            ``torchrun``) each process takes an equal share of ``batch_size / P`` samples of every task's batch (the
+            union of the shares is the one-process batch, so any ``P`` trains the same student); ``P`` must divide
+            the batch (``min(batch_size, samples)`` for a task with fewer samples) and no task may have fewer samples
+            than ``P``, else distillation stops before it starts.
         learning_rate: Adam learning rate of trunk, heads, adapters, task weights and temperatures.
         synthetic_per_image: Perlin synthetic anomalies generated per normal training image.
         crop_size: Side of the random square crop (aligned to 32 pixels) the trainable trunk trains on at each
@@ -199,9 +213,13 @@ class TrainingConfig:
         imbalance: ``balanced`` (class-balanced loss weights) or ``none``.
         score_weight: Weight of the image-score loss against the map loss.
         seed: Random seed (synthetic anomalies, initialisation, order).
-        distributed_timeout: Under ``torchrun``: minutes a process waits for the others at one collective operation
-            before failing (a crashed or stuck process then stops the job instead of hanging it). The longest wait
-            is the other processes' at the end, while rank 0 evaluates, saves and exports the student.
+        accelerator: Lightning's accelerator (``auto``, ``cpu``, ``gpu``, ...).
+        devices: Processes training together on this machine through Lightning's DDP (one per device; from the
+            command line, as Lightning starts the others by running the same command again). Under ``torchrun`` the
+            processes are torchrun's and this is ignored.
+        distributed_timeout: With several processes: minutes a process waits for the others at one collective
+            operation before failing (Lightning's ``DDPStrategy(timeout=...)``), so that a crashed or stuck process
+            stops the job instead of hanging it.
     """
 
     epochs: int = 20
@@ -219,6 +237,8 @@ class TrainingConfig:
     imbalance: Imbalance = Imbalance.balanced
     score_weight: float = 1.0
     seed: int = 0
+    accelerator: str = "auto"
+    devices: int = 1
     distributed_timeout: float = 30.0
 
     def __post_init__(self) -> None:
@@ -228,6 +248,9 @@ class TrainingConfig:
         self.targets = _choice(TargetKind, self.targets, "targets")
         if self.epochs < 1 or self.batch_size < 2 or self.synthetic_per_image < 0:
             msg = "Need epochs >= 1, batch_size >= 2 (BatchNorm) and synthetic_per_image >= 0."
+            raise ValueError(msg)
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
+            msg = f"training.devices must be a whole number >= 1 (processes on this machine), got {self.devices!r}."
             raise ValueError(msg)
         if self.distributed_timeout <= 0:
             msg = f"training.distributed_timeout must be a positive number of minutes, got {self.distributed_timeout}."

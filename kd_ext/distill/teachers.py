@@ -234,6 +234,20 @@ def teacher_features(model: AnomalibModule, images: torch.Tensor) -> list[torch.
     return [level.float() for level in levels if isinstance(level, torch.Tensor) and level.dim() == 4]
 
 
+@torch.no_grad()
+def teacher_channels(model: AnomalibModule, image_size: tuple[int, int]) -> list[int]:
+    """Channels of a teacher's intermediate feature levels (:func:`teacher_features` of one blank image).
+
+    Args:
+        model: Teacher in eval mode.
+        image_size: The teacher's ``(H, W)``.
+
+    Returns:
+        list[int]: Channels per level, shallow to deep (empty when it exposes no features).
+    """
+    return [level.shape[1] for level in teacher_features(model, torch.zeros(1, 3, *image_size))]
+
+
 @dataclass(frozen=True)
 class TeacherCalibration:
     """Maps a teacher's raw values to logits: ``sharpness * (raw - high) / (high - median)``.

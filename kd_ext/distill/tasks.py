@@ -9,9 +9,10 @@ from anomalib.data.datamodules.base import AnomalibDataModule
 from anomalib.models import AnomalibModule
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
+from kd_ext.models.cross_task.torch_model import check_task_names
+
 from .config import DataLayout, TaskConfig
 from .teachers import image_size_of, load_anomaly_model, model_class
-from .torch_model import check_task_names
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

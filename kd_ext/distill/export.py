@@ -13,8 +13,7 @@ from torch import nn
 
 from kd_ext.edge.contract import OUTPUT_FIELDS, task_output
 from kd_ext.export.openvino import save_ir
-
-from .lightning_model import CALIBRATED_THRESHOLD, CrossTaskStudent
+from kd_ext.models.cross_task import CALIBRATED_THRESHOLD, CrossTaskStudent
 
 
 class _AllTasks(nn.Module):
