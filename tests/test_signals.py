@@ -354,6 +354,66 @@ def test_the_map_comes_from_the_chosen_levels_and_the_score_is_its_mean() -> Non
         small_model(map_levels=(3,))
 
 
+def test_the_reverse_student_rebuilds_the_levels_from_a_code_of_bottleneck_numbers() -> None:
+    from kd_ext.models.signal_kd.torch_model import ReverseStudent
+
+    model = small_model(bottleneck=3)
+    teacher = model.teacher(torch.randn(5, 1, LENGTH))
+    student = model.reverse_student
+    codes = []
+    handle = student.code[0].register_forward_hook(lambda _module, _inputs, output: codes.append(output))
+    rebuilt = student(teacher)
+    handle.remove()
+    assert codes[0].shape == (5, 3)  # everything the decoder sees of a series
+    assert [level.shape for level in rebuilt] == [level.shape for level in teacher]
+    former = small_model(bottleneck=None).reverse_student
+    assert former.code is None
+    assert [level.shape for level in former(teacher)] == [level.shape for level in teacher]
+    with pytest.raises(ValueError, match=r"bottleneck must be a whole number >= 1 \(the code size\) or None, got 0"):
+        ReverseStudent((8, 16, 16), bottleneck=0)
+
+
+def test_prior_fuses_the_standardised_distillation_and_prior_maps_fitted_on_normal_series() -> None:
+    torch.manual_seed(0)
+    model = small_model()
+    normal = torch.from_numpy(preprocess(beats(16, False, 0))).unsqueeze(1)
+    series = torch.from_numpy(preprocess(np.concatenate([beats(4, False, 7), beats(4, True, 8)]))).unsqueeze(1)
+    with pytest.raises(RuntimeError, match="pretrain the teacher first"):
+        model.calibrate(lambda: [normal])
+    model.pretrain_teacher(normal, epochs=2, batch_size=8, seed=0)
+    model.eval()
+    assert model.calibration_pending
+    with torch.no_grad():
+        distillation = model(series).anomaly_map  # prior not fitted yet: the distillation map alone
+        model.calibrate(lambda: [normal[:8], normal[8:]])
+        assert not model.calibration_pending
+        fused = model(series)
+        prior = model.prior_fusion.prior(model._teacher_features(series), (1, LENGTH)).flatten(1)
+        normal_distillation = model.distillation_map(*model.distill(normal), LENGTH)
+        normal_prior = model.prior_fusion.prior(model._teacher_features(normal), (1, LENGTH)).flatten(1)
+
+    def z(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return (values - reference.mean()) / reference.std(unbiased=False)
+
+    expected = (z(distillation, normal_distillation) + z(prior, normal_prior)) / 2
+    torch.testing.assert_close(fused.anomaly_map, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused.pred_score, fused.anomaly_map.mean(dim=-1))
+    model.train()
+    model(normal[:4])  # a training step changes the students: the statistics are stale until calibrated again
+    assert model.calibration_pending
+    assert small_model(prior=False).prior_fusion is None
+
+
+def test_a_new_teacher_drops_the_prior_of_the_old_one() -> None:
+    model = small_model()
+    normal = torch.from_numpy(preprocess(beats(8, False, 0))).unsqueeze(1)
+    model.pretrain_teacher(normal, epochs=1, seed=0)
+    model.calibrate(lambda: [normal])
+    assert model.prior_fusion.ready
+    model.pretrain_teacher(normal, epochs=1, seed=1)
+    assert not model.prior_fusion.ready and model.calibration_pending
+
+
 @pytest.fixture(scope="module")
 def trained_signal_kd(tmp_path_factory: pytest.TempPathFactory):
     """SignalKD trained through anomalib's Engine (teacher 2 epochs, students 2 epochs) on synthetic beats."""
@@ -377,6 +437,18 @@ def test_engine_pretrains_the_teacher_on_every_training_series_then_tests(traine
     model, _, metrics, _ = trained_signal_kd
     assert int(model.model.pretraining_series_count) == NORMAL + ABNORMAL  # normal and abnormal, labels unused
     assert {"image_AUROC", "image_F1Score"} <= set(metrics[0])
+    assert model.model.prior_fusion.ready and not model.model.calibration_pending  # fitted before testing
+    assert model.model.prior_fusion.prior.mean.shape[0] == model.model.series_length // 2  # one Gaussian per step
+
+
+def test_export_refuses_a_prior_not_fitted_to_the_trained_students(trained_signal_kd, tmp_path: Path) -> None:
+    model, _, _, _ = trained_signal_kd
+    model.model.needs_calibration = True
+    try:
+        with pytest.raises(RuntimeError, match="prior is not fitted to its trained students"):
+            model.to_onnx(tmp_path)
+    finally:
+        model.model.needs_calibration = False
 
 
 def test_signal_kd_records_the_datamodule_preprocessing(trained_signal_kd) -> None:

@@ -106,6 +106,10 @@ class FrozenTeacherModel(nn.Module):
     def _outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         raise NotImplementedError
 
+    def _teacher_features(self, images: torch.Tensor) -> Sequence[torch.Tensor]:
+        """The teacher features the prior is fitted on (the teacher's output; models of other inputs adapt it)."""
+        return self.teacher(images)
+
     @property
     def calibration_pending(self) -> bool:
         """Whether :meth:`calibrate` must run before scoring: training changed the model, or the prior is not fitted.
@@ -132,7 +136,7 @@ class FrozenTeacherModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            fusion.calibrate(batches, self.teacher, self._outputs)
+            fusion.calibrate(batches, self._teacher_features, self._outputs)
         finally:
             self.train(was_training)
         self.needs_calibration = False

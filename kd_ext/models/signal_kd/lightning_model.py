@@ -6,7 +6,9 @@ is the series ``[B, 1, L]``; predictions fill ``pred_score`` ``[B]`` and ``anoma
 Before the first training epoch the teacher is pretrained self-supervised (masked reconstruction) on the
 datamodule's :meth:`~kd_ext.data.UCRSeries.unlabelled_training_series`: every series of the training partition,
 normal and abnormal, labels unused, never a test series. A datamodule without that method (or plain data loaders)
-pretrains it on the normal training series only. The students then learn the normal training series.
+pretrains it on the normal training series only. The students then learn the normal training series. With the
+prior (``prior=True``, the default), the prior and the statistics of both maps are fitted on the normal training
+series before validation, testing and prediction whenever training has changed the model.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -23,7 +25,7 @@ Example:
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from kd_ext.edge.series_preprocessing import METADATA_KEY, SeriesPreprocessing
 from kd_ext.models.base import check_epochs
 
 from .loss import SignalKDLoss
-from .torch_model import SignalKDModel
+from .torch_model import DEFAULT_BOTTLENECK, SignalKDModel
 
 logger = logging.getLogger(__name__)
 ONNX_OPSET = 17
@@ -59,6 +61,8 @@ class SignalKD(AnomalibModule):
         hidden: Channels of the encoders' recurrent level (even).
         forward_student: Use the forward (feature-regression) student.
         reverse_student: Use the reverse (one-class embedding) student.
+        bottleneck: Size of the reverse student's code per series; ``None`` for the former embedding without a code
+            (see :class:`~kd_ext.models.signal_kd.torch_model.ReverseStudent`).
         sigma: Gaussian smoothing of the map along time, in time steps (0 disables it).
         score_mode: Series score: ``"mean"`` of the map, its ``"max"``, or ``"topk"`` (mean of its largest
             ``top_k_ratio``).
@@ -73,6 +77,8 @@ class SignalKD(AnomalibModule):
         teacher_learning_rate: Adam learning rate of the pretraining.
         mask_ratio: Share of time steps hidden in pretraining.
         in_channels: Channels of the series.
+        prior: Fuse a normal-feature prior (a per-time-step Gaussian of the teacher's two deeper levels, fitted on the
+            normal training series) into the map; see :class:`SignalKDModel`.
         pre_processor: ``False`` (default): series need no resizing; the model z-normalises each series itself.
         post_processor: Post-processor, or ``True`` for anomalib's default (score normalisation and threshold on the
             validation series).
@@ -86,6 +92,7 @@ class SignalKD(AnomalibModule):
         hidden: int = 64,
         forward_student: bool = True,
         reverse_student: bool = True,
+        bottleneck: int | None = DEFAULT_BOTTLENECK,
         sigma: float = 2.0,
         score_mode: str = "mean",
         top_k_ratio: float = 0.1,
@@ -96,6 +103,7 @@ class SignalKD(AnomalibModule):
         teacher_learning_rate: float = 1e-3,
         mask_ratio: float = 0.25,
         in_channels: int = 1,
+        prior: bool = True,
         pre_processor: nn.Module | bool = False,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -118,10 +126,12 @@ class SignalKD(AnomalibModule):
             hidden=hidden,
             forward_student=forward_student,
             reverse_student=reverse_student,
+            bottleneck=bottleneck,
             sigma=sigma,
             score_mode=score_mode,
             top_k_ratio=top_k_ratio,
             map_levels=map_levels,
+            prior=prior,
         )
         self.loss = SignalKDLoss()
         self.series_preprocessing: SeriesPreprocessing | None = None
@@ -166,6 +176,47 @@ class SignalKD(AnomalibModule):
             learning_rate=self.teacher_learning_rate,
             mask_ratio=self.mask_ratio,
         )
+
+    def on_validation_start(self) -> None:
+        """Fit the prior and the maps' statistics on the normal training series if training changed the model."""
+        self.calibrate_on_training_series()
+        super().on_validation_start()
+
+    def on_test_start(self) -> None:
+        """Calibrate (see :meth:`on_validation_start`) before testing."""
+        super().on_test_start()
+        self.calibrate_on_training_series()
+
+    def on_predict_start(self) -> None:
+        """Calibrate (see :meth:`on_validation_start`) before predicting."""
+        super().on_predict_start()
+        self.calibrate_on_training_series()
+
+    def calibrate_on_training_series(self) -> None:
+        """Run the torch model's ``calibrate`` on the trainer's normal training series when it is pending.
+
+        The series come from the trainer's datamodule, or from its training loader when it was given loaders.
+
+        Raises:
+            RuntimeError: If the model needs calibration and the trainer has no training series.
+        """
+        if not self.model.calibration_pending:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        loader = datamodule.train_dataloader() if datamodule is not None else self.trainer.train_dataloader
+        if loader is None:
+            msg = (
+                "SignalKD needs its normal training series to fit its prior, but the trainer has none: train and score "
+                "it with a datamodule (or training loader) of normal series, or build it with prior=False."
+            )
+            raise RuntimeError(msg)
+
+        def batches() -> Iterator[torch.Tensor]:
+            for batch in loader:
+                yield batch.image.to(self.device)
+
+        with torch.inference_mode(False), torch.no_grad():
+            self.model.calibrate(batches)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Distil the frozen teacher into the students on a batch of normal series."""
@@ -229,7 +280,7 @@ class SignalKD(AnomalibModule):
 
         Raises:
             ValueError: If ``input_size`` is given.
-            RuntimeError: If the model has not been trained.
+            RuntimeError: If the model has not been trained, or its prior is not fitted to the trained students.
         """
         if input_size is not None:
             msg = (
@@ -239,6 +290,13 @@ class SignalKD(AnomalibModule):
             raise ValueError(msg)
         if not self.model.teacher_pretrained:
             msg = "SignalKD has not been trained (its teacher is not pretrained): train it before exporting."
+            raise RuntimeError(msg)
+        if self.model.calibration_pending:
+            msg = (
+                "SignalKD's prior is not fitted to its trained students yet (no validation, test or prediction since "
+                "training): test it (engine.test, or anomalib test) before exporting, or export a checkpoint written "
+                "after validation."
+            )
             raise RuntimeError(msg)
         onnx_path = create_export_root(export_root, ExportType.ONNX) / f"{model_file_name}.onnx"
         example = torch.zeros(2, self.model.in_channels, int(self.model.series_length), device=self.device)

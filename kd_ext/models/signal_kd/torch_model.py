@@ -10,18 +10,30 @@ two students learn the normal series only:
 
 * the forward student, an encoder of the teacher's architecture trained from scratch, regresses the teacher's
   features from the series (STFPM-like);
-* the reverse student compresses the teacher's three levels into a one-class embedding at a quarter of the time
-  resolution and decodes the levels back from it (RD4AD-like).
+* the reverse student compresses the teacher's three levels into a one-class code of a few numbers per series
+  (``bottleneck``) and decodes the levels back from it (RD4AD-like).
 
-Where a series departs from the normal ones, the students fail to follow the teacher: the anomaly map is the mean
-over the map levels and both students of the per-time-step ``1 - cos(t, s)`` (upsampled to the series length,
-smoothed along time), and the series' score is its mean (or its maximum, or the mean of its largest values).
-Students learn all three levels, but the map leaves the first out by default: its features are local convolution
-responses that abnormal beats share with normal ones, and in cross-validation over ECG200's training series its
-map ranked abnormal beats no better than chance while the two deeper levels did.
+Where a series departs from the normal ones, the students fail to follow the teacher: the distillation map is the
+mean over the map levels and both students of the per-time-step ``1 - cos(t, s)`` (upsampled to the series length,
+smoothed along time). Students learn all three levels, but the map leaves the first out by default: its features
+are local convolution responses that abnormal beats share with normal ones, and in cross-validation over ECG200's
+training series its map ranked abnormal beats no better than chance while the two deeper levels did. The reverse
+student's code is small on purpose: an embedding with more numbers than the series has samples (the former
+``hidden`` channels at a quarter of the resolution) rebuilt abnormal beats as well as normal ones, and in that
+cross-validation its map ranked abnormal beats below chance on some folds.
+
+With ``prior=True`` (the default) the distillation map is fused with a normal-feature prior, PaDiM in 1-D: a
+Gaussian of the teacher's two deeper levels at every time step, fitted on the normal training series (see
+:class:`~kd_ext.models.components.prior.PriorFusion`, the prior of kd_ext's image models, here on a one-row grid).
+Both maps are standardised with their statistics on the normal training series and averaged. On small sets of
+short, aligned beats the students generalise to abnormal beats: a student trained on a few dozen beats imitates
+the teacher on most unseen shapes, so the cosine discrepancy alone ranks abnormal beats poorly, whereas how far a
+beat's features lie from the normal beats' at the same time step is the signal that separates them; the
+distillation map keeps what the prior misses (a local shape the students never saw). The series' score is the
+mean of the map (or its maximum, or the mean of its largest values).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from anomalib.data import InferenceBatch
@@ -30,11 +42,16 @@ from torch.nn import functional as F  # noqa: N812
 
 from kd_ext.kernels.reference import image_score
 from kd_ext.models.components import FrozenTeacherModel, check_score_options
+from kd_ext.models.components.prior import PriorFusion
 
 from .anomaly_map import SeriesAnomalyMapGenerator
 from .loss import masked_reconstruction_loss
 
 SCORE_MODES = ("mean", "max", "topk")
+DEFAULT_BOTTLENECK = 16
+"""Size of the reverse student's code per series (see :class:`ReverseStudent`)."""
+CODE_STEPS = 8
+"""Time steps the reverse student's encoding is resampled to before it is projected to the code."""
 LEVELS = 3
 MIN_SERIES_LENGTH = 8
 
@@ -123,15 +140,39 @@ class ReconstructionHead(nn.Module):
 class ReverseStudent(nn.Module):
     """One-class bottleneck of the teacher's three levels and a decoder back to them (reverse distillation in 1-D).
 
+    The teacher's levels are fused and encoded at an eighth of the series' resolution, resampled to
+    ``CODE_STEPS`` steps and projected to a code of ``bottleneck`` numbers per series, from which the decoder
+    rebuilds the three levels. The code is what makes the student one-class: it can only hold the shapes of the
+    normal training series. Without it (``bottleneck=None``) the embedding keeps ``hidden`` channels at a quarter of
+    the resolution, more numbers than the series has samples, and the student rebuilds abnormal series' features
+    as well as normal ones.
+
     Args:
         channels: Channels of the teacher's levels ``(width, 2 * width, hidden)``.
+        bottleneck: Size of the code; ``None`` for the former embedding without a code (``hidden`` channels at a
+            quarter of the resolution).
     """
 
-    def __init__(self, channels: Sequence[int]) -> None:
+    def __init__(self, channels: Sequence[int], bottleneck: int | None = DEFAULT_BOTTLENECK) -> None:
         super().__init__()
         first, second, third = channels
         self.squeeze = conv_block(first, second, 3, stride=2)
-        self.embed = nn.Sequential(conv_block(2 * second + third, third, 3, stride=2), conv_block(third, third, 3))
+        self.code: nn.ModuleList | None = None
+        if bottleneck is None:
+            self.embed = nn.Sequential(conv_block(2 * second + third, third, 3, stride=2), conv_block(third, third, 3))
+        else:
+            if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
+                msg = f"bottleneck must be a whole number >= 1 (the code size) or None, got {bottleneck!r}."
+                raise ValueError(msg)
+            self.embed = nn.Sequential(
+                conv_block(2 * second + third, third, 3, stride=2), conv_block(third, third, 3, stride=2)
+            )
+            self.code = nn.ModuleList(
+                [
+                    nn.Linear(third * CODE_STEPS, bottleneck),
+                    nn.Sequential(nn.Linear(bottleneck, third * CODE_STEPS), nn.ReLU(inplace=True)),
+                ]
+            )
         self.decode_third = nn.GRU(third, third // 2, batch_first=True, bidirectional=True)
         self.decode_second = nn.Sequential(conv_block(third, second, 5), nn.Conv1d(second, second, 1))
         self.decode_first = nn.Sequential(conv_block(second, first, 7), nn.Conv1d(first, first, 1))
@@ -141,7 +182,12 @@ class ReverseStudent(nn.Module):
         first, second, third = teacher
         half = second.shape[-1]
         fused = torch.cat([resize_time(self.squeeze(first), half), second, third], dim=1)
-        embedding = resize_time(self.embed(fused), half)
+        embedding = self.embed(fused)
+        if self.code is not None:
+            encode, decode = self.code
+            code = encode(resize_time(embedding, CODE_STEPS).flatten(1))
+            embedding = decode(code).view(code.shape[0], -1, CODE_STEPS)
+        embedding = resize_time(embedding, half)
         decoded_third, _ = self.decode_third(embedding.transpose(1, 2))
         decoded_third = decoded_third.transpose(1, 2)
         decoded_second = self.decode_second(decoded_third)
@@ -193,6 +239,8 @@ class SignalKDModel(FrozenTeacherModel):
         hidden: Channels of the encoders' recurrent level (even).
         forward_student: Use the forward (feature-regression) student.
         reverse_student: Use the reverse (one-class embedding) student.
+        bottleneck: Size of the reverse student's code per series, or ``None`` for no code (see
+            :class:`ReverseStudent`).
         sigma: Gaussian smoothing of the map along time, in time steps (0 disables it).
         score_mode: Series score from the map: ``"mean"``, ``"max"`` or ``"topk"`` (mean of the largest
             ``top_k_ratio``).
@@ -200,6 +248,8 @@ class SignalKDModel(FrozenTeacherModel):
         map_levels: Levels (0, 1, 2: shallow to deep) whose discrepancies make the map.
         normalize_input: Z-normalise each series first (idempotent: series the datamodule normalised are unchanged),
             so that the model, and its exported IR, can take raw series.
+        prior: Fuse a normal-feature prior of the teacher's two deeper levels into the map (fitted on the normal
+            training series by :meth:`calibrate`).
     """
 
     def __init__(
@@ -209,11 +259,13 @@ class SignalKDModel(FrozenTeacherModel):
         hidden: int = 64,
         forward_student: bool = True,
         reverse_student: bool = True,
+        bottleneck: int | None = DEFAULT_BOTTLENECK,
         sigma: float = 2.0,
         score_mode: str = "mean",
         top_k_ratio: float = 0.1,
         map_levels: Sequence[int] = (1, 2),
         normalize_input: bool = True,
+        prior: bool = True,
     ) -> None:
         super().__init__()
         if not (forward_student or reverse_student):
@@ -232,8 +284,10 @@ class SignalKDModel(FrozenTeacherModel):
         self.teacher = SignalEncoder(in_channels, width, hidden)
         self.reconstruction_head = ReconstructionHead(self.teacher.channels, in_channels)
         self.forward_student = SignalEncoder(in_channels, width, hidden) if forward_student else None
-        self.reverse_student = ReverseStudent(self.teacher.channels) if reverse_student else None
+        self.reverse_student = ReverseStudent(self.teacher.channels, bottleneck) if reverse_student else None
         self.anomaly_map_generator = SeriesAnomalyMapGenerator(sigma)
+        self.prior_fusion = PriorFusion(levels=(-2, -1)) if prior else None
+        self.needs_calibration = False
         self.register_buffer("series_length", torch.tensor(0))
         self.register_buffer("pretraining_series_count", torch.tensor(0))
 
@@ -310,6 +364,9 @@ class SignalKDModel(FrozenTeacherModel):
             raise ValueError(msg)
         self.series_length.zero_()
         self.check_series(series)
+        if self.prior_fusion is not None:  # a new teacher: the prior of the old one no longer applies
+            self.prior_fusion.prior.reset()
+            self.prior_fusion.standardiser.reset()
         device = self.series_length.device
         series = series.to(device)
         series = normalize_series(series) if self.normalize_input else series
@@ -380,13 +437,60 @@ class SignalKDModel(FrozenTeacherModel):
         """
         teacher, forward, reverse = self.distill(series)
         if self.training:
+            self.needs_calibration = self.prior_fusion is not None
             return teacher, forward, reverse
-        students = [
-            [student[level] for level in self.map_levels] for student in (forward, reverse) if student is not None
-        ]
         length = int(series.shape[-1])
-        anomaly_map = self.anomaly_map_generator([teacher[level] for level in self.map_levels], students, length)
+        anomaly_map = self.distillation_map(teacher, forward, reverse, length)
+        if self.prior_fusion is not None and self.prior_fusion.ready:
+            anomaly_map = self.prior_fusion(as_grid(anomaly_map), [as_grid(level) for level in teacher], (1, length))
+            anomaly_map = anomaly_map.flatten(1)
         if self.score_mode == "mean":
             return InferenceBatch(pred_score=anomaly_map.mean(dim=-1), anomaly_map=anomaly_map)
         top_k = None if self.score_mode == "max" else max(1, round(length * self.top_k_ratio))
         return InferenceBatch(pred_score=image_score(anomaly_map, self.score_mode, top_k), anomaly_map=anomaly_map)
+
+    def distillation_map(
+        self,
+        teacher: Sequence[torch.Tensor],
+        forward: Sequence[torch.Tensor] | None,
+        reverse: Sequence[torch.Tensor] | None,
+        length: int,
+    ) -> torch.Tensor:
+        """The students' discrepancy map ``[B, length]`` over the map levels (see :meth:`distill`'s outputs)."""
+        students = [
+            [student[level] for level in self.map_levels] for student in (forward, reverse) if student is not None
+        ]
+        return self.anomaly_map_generator([teacher[level] for level in self.map_levels], students, length)
+
+    def _teacher_features(self, series: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher features of series, as the prior reads them (``[B, C_k, 1, L_k]``, a one-row grid)."""
+        series = normalize_series(series) if self.normalize_input else series
+        return [as_grid(level) for level in self.teacher(series)]
+
+    def _outputs(self, series: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Teacher features (one-row grids) and the distillation map ``[B, 1, 1, L]`` of series."""
+        teacher, forward, reverse = self.distill(series)
+        distillation = self.distillation_map(teacher, forward, reverse, int(series.shape[-1]))
+        return [as_grid(level) for level in teacher], as_grid(distillation)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Callable[[], Iterable[torch.Tensor]]) -> None:
+        """Fit the prior (once per pretrained teacher) and both maps' statistics on normal training series.
+
+        Does nothing without a prior. Runs in eval mode and restores the previous mode.
+
+        Args:
+            batches: Returns a fresh iterable of normal training series ``[B, C, L]`` each call.
+
+        Raises:
+            RuntimeError: If the teacher has not been pretrained.
+        """
+        if self.prior_fusion is not None and not self.teacher_pretrained:
+            msg = "SignalKD's prior is fitted on the pretrained teacher's features: pretrain the teacher first."
+            raise RuntimeError(msg)
+        super().calibrate(batches)
+
+
+def as_grid(features: torch.Tensor) -> torch.Tensor:
+    """``[B, C, L]`` features or ``[B, L]`` maps as the one-row grids ``[B, C, 1, L]`` / ``[B, 1, 1, L]``."""
+    return features.view(features.shape[0], -1, 1, features.shape[-1])
