@@ -435,6 +435,25 @@ def prior_score_only(module: Any) -> Callable[[], None]:
     return swap(module.model.prior_fusion, "scope", PriorScope("score"))
 
 
+def recalibrated(module: Any, undo: Callable[[], None]) -> Callable[[], None]:
+    """Have the model refit its map statistics before the re-test and again after ``undo`` (the map changed)."""
+    module.model.needs_calibration = True
+
+    def restore() -> None:
+        undo()
+        module.model.needs_calibration = True
+
+    return restore
+
+
+def forward_maps_only(module: Any) -> Callable[[], None]:
+    return recalibrated(module, swap(module.model, "decoder", None))
+
+
+def product_fusion(module: Any) -> Callable[[], None]:
+    return recalibrated(module, swap(module.model.anomaly_map_generator, "fusion", "product"))
+
+
 def topk_score(module: Any) -> Callable[[], None]:
     return swap(module.model, "score_mode", "topk")
 
@@ -444,6 +463,8 @@ RETESTS: dict[str, Retest] = {
     "BiDirMSKD +prior max": Retest("BiDirMSKD +prior", prior_rule_max),
     "BiDirMSKD +prior topk": Retest("BiDirMSKD +prior", topk_score),
     "BiDirMSKD +prior score-only": Retest("BiDirMSKD +prior", prior_score_only),
+    "BiDirMSKD +prior forward-maps": Retest("BiDirMSKD +prior", forward_maps_only),
+    "BiDirMSKD +prior product": Retest("BiDirMSKD +prior", product_fusion),
     "BiDirMSKD reverse-only": Retest("BiDirMSKD reverse-only +prior", without_prior),
     "BiDirMSKD reverse-only +prior max": Retest("BiDirMSKD reverse-only +prior", prior_rule_max),
     "MTHF": Retest("MTHF +prior", without_prior),

@@ -96,7 +96,7 @@ def test_prior_scope_score_keeps_the_distillation_map_and_scores_the_fused_map()
 
 def test_bidirmskd_with_prior_calibrates_and_changes_the_map() -> None:
     torch.manual_seed(0)
-    model = BiDirMSKDModel(pre_trained=False, prior=True)
+    model = BiDirMSKDModel(pre_trained=False, prior=True, prior_scope="map")
     images = torch.rand(4, 3, 64, 64)
     model.train()
     model(images)
@@ -133,7 +133,9 @@ def test_engine_fit_test_and_reload_with_prior(tmp_path: Path, tiny_folder_datam
     model.model.eval()
     restored.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(restored.model(batch).anomaly_map, model.model(batch).anomaly_map)
+        restored_output, output = restored.model(batch), model.model(batch)
+        torch.testing.assert_close(restored_output.anomaly_map, output.anomaly_map)
+        torch.testing.assert_close(restored_output.pred_score, output.pred_score)
 
     # The fitted prior and statistics are constants of the exported graph: FP32 IR == torch.
     from kd_ext.edge import EdgeModel

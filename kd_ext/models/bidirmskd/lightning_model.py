@@ -94,7 +94,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         epochs: int = DEFAULT_EPOCHS,
         kernel_backend: str = "auto",
         prior: bool = True,
-        prior_scope: PriorScope | str = PriorScope.SCORE,
+        prior_scope: PriorScope | str = PriorScope.SCORE.value,
         teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -102,6 +102,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         teacher_finetune = resolve_teacher_finetune(teacher_finetune).value  # a plain str in the saved hparams
+        prior_scope = PriorScope(prior_scope).value  # a plain str in the saved hparams (weights_only loading)
         if pre_processor is True:
             pre_processor = teacher_pre_processor(backbone)
         super().__init__(
@@ -126,7 +127,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
             score_mode=score_mode,
             kernel_backend=kernel_backend,
             prior=prior,
-            prior_scope=PriorScope(prior_scope).value,
+            prior_scope=prior_scope,
             teacher_finetune=teacher_finetune,
         )
         self.loss = BiDirMSKDLoss()

@@ -110,7 +110,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         kernel_backend: str = "auto",
         group_backbones: Sequence[str] | None = None,
         prior: bool = False,
-        prior_scope: PriorScope | str = PriorScope.SCORE,
+        prior_scope: PriorScope | str = PriorScope.SCORE.value,
         teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -118,6 +118,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         teacher_finetune = resolve_teacher_finetune(teacher_finetune).value  # a plain str in the saved hparams
+        prior_scope = PriorScope(prior_scope).value  # a plain str in the saved hparams (weights_only loading)
         if pre_processor is True:
             pre_processor = teacher_pre_processor(backbone)
         super().__init__(
@@ -147,7 +148,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
             kernel_backend=kernel_backend,
             group_backbones=group_backbones,
             prior=prior,
-            prior_scope=PriorScope(prior_scope).value,
+            prior_scope=prior_scope,
             teacher_finetune=teacher_finetune,
         )
         self.loss = MTHFLoss()
