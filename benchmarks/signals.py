@@ -1,6 +1,7 @@
 """ECG200 benchmark of the 1-D signal paths of kd_ext, with scikit-learn and anomalib baselines.
 
-Rows: the native 1-D teacher-student model (``SignalKD``, series batches), anomalib Padim and kd_ext BiDirMSKD on
+Rows: the native 1-D teacher-student model (``SignalKD``, series batches; its defaults, and its former defaults
+without the prior and the reverse student's code), anomalib Padim and kd_ext BiDirMSKD on
 series turned into images (``UCRSeries(as_image=...)``, EfficientNet-Lite0 ImageNet teacher as in
 ``benchmarks/accuracy.py``), and Isolation Forest and one-class SVM on the raw (z-normalised) beats.
 
@@ -18,14 +19,15 @@ Protocol, the same for every row (see ``PROTOCOL``):
 * Trained rows and Isolation Forest run with 3 seeds; Padim and the one-class SVM are deterministic and run once.
   Cross-validation cells are mean ± std over the folds (and seeds); test cells mean ± std over the seeds.
 
-Each finished (row, split, seed) run is merged into ``benchmarks/results/signals.json`` and the Markdown table is
-re-rendered, so an interrupted run keeps what finished (``--resume`` skips it).
+Each finished (row, split, seed) run is merged into ``benchmarks/results/signals.json`` and the Markdown table and the
+ROC figure of the official split (``signals_roc.png``) are re-rendered, so an interrupted run keeps what finished
+(``--resume`` skips it).
 
 Everything (about half an hour on 2 busy CPU cores):
     nice python benchmarks/signals.py --threads 1
 A subset:
     python benchmarks/signals.py --rows 'Isolation Forest' 'One-class SVM' --splits test
-Re-render the Markdown from the JSON:
+Re-render the Markdown and the ROC figure from the JSON:
     python benchmarks/signals.py --render-only
 """
 
@@ -51,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("KD_EXT_DATA", REPO.parent / "shared" / "data"))
 ECG = DATA / "ecg"
 RESULTS = REPO / "benchmarks" / "results"
+ROC_PNG = "signals_roc.png"
 FOLDS = 5
 FOLD_SEED = 0
 VAL_SEED = 0
@@ -94,10 +97,10 @@ class Row:
     batch_size: int = 32
 
 
-def signal_kd(teacher_epochs: int) -> Any:
+def signal_kd(teacher_epochs: int, **kwargs: Any) -> Any:
     from kd_ext.models.signal_kd import SignalKD
 
-    return SignalKD(teacher_epochs=teacher_epochs)
+    return SignalKD(teacher_epochs=teacher_epochs, **kwargs)
 
 
 def padim() -> Any:
@@ -128,10 +131,19 @@ def one_class_svm(seed: int) -> Any:
 def rows(epochs: int, teacher_epochs: int, image_epochs: int) -> dict[str, Row]:
     """The rows, in table order."""
     return {
-        "SignalKD (1-D KD)": Row(
+        "SignalKD + prior (1-D KD)": Row(
             "anomalib",
             None,
             lambda: signal_kd(teacher_epochs),
+            seeded=True,
+            input="series",
+            epochs=epochs,
+            batch_size=16,
+        ),
+        "SignalKD no prior, no code (1-D KD)": Row(
+            "anomalib",
+            None,
+            lambda: signal_kd(teacher_epochs, prior=False, bottleneck=None),
             seeded=True,
             input="series",
             epochs=epochs,
@@ -296,7 +308,13 @@ def render(results: dict, path: Path) -> None:
             + " | ".join(cells)
             + f" | {seconds:.1f} |"
         )
-    lines += ["", *ranking(runs, names), "", *ROW_NOTES, ""]
+    lines += ["", *ranking(runs, names), ""]
+    if plot_rocs(runs, path.with_name(ROC_PNG)):
+        lines += [
+            f"![ROC curves of the official test split, one per seed (AUROC ± sample std over seeds)]({ROC_PNG})",
+            "",
+        ]
+    lines += [*ROW_NOTES, ""]
     lines += [f"Machine: {results.get('machine', 'unknown')}. Fit time is wall-clock on a shared machine.", ""]
     path.write_text("\n".join(lines))
 
@@ -304,17 +322,30 @@ def render(results: dict, path: Path) -> None:
 ROW_NOTES = (
     "Rows:",
     "",
-    "- SignalKD: kd_ext.models.signal_kd, defaults (conv + bidirectional GRU teacher pretrained 60 epochs by masked "
-    "reconstruction on every series of the training partition, normal and abnormal, labels unused, never a test "
-    "series; forward and reverse students on the normal training series, batch 16; map of the two deeper levels, "
-    "score = its mean). Those defaults were chosen by the same 5-fold CV over ECG200_TRAIN (never on ECG200_TEST), "
-    "so its CV figures are optimistic; its test figures are not.",
+    "- SignalKD + prior: kd_ext.models.signal_kd, defaults (conv + bidirectional GRU teacher pretrained 60 epochs by "
+    "masked reconstruction on every series of the training partition, normal and abnormal, labels unused, never a "
+    "test series; forward and reverse students 60 epochs on the normal training series, batch 16; distillation map "
+    "of the two deeper levels fused with the normal-feature prior, a Gaussian of the teacher's two deeper levels at "
+    "every time step fitted on the normal training series, both maps standardised on the normal training series and "
+    "averaged; score = the map's mean; the reverse student rebuilds the teacher's levels from a code of 16 numbers "
+    "per series). SignalKD no prior, no code: prior=False, bottleneck=None, the former defaults (the distillation "
+    "map alone; the reverse student's embedding has 64 channels at a quarter of the resolution, no code). Those "
+    "defaults (the prior, its levels, the code, the mean score, the map levels) were chosen on the same 5 folds of "
+    "ECG200_TRAIN (seed 0; never on ECG200_TEST), so their CV figures are optimistic; their test figures are not.",
     "- Padim: anomalib Padim with the offline EfficientNet-Lite0 ImageNet teacher of benchmarks/accuracy.py (blocks "
     "1, 2, 4; 100 random feature dimensions), 256x256 after the pre-processor's resize of the 96x96 series image.",
     "- BiDirMSKD: kd_ext BiDirMSKD as in benchmarks/accuracy.py (EfficientNet-Lite0 teacher), few epochs.",
     "- Isolation Forest (100 trees) and one-class SVM (RBF, gamma 'scale', nu 0.1) from scikit-learn on the 96 "
     "z-normalised samples of each beat; score = the negated score_samples.",
 )
+
+
+def plot_rocs(runs: list[dict], path: Path) -> bool:
+    """ROC curves of the official test split, one panel per row, one curve per seed; ``False`` without scores."""
+    import signals_medical_report as medical
+
+    title = "ECG200, official test split: ROC per method (abnormal = positive)"
+    return medical.plot_rocs(medical.ecg_section(runs), title, path)
 
 
 def ranking(runs: list[dict], names: list[str]) -> list[str]:
