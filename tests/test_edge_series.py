@@ -58,10 +58,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     test = write_ucr(root / "SYN_TEST.txt", normal=6, abnormal=6, seed=5)
     module = UCRSeries(train, test, band_pass=BAND_PASS, seed=0, train_batch_size=8, eval_batch_size=8)
     torch.manual_seed(0)
-    model = SignalKD(width=8, hidden=16, teacher_epochs=1)
-    engine = Engine(
-        max_epochs=1, default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    model = SignalKD(width=8, hidden=16, teacher_epochs=1, epochs=1)
+    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False)
     engine.fit(model, datamodule=module)
     xml = export_openvino(model, root / "export", input_size=None)
     model.eval()
