@@ -327,8 +327,9 @@ def staging_of(out: Path, pid: int) -> Path:
 
 def test_stale_staging_of_a_stopped_process_is_removed(ir: Path, images: Path, tmp_path: Path) -> None:
     stale = staging_of(tmp_path / "out", stopped_pid())
-    foreign = tmp_path / ".out.partial-12"  # same name pattern, no kd_ext marker: not ours, kept
+    foreign = tmp_path / f".out.partial-{stopped_pid()}"  # same name pattern, no kd_ext marker: not ours, kept
     foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's file")  # an empty folder of that name would be removed
     score_folder(EdgeModel(ir), images, tmp_path / "out", progress=None)
     assert not stale.exists()
     assert foreign.is_dir()

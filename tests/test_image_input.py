@@ -16,7 +16,7 @@ from anomalib.data import Folder
 from anomalib.data.datasets.base import image as anomalib_dataset_module
 from anomalib.data.utils import read_image as anomalib_read_image
 from anomalib.engine import Engine
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from PIL import Image
 from torchvision.transforms.v2 import Resize
 
@@ -227,3 +227,25 @@ def test_video_frames_read_sixteen_bit_frames_by_the_rule(tmp_path: Path) -> Non
     image = dataset[0].image
     np.testing.assert_allclose(image.numpy(), TWELVE_BIT_MAX / 65535, rtol=1e-6)
     assert anomalib_dataset_module.read_image is ANOMALIB_READ_IMAGE  # only while the frame is read
+
+
+class StopTraining(Callback):
+    """Raises as the first training batch starts: a run that ends on an exception, after its setup."""
+
+    def on_train_batch_start(self, *args: object) -> None:
+        del args
+        msg = "stopped by the test"
+        raise RuntimeError(msg)
+
+
+def test_a_run_that_raises_puts_anomalib_reader_back(folder_root: Path, tmp_path: Path) -> None:
+    """Lightning skips ``teardown`` after an exception; the model's callback still ends its reading scope."""
+    model = BiDirMSKD(pre_trained=False, pre_processor=BiDirMSKD.configure_pre_processor(SIZE), visualizer=False)
+    engine = Engine(
+        max_epochs=1, default_root_dir=tmp_path, logger=False, accelerator="cpu", devices=1, callbacks=[StopTraining()]
+    )
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        engine.fit(model=model, datamodule=folder_datamodule(folder_root))
+    assert model.image_reading_runs == 0
+    modules = [__import__(name, fromlist=["read_image"]) for name in ANOMALIB_READER_MODULES]
+    assert all(module.read_image is ANOMALIB_READ_IMAGE for module in modules)

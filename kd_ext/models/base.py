@@ -14,6 +14,7 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
@@ -48,6 +49,21 @@ def check_epochs(epochs: int) -> int:
         msg = f"epochs must be a whole number >= 1, got {epochs!r}."
         raise ValueError(msg)
     return epochs
+
+
+class ImageReadingScope(Callback):
+    """Ends a kd_ext model's image-reading scope when its trainer run stops on an exception.
+
+    Lightning calls a module's ``teardown`` only when a run ends normally; after an exception (bad input, out of
+    memory, Ctrl+C) only callbacks hear of it, and without this one anomalib's datasets would go on reading
+    images by kd_ext's rule in the rest of the process.
+    """
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Put anomalib's reader back (see :meth:`KDExtModelMixin.end_image_reading`)."""
+        del trainer, exception
+        if isinstance(pl_module, KDExtModelMixin):
+            pl_module.end_image_reading()
 
 
 class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
@@ -127,9 +143,19 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
         """Give the batch-norm layers back their own classes after a distributed fit; anomalib's reader back."""
         restore_batch_norm(self.model)
         super().teardown(stage)  # type: ignore[misc]
+        self.end_image_reading()
+
+    def end_image_reading(self) -> None:
+        """End every image-reading scope this model's trainer runs started; anomalib's reader is back after the last."""
         while self.image_reading_runs:
             self.image_reading_runs -= 1
             stop_kd_ext_image_reading()
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Return the callbacks of anomalib's components and an :class:`ImageReadingScope`."""
+        callbacks = super().configure_callbacks()  # type: ignore[misc]
+        listed = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
+        return [*listed, ImageReadingScope()]
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         """With several processes, average the moving statistics that each updated from its share of the batch."""
