@@ -241,9 +241,9 @@ def test_options_are_frozen_and_normalised() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"distance": "l1"}, ValueError, r"distance must be one of \('cosine', 'l2'\)"),
-        ({"fusion": "max"}, ValueError, "fusion must be one of"),
-        ({"score": "none"}, ValueError, "score mode must be one of"),
+        ({"distance": "l1"}, ValueError, r"Unknown distance 'l1'; choose one of 'cosine', 'l2'\."),
+        ({"fusion": "max"}, ValueError, "Unknown fusion 'max'; choose one of"),
+        ({"score": "none"}, ValueError, "Unknown score mode 'none'; choose one of"),
         ({"score": "topk"}, TypeError, "top_k"),
         ({"top_k": 2}, ValueError, "drop top_k"),
         ({"sigma": 9.0}, ValueError, "blur radius"),

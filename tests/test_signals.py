@@ -118,7 +118,7 @@ def test_test_series_of_another_length_are_refused(files: tuple[Path, Path], tmp
         ({"val_split_mode": "none"}, "leaves UCRSeries without a validation set"),
         ({"test_file": None}, "needs test_file, or num_folds"),
         ({"num_folds": 5}, "leave test_file out"),
-        ({"test_file": None, "num_folds": 1}, "num_folds must be an integer of at least 2"),
+        ({"test_file": None, "num_folds": 1}, "num_folds must be a whole number >= 2, got 1"),
         ({"test_file": None, "num_folds": 3, "fold": 3}, r"fold must be an integer in \[0, 3\)"),
     ],
 )

@@ -28,6 +28,7 @@ from typing import Any
 
 from kd_ext.models.cross_task.loss import Imbalance, TaskWeighting, TemperatureMode
 from kd_ext.models.cross_task.torch_model import check_task_names
+from kd_ext.options import check_choice, check_epochs, check_learning_rate, check_positive, check_whole
 
 
 class DataLayout(StrEnum):
@@ -56,14 +57,6 @@ class ExportPrecision(StrEnum):
     none = "none"
     fp32 = "fp32"
     fp16 = "fp16"
-
-
-def _choice(enum: type[StrEnum], value: object, name: str) -> StrEnum:
-    try:
-        return enum(value)
-    except ValueError:
-        msg = f"Unknown {name} '{value}'; choose one of {tuple(member.value for member in enum)}."
-        raise ValueError(msg) from None
 
 
 def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
@@ -105,7 +98,7 @@ class TaskConfig:
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
         self.root = Path(self.root)
-        self.layout = _choice(DataLayout, self.layout, f"data layout of task '{self.name}'")
+        self.layout = check_choice(self.layout, DataLayout, f"data layout of task '{self.name}'")
 
     @property
     def data_dir(self) -> Path:
@@ -242,19 +235,17 @@ class TrainingConfig:
     distributed_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        self.task_weighting = _choice(TaskWeighting, self.task_weighting, "task_weighting")
-        self.temperature = _choice(TemperatureMode, self.temperature, "temperature")
-        self.imbalance = _choice(Imbalance, self.imbalance, "imbalance")
-        self.targets = _choice(TargetKind, self.targets, "targets")
-        if self.epochs < 1 or self.batch_size < 2 or self.synthetic_per_image < 0:
-            msg = "Need epochs >= 1, batch_size >= 2 (BatchNorm) and synthetic_per_image >= 0."
-            raise ValueError(msg)
-        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
-            msg = f"training.devices must be a whole number >= 1 (processes on this machine), got {self.devices!r}."
-            raise ValueError(msg)
-        if self.distributed_timeout <= 0:
-            msg = f"training.distributed_timeout must be a positive number of minutes, got {self.distributed_timeout}."
-            raise ValueError(msg)
+        self.task_weighting = check_choice(self.task_weighting, TaskWeighting, "task_weighting")
+        self.temperature = check_choice(self.temperature, TemperatureMode, "temperature")
+        self.imbalance = check_choice(self.imbalance, Imbalance, "imbalance")
+        self.targets = check_choice(self.targets, TargetKind, "targets")
+        check_epochs(self.epochs, "training.epochs")
+        check_whole(self.batch_size, "training.batch_size (BatchNorm needs 2 images)", minimum=2)
+        check_whole(self.synthetic_per_image, "training.synthetic_per_image", minimum=0)
+        check_whole(self.crop_size, "training.crop_size", minimum=0)
+        check_learning_rate(self.learning_rate, "training.learning_rate")
+        check_whole(self.devices, "training.devices", minimum=1)
+        check_positive(self.distributed_timeout, "training.distributed_timeout")
         if self.targets == TargetKind.synthetic and self.synthetic_per_image < 1:
             msg = "targets 'synthetic' learns from synthetic anomalies: set synthetic_per_image >= 1."
             raise ValueError(msg)
@@ -267,7 +258,7 @@ class ExportConfig:
     precision: ExportPrecision = ExportPrecision.fp32
 
     def __post_init__(self) -> None:
-        self.precision = _choice(ExportPrecision, self.precision, "export precision")
+        self.precision = check_choice(self.precision, ExportPrecision, "export precision")
 
 
 RUN_FILES = ("report.json", "student.ckpt", "openvino/student.xml", "openvino/student.bin")

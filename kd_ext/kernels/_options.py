@@ -4,8 +4,8 @@
 to the native CPU, native CUDA or torch reference backend, so a call is accepted or refused the same
 way whichever backend runs it. The option names are str Enums (:class:`Distance`, :class:`Fusion`,
 :class:`ScoreMode`, :class:`Backend`), as anomalib's options are; the public functions also accept
-their string values. Models call :func:`validate_sigma` in their constructors. Nothing here imports
-torch.
+their string values, and every choice is checked by :func:`kd_ext.options.check_choice`, kd_ext's one choice
+rule. Models call :func:`validate_sigma` in their constructors. Nothing here imports torch.
 
 The compiled binding re-checks only the bounds its own memory safety needs (the same pixel cap,
 exported there as ``MAX_MAP_PIXELS``, the blur radius, ``top_k`` and the per-scale weight count),
@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal
 from enum import Enum
-from typing import TypeVar
 
 import numpy as np
+
+from kd_ext.options import check_choice
 
 __all__ = [
     "MAX_MAP_PIXELS",
@@ -108,19 +109,8 @@ class Backend(str, Enum):
     REFERENCE = "reference"
 
 
-_EnumT = TypeVar("_EnumT", bound=Enum)
-
-
-def _choice(value: object, enum: type[_EnumT], what: str) -> _EnumT:
-    """Return ``value`` as a member of ``enum`` (members and their string values are accepted)."""
-    if isinstance(value, enum):
-        return value
-    try:
-        return enum(value)
-    except ValueError:
-        choices = tuple(member.value for member in enum)
-        msg = f"{what} must be one of {choices}, got {value!r}"
-        raise ValueError(msg) from None
+_choice = check_choice
+"""The name :mod:`kd_ext.kernels._api` imports the choice rule by (see :func:`kd_ext.options.check_choice`)."""
 
 
 def _is_int(value: object) -> bool:
@@ -272,7 +262,7 @@ def validate_top_k(mode: ScoreMode | str, top_k: int | None, size: int) -> int |
         TypeError: If ``mode="topk"`` and ``top_k`` is not an integer.
         ValueError: If the mode is unknown, ``top_k`` is out of range, or given with ``mode="max"``.
     """
-    mode = _choice(mode, ScoreMode, "score mode")
+    mode = check_choice(mode, ScoreMode, "score mode")
     if mode is ScoreMode.MAX:
         if top_k is not None:
             msg = f"top_k is only used with mode='topk', got mode='max' and top_k={top_k}; drop top_k"
@@ -309,7 +299,7 @@ def validate_weights(fusion: Fusion | str, weights: Sequence[float] | None, num_
         ValueError: If they are missing, not allowed with ``fusion``, of the wrong length, not
             finite in float32, too large together (see above) or all zero.
     """
-    values = _weight_values(_choice(fusion, Fusion, "fusion"), weights)
+    values = _weight_values(check_choice(fusion, Fusion, "fusion"), weights)
     if values is None:
         return None
     _check_weight_count(values, num_scales)
@@ -406,10 +396,10 @@ class KernelOptions:
     def __post_init__(self) -> None:
         size = validate_output_size(self.output_size)
         sigma = validate_sigma(self.sigma, size)
-        distance = _choice(self.distance, Distance, "distance")
-        fusion = _choice(self.fusion, Fusion, "fusion")
+        distance = check_choice(self.distance, Distance, "distance")
+        fusion = check_choice(self.fusion, Fusion, "fusion")
         weights = _weight_values(fusion, self.weights)
-        score = None if self.score is None else _choice(self.score, ScoreMode, "score mode")
+        score = None if self.score is None else check_choice(self.score, ScoreMode, "score mode")
         top_k = None if score is None else validate_top_k(score, self.top_k, size[0] * size[1])
         if not isinstance(self.align_corners, (bool, np.bool_)):
             msg = f"align_corners must be a bool, got {type(self.align_corners).__name__}"

@@ -39,18 +39,6 @@ DEFAULT_EPOCHS = 10
 """Training epochs of kd_ext's image models unless ``epochs`` says otherwise (the accuracy benchmark's protocol)."""
 
 
-def check_epochs(epochs: int) -> int:
-    """Return ``epochs`` if it is a positive whole number.
-
-    Raises:
-        ValueError: Otherwise.
-    """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        msg = f"epochs must be a whole number >= 1, got {epochs!r}."
-        raise ValueError(msg)
-    return epochs
-
-
 class ImageReadingScope(Callback):
     """Ends a kd_ext model's image-reading scope when its trainer run stops on an exception.
 

@@ -18,10 +18,12 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from kd_ext.kernels import validate_sigma
-from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin, check_epochs
+from kd_ext.kernels import Backend, ScoreMode, validate_sigma
+from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin
 from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, pre_processor_image_size, teacher_pre_processor
 from kd_ext.models.components import PriorScope, TeacherFinetune, resolve_teacher_finetune
+from kd_ext.models.components.multiscale_map import MapFusion
+from kd_ext.options import check_choice, check_epochs, check_learning_rate, literal_of
 
 from .loss import BiDirMSKDLoss
 from .torch_model import BiDirMSKDModel
@@ -87,22 +89,28 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         reverse_student: bool = True,
         attention: bool = True,
         fusion: bool = True,
-        map_fusion: str = "mean",
+        map_fusion: literal_of(MapFusion) = MapFusion.MEAN.value,
         sigma: float = 4.0,
-        score_mode: str = "max",
+        score_mode: literal_of(ScoreMode) = ScoreMode.MAX.value,
         learning_rate: float = 0.005,
         epochs: int = DEFAULT_EPOCHS,
-        kernel_backend: str = "auto",
+        kernel_backend: literal_of(Backend) = Backend.AUTO.value,
         prior: bool = True,
-        prior_scope: PriorScope | str = PriorScope.SCORE.value,
-        teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
+        prior_scope: PriorScope | literal_of(PriorScope) = PriorScope.SCORE.value,
+        teacher_finetune: TeacherFinetune | literal_of(TeacherFinetune) | bool = TeacherFinetune.NONE,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        teacher_finetune = resolve_teacher_finetune(teacher_finetune).value  # a plain str in the saved hparams
-        prior_scope = PriorScope(prior_scope).value  # a plain str in the saved hparams (weights_only loading)
+        # Checked, and plain strs in the hparams anomalib saves next (checkpoints load with weights_only)
+        teacher_finetune = resolve_teacher_finetune(teacher_finetune).value
+        prior_scope = check_choice(prior_scope, PriorScope, "prior_scope").value
+        map_fusion = check_choice(map_fusion, MapFusion, "map fusion").value
+        score_mode = check_choice(score_mode, ScoreMode, "score_mode").value
+        kernel_backend = check_choice(kernel_backend, Backend, "kernel backend").value
+        learning_rate = check_learning_rate(learning_rate)
+        epochs = check_epochs(epochs)
         if pre_processor is True:
             pre_processor = teacher_pre_processor(backbone)
         super().__init__(
@@ -113,7 +121,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         )
         validate_sigma(sigma, pre_processor_image_size(self.pre_processor))
         self.learning_rate = learning_rate
-        self.epochs = check_epochs(epochs)
+        self.epochs = epochs
         self.model = BiDirMSKDModel(
             backbone=backbone,
             layers=layers,

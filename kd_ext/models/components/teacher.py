@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from kd_ext.options import check_fraction, check_name
+
 from .finetune import (
     DEFAULT_SCHEDULE,
     FinetuneReport,
@@ -32,12 +34,8 @@ def check_score_options(score_mode: str, top_k_ratio: float, modes: Sequence[str
     Raises:
         ValueError: Naming the bad value and the allowed ones.
     """
-    if score_mode not in modes:
-        msg = f"Unknown score_mode '{score_mode}'; choose one of {tuple(modes)}."
-        raise ValueError(msg)
-    if not 0 < top_k_ratio <= 1:
-        msg = f"top_k_ratio must be in (0, 1], got {top_k_ratio}."
-        raise ValueError(msg)
+    check_name(score_mode, modes, "score_mode")
+    check_fraction(top_k_ratio, "top_k_ratio")
 
 
 class FrozenTeacherModel(nn.Module):

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from kd_ext.models.base import EVAL_MODE_WARNING, KDExtModelMixin
 from kd_ext.models.checkpoint import teacher_pre_processor
 from kd_ext.models.distributed import restore_batch_norm, setup_distributed
+from kd_ext.options import check_choice, check_learning_rate, literal_of
 
 from .loss import (
     AdaptiveTemperature,
@@ -264,22 +265,27 @@ class CrossTaskDistillation(LightningModule):
         student: CrossTaskStudent,
         teacher_channels: dict[str, list[int]] | None = None,
         learning_rate: float = 1e-3,
-        task_weighting: str = TaskWeighting.dwa.value,
+        task_weighting: literal_of(TaskWeighting) = TaskWeighting.dwa.value,
         dwa_temperature: float = 2.0,
-        temperature: str = TemperatureMode.adaptive.value,
+        temperature: literal_of(TemperatureMode) = TemperatureMode.adaptive.value,
         initial_temperature: float = 4.0,
-        imbalance: str = Imbalance.balanced.value,
+        imbalance: literal_of(Imbalance) = Imbalance.balanced.value,
         score_weight: float = 1.0,
         feature_weight: float = 1.0,
         crop_size: int = 128,
         seed: int = 0,
     ) -> None:
+        # Checked, and plain strs in the saved hparams
+        task_weighting = check_choice(task_weighting, TaskWeighting, "task_weighting").value
+        temperature = check_choice(temperature, TemperatureMode, "temperature").value
+        imbalance = check_choice(imbalance, Imbalance, "imbalance").value
+        learning_rate = check_learning_rate(learning_rate)
         super().__init__()
         self.save_hyperparameters(ignore=["student"])
         self.student = student
         self.tasks = tuple(student.tasks)
-        self.task_weighting = TaskWeighting(str(task_weighting))
-        self.imbalance = Imbalance(str(imbalance))
+        self.task_weighting = TaskWeighting(task_weighting)
+        self.imbalance = Imbalance(imbalance)
         self.learning_rate = learning_rate
         self.score_weight = score_weight
         self.feature_weight = feature_weight
@@ -288,9 +294,7 @@ class CrossTaskDistillation(LightningModule):
         count = len(self.tasks)
         torch.manual_seed(seed)
         self.temperature = (
-            AdaptiveTemperature(count, initial=initial_temperature)
-            if TemperatureMode(str(temperature)) == TemperatureMode.adaptive
-            else None
+            AdaptiveTemperature(count, initial=initial_temperature) if temperature == TemperatureMode.adaptive else None
         )
         self.initial_temperature = float(initial_temperature)
         self.register_buffer("fixed_temperature", torch.tensor(self.initial_temperature), persistent=False)

@@ -18,11 +18,13 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from kd_ext.kernels import validate_sigma
-from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin, check_epochs
+from kd_ext.kernels import Backend, ScoreMode, validate_sigma
+from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin
 from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, pre_processor_image_size, teacher_pre_processor
 from kd_ext.models.components import PriorScope, TeacherFinetune, resolve_teacher_finetune
+from kd_ext.options import check_choice, check_epochs, check_learning_rate, check_name, literal_of
 
+from .anomaly_map import GROUP_FUSIONS
 from .loss import MTHFLoss
 from .torch_model import GROUPS, MTHFModel
 
@@ -102,23 +104,29 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         attention: bool = True,
         fusion_modules: bool = True,
         fusion_stages: int = 2,
-        group_fusion: str = "mean",
+        group_fusion: literal_of(GROUP_FUSIONS) = "mean",
         sigma: float = 4.0,
-        score_mode: str = "max",
+        score_mode: literal_of(ScoreMode) = ScoreMode.MAX.value,
         learning_rate: float = 0.005,
         epochs: int = DEFAULT_EPOCHS,
-        kernel_backend: str = "auto",
+        kernel_backend: literal_of(Backend) = Backend.AUTO.value,
         group_backbones: Sequence[str] | None = None,
         prior: bool = False,
-        prior_scope: PriorScope | str = PriorScope.SCORE.value,
-        teacher_finetune: TeacherFinetune | str | bool = TeacherFinetune.NONE,
+        prior_scope: PriorScope | literal_of(PriorScope) = PriorScope.SCORE.value,
+        teacher_finetune: TeacherFinetune | literal_of(TeacherFinetune) | bool = TeacherFinetune.NONE,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        teacher_finetune = resolve_teacher_finetune(teacher_finetune).value  # a plain str in the saved hparams
-        prior_scope = PriorScope(prior_scope).value  # a plain str in the saved hparams (weights_only loading)
+        # Checked, and plain strs in the hparams anomalib saves next (checkpoints load with weights_only)
+        teacher_finetune = resolve_teacher_finetune(teacher_finetune).value
+        prior_scope = check_choice(prior_scope, PriorScope, "prior_scope").value
+        group_fusion = check_name(group_fusion, GROUP_FUSIONS, "group_fusion")
+        score_mode = check_choice(score_mode, ScoreMode, "score_mode").value
+        kernel_backend = check_choice(kernel_backend, Backend, "kernel backend").value
+        learning_rate = check_learning_rate(learning_rate)
+        epochs = check_epochs(epochs)
         if pre_processor is True:
             pre_processor = teacher_pre_processor(backbone)
         super().__init__(
@@ -128,11 +136,8 @@ class MTHF(KDExtModelMixin, AnomalibModule):
             visualizer=visualizer,
         )
         validate_sigma(sigma, pre_processor_image_size(self.pre_processor))
-        if learning_rate <= 0:
-            msg = f"learning_rate must be > 0, got {learning_rate}."
-            raise ValueError(msg)
         self.learning_rate = learning_rate
-        self.epochs = check_epochs(epochs)
+        self.epochs = epochs
         self.model = MTHFModel(
             backbone=backbone,
             layers=layers,

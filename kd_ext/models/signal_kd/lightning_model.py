@@ -42,10 +42,10 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from kd_ext.edge.series_preprocessing import METADATA_KEY, SeriesPreprocessing
-from kd_ext.models.base import check_epochs
+from kd_ext.options import check_epochs, check_fraction, check_learning_rate, check_name, literal_of
 
 from .loss import SignalKDLoss
-from .torch_model import DEFAULT_BOTTLENECK, SignalKDModel
+from .torch_model import DEFAULT_BOTTLENECK, SCORE_MODES, SignalKDModel
 
 logger = logging.getLogger(__name__)
 ONNX_OPSET = 17
@@ -94,7 +94,7 @@ class SignalKD(AnomalibModule):
         reverse_student: bool = True,
         bottleneck: int | None = DEFAULT_BOTTLENECK,
         sigma: float = 2.0,
-        score_mode: str = "mean",
+        score_mode: literal_of(SCORE_MODES) = "mean",
         top_k_ratio: float = 0.1,
         map_levels: Sequence[int] = (1, 2),
         learning_rate: float = 1e-3,
@@ -109,6 +109,13 @@ class SignalKD(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = False,
     ) -> None:
+        # Checked, and plain values in the hparams anomalib saves next
+        score_mode = check_name(score_mode, SCORE_MODES, "score_mode")
+        learning_rate = check_learning_rate(learning_rate)
+        epochs = check_epochs(epochs)
+        teacher_learning_rate = check_learning_rate(teacher_learning_rate, "teacher_learning_rate")
+        teacher_epochs = check_epochs(teacher_epochs, "teacher_epochs")
+        mask_ratio = check_fraction(mask_ratio, "mask_ratio", include_one=False)
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -116,7 +123,7 @@ class SignalKD(AnomalibModule):
             visualizer=visualizer,
         )
         self.learning_rate = learning_rate
-        self.epochs = check_epochs(epochs)
+        self.epochs = epochs
         self.teacher_epochs = teacher_epochs
         self.teacher_learning_rate = teacher_learning_rate
         self.mask_ratio = mask_ratio
