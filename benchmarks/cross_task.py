@@ -1,8 +1,23 @@
-"""Cross-task distillation benchmark: task teachers vs one small multi-task student and lightweight baselines.
+r"""Cross-task distillation benchmark: task teachers vs one small multi-task student and lightweight baselines.
 
-Tasks (``--tasks``), each with its best loadable teacher of the accuracy benchmark (``kd_ext_runs/accuracy``,
-seed 0): ``hazelnut`` (hazelnut_toy, BiDirMSKD), ``brain`` (brain MRI, anomalib Padim), ``ped2`` (UCSD Ped2 frames,
-anomalib Padim; frame-level AUROC) and ``bottle`` (MVTec bottle, BiDirMSKD, when its checkpoint exists).
+Primary tasks (the default ``--tasks``): the two abnormal-behaviour sets, ``ped1`` (UCSD Ped1) and ``ped2`` (UCSD
+Ped2), frames scored as images with frame-level AUROC. Their teachers are the per-task BiDirMSKD with its
+normal-feature prior (row ``BiDirMSKD +prior``) trained by the accuracy benchmark's ``screen`` protocol, seed 0, under
+``kd_ext_runs/accuracy/screen-1/BiDirMSKD_+prior/ucsd_ped{1,2}/seed0`` (git-ignored). When absent, create them with::
+
+    python benchmarks/accuracy.py --protocol screen --sets ucsd_ped1 ucsd_ped2 --rows 'BiDirMSKD +prior'
+
+Those checkpoints are written before the prior is fitted; the prior is fitted here on the same training frames
+(every 20th frame of each training clip, as in the screen) before the teacher scores or gives targets.
+Extra tasks, with the teachers they had before (the accuracy benchmark's runs from before its protocol folders,
+``kd_ext_runs/accuracy/<row>/<set>/seed0``): ``hazelnut`` (hazelnut_toy, BiDirMSKD), ``brain`` (brain MRI, anomalib
+Padim) and ``bottle`` (MVTec bottle, BiDirMSKD). One student serves one input size: all teachers of a run must share
+theirs.
+
+Video frames: training (teacher targets, the prior's fit, the students) uses every ``--frame-stride``-th frame of each
+training clip (default 20, the screen's); testing uses the test frames whose number in their clip is a multiple of
+``--test-frame-stride`` (default 1: every test frame, the standard frame-level metric; the screen used 4). Teachers and
+students are tested on the same frames.
 
 Rows (``--rows``), every trained one per seed (``--seeds``):
 
@@ -16,11 +31,15 @@ Rows (``--rows``), every trained one per seed (``--seeds``):
 - ``N=1 soft-label KD``: the first task's teacher compressed into a one-head student with plain soft-label KD
   (no feature distillation, fixed weights and temperature; seed 003's single-task case).
 
+The results page shows the teachers' row (each teacher on its own task's test frames), every row's mean AUROC over
+the tasks, and the students' mean against the teachers' and against the same trunk trained without distillation.
 Teacher targets are computed once per task and seed and shared by every row of that seed. Results are merged into
-``cross_task.json`` after every row (``--resume`` skips finished rows; ``--render-only`` redraws md and png).
+``cross_task.json`` in ``--results`` after every row (``--resume`` skips finished rows; ``--render-only`` redraws md
+and png).
 
-Run (2 CPU cores: about 10 minutes per row and seed at the defaults):
-    nohup nice python benchmarks/cross_task.py --tasks hazelnut brain --seeds 0 1 2 > cross_task.log 2>&1 &
+Run (the primary comparison: teachers, the student by distillation and the undistilled trunk, 3 seeds):
+    nohup nice python benchmarks/cross_task.py --tasks ped1 ped2 --seeds 0 1 2 --rows 'DWA + adaptive tau' \
+        'fixed w + fixed tau' 'small trunk, no distillation (per task)' > cross_task.log 2>&1 &
 """
 
 import argparse
@@ -32,7 +51,9 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -54,14 +75,50 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("KD_EXT_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "kd_ext_runs" / "accuracy"
+SCREEN_TEACHERS = "python benchmarks/accuracy.py --protocol screen --sets ucsd_ped1 ucsd_ped2 --rows 'BiDirMSKD +prior'"
+"""Creates the primary tasks' teachers (one seed, 6 epochs, every 20th training frame)."""
+EARLIER_TEACHERS = (
+    "a run of the accuracy benchmark from before its protocol folders (today's benchmarks/accuracy.py writes under "
+    "kd_ext_runs/accuracy/<protocol>/ instead)"
+)
+
+
+class TaskSpec(NamedTuple):
+    """A task of the benchmark and its teacher.
+
+    Attributes:
+        run: The teacher's run folder under ``kd_ext_runs/accuracy`` (its ``<set>/seed0`` holds the checkpoint).
+        category: Data set folder.
+        root: Folder holding ``category``.
+        layout: ``mvtec``, ``folder`` or ``video``.
+        model: Teacher class name for anomalib checkpoints (kd_ext checkpoints record theirs).
+        teacher: The teacher as the results page names it.
+        create: What writes the teacher's checkpoint.
+    """
+
+    run: str
+    category: str
+    root: Path
+    layout: str
+    model: str | None
+    teacher: str
+    create: str
+
+
 TASKS = {
-    "hazelnut": ("BiDirMSKD", "hazelnut_toy", DATA, "mvtec", None),
+    "ped1": TaskSpec(
+        "screen-1/BiDirMSKD_+prior", "ucsd_ped1", DATA, "video", None, "BiDirMSKD +prior (screen-1)", SCREEN_TEACHERS
+    ),
+    "ped2": TaskSpec(
+        "screen-1/BiDirMSKD_+prior", "ucsd_ped2", DATA, "video", None, "BiDirMSKD +prior (screen-1)", SCREEN_TEACHERS
+    ),
+    "hazelnut": TaskSpec("BiDirMSKD", "hazelnut_toy", DATA, "mvtec", None, "BiDirMSKD", EARLIER_TEACHERS),
     # BiDirMSKD + prior (0.884) ranked first on brain MRI, but its checkpoints predate the prior's current buffers;
     # anomalib Padim on the same teacher backbone is within 0.005 of it (0.880).
-    "brain": ("anomalib_Padim", "brain_mri", DATA, "folder", "Padim"),
-    "ped2": ("anomalib_Padim", "ucsd_ped2", DATA, "video", "Padim"),
-    "bottle": ("BiDirMSKD", "bottle", DATA / "mvtec_ad", "mvtec", None),
+    "brain": TaskSpec("anomalib_Padim", "brain_mri", DATA, "folder", "Padim", "anomalib Padim", EARLIER_TEACHERS),
+    "bottle": TaskSpec("BiDirMSKD", "bottle", DATA / "mvtec_ad", "mvtec", None, "BiDirMSKD", EARLIER_TEACHERS),
 }
+DEFAULT_TASKS = ["ped1", "ped2"]
 JOINT = {
     "fixed w + fixed tau": {"task_weighting": "fixed", "temperature": "fixed"},
     "DWA + fixed tau": {"task_weighting": "dwa", "temperature": "fixed"},
@@ -85,24 +142,37 @@ DEFAULT_ROWS = [
 """Run in this order (the reference and the full method first, so that a short run still compares them)."""
 
 
-def teacher_checkpoint(folder: str, category: str) -> Path | None:
-    """The accuracy benchmark's seed-0 checkpoint of a row and category, if it exists."""
-    found = sorted((RUNS / folder / category / "seed0").rglob("model.ckpt"))
+def teacher_checkpoint(run: str, category: str) -> Path | None:
+    """The accuracy benchmark's seed-0 checkpoint of a run folder and category, if it exists."""
+    found = sorted((RUNS / run / category / "seed0").rglob("model.ckpt"))
     return found[-1] if found else None
 
 
-def task_configs(names: list[str], frame_stride: int) -> list[TaskConfig]:
-    """Task configurations; exits naming what is missing."""
+def task_configs(names: list[str], frame_stride: int, test_frame_stride: int = 1) -> list[TaskConfig]:
+    """Task configurations (video tasks strided as given); exits naming what is missing and how to create it."""
     configs = []
     for name in names:
-        folder, category, root, layout, model = TASKS[name]
-        checkpoint = teacher_checkpoint(folder, category)
-        if checkpoint is None or not (root / category).is_dir():
+        spec = TASKS[name]
+        checkpoint = teacher_checkpoint(spec.run, spec.category)
+        if not (spec.root / spec.category).is_dir():
+            sys.exit(f"Task '{name}' needs its data in {spec.root / spec.category} (see ../shared/data/README.md).")
+        if checkpoint is None:
             sys.exit(
-                f"Task '{name}' needs {root / category} and a teacher under {RUNS / folder / category / 'seed0'} "
-                f"(benchmarks/accuracy.py --rows {folder} --categories {category})."
+                f"Task '{name}' needs its teacher, a model.ckpt under {RUNS / spec.run / spec.category / 'seed0'}, "
+                f"written by {spec.create}."
             )
-        configs.append(TaskConfig(name, checkpoint, root, category, model, layout, frame_stride))
+        configs.append(
+            TaskConfig(
+                name,
+                checkpoint,
+                spec.root,
+                spec.category,
+                spec.model,
+                spec.layout,
+                frame_stride,
+                test_frame_stride,
+            )
+        )
     return configs
 
 
@@ -141,7 +211,9 @@ def run_row(
         record["train_seconds"] += time.perf_counter() - started
         record["history"][",".join(samples)] = history
         log(json.dumps({"history": ",".join(samples), "loss": history[-1]["loss"]}))
+        started = time.perf_counter()
         record["tasks"].update(evaluate_student(student, group_tasks))
+        record["test_seconds"] = record.get("test_seconds", 0.0) + time.perf_counter() - started
         channels = {name: task_samples.teacher_channels() for name, task_samples in samples.items()}
         record["adapter_parameters"] = adapter_parameter_count(student, channels)
     return record, student
@@ -159,7 +231,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(report: dict) -> dict[str, dict]:
-    """Per row and task: mean and std of each metric over the seeds that ran, and the mean image AUROC over tasks."""
+    """Per row and task: mean and std of each metric over the seeds that ran, and the mean AUROC over the tasks.
+
+    The mean is over each run's ``image_AUROC`` of every task (a video task's frame AUROC).
+    """
     summary = {}
     for row, runs in report["rows"].items():
         per_task: dict[str, dict[str, list[float]]] = {}
@@ -222,11 +297,55 @@ def _cell(values: tuple[float, float] | None, seeds: int) -> str:
     return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
 
 
+def _layout(report: dict, task: str) -> str:
+    """A task's data layout (from the report; older reports: from ``TASKS``)."""
+    return report.get("task_layouts", {}).get(task) or (TASKS[task].layout if task in TASKS else "mvtec")
+
+
+def _metric_name(report: dict, task: str) -> str:
+    """``frame AUROC`` for video tasks (every test frame is an image), else ``image AUROC``."""
+    return "frame AUROC" if _layout(report, task) == "video" else "image AUROC"
+
+
+def _mean_name(report: dict) -> str:
+    """What the mean over the tasks averages."""
+    names = {_metric_name(report, task) for task in report["tasks"]}
+    return f"mean {names.pop()}" if len(names) == 1 else "mean AUROC (frame for video tasks, image otherwise)"
+
+
+def _every(stride: int, split: str) -> str:
+    """``one frame in 20 of each training clip (frame numbers 0, 20, 40, ...)``; every frame for a stride of 1."""
+    if stride == 1:
+        return f"every frame of each {split} clip"
+    return f"one frame in {stride} of each {split} clip (frame numbers 0, {stride}, {2 * stride}, ...)"
+
+
+def video_lines(report: dict) -> str:
+    """Which frames of the video tasks were used, for the results page (empty without video tasks)."""
+    video = [task for task in report["tasks"] if _layout(report, task) == "video"]
+    if not video:
+        return ""
+    train = report.get("frame_stride")
+    test = report.get("test_frame_stride", 1)
+    trained = "strided training frames" if train is None else _every(train, "training")
+    tested = (
+        "every test frame of the test clips (the standard frame-level metric: all test frames pooled)"
+        if test == 1
+        else f"{_every(test, 'test')}, not every test frame"
+    )
+    return (
+        f" Video tasks ({', '.join(video)}): teacher targets, the teachers' prior fit and the students' training use "
+        f"{trained}; teachers and students are tested on {tested}, scored per frame (frame AUROC)."
+    )
+
+
 def render(report: dict) -> str:
     """The markdown report."""
     summary = summarise(report)
     tasks = report["tasks"]
     teachers = report["teachers"]
+    pixel_tasks = [task for task in tasks if "pixel_AUROC" in teachers[task]["metrics"]]
+    mean_name = _mean_name(report)
     lines = [
         "# Cross-task distillation: task teachers vs one small multi-task student",
         "",
@@ -234,44 +353,101 @@ def render(report: dict) -> str:
         + "; ".join(f"`{command}`" for command in report.get("commands", [report.get("command", "")])),
         "",
         f"Machine: {report['machine']}. Tasks: "
-        + ", ".join(f"{name} ({report['task_sets'][name]}, teacher {teachers[name]['model']})" for name in tasks)
+        + ", ".join(
+            f"{name} ({report['task_sets'][name]}, teacher {teachers[name].get('label', teachers[name]['model'])})"
+            for name in tasks
+        )
         + f". Images {report['image_size']}. Training per row and seed: {report['training']['epochs']} epochs over "
         f"the largest task's samples, each normal training image plus {report['training']['synthetic_per_image']} "
         f"Perlin synthetic anomalies of it, batch {report['training']['batch_size']} per task, random "
         f"{report['training']['crop_size']}x{report['training']['crop_size']} crops for the small trunk. Metrics "
-        "rank raw outputs over each task's whole test set; teachers are deterministic (one run).",
+        "rank raw outputs over each task's test images; teachers are deterministic (one run)." + video_lines(report),
         "",
         "## Accuracy (mean ± std over the seeds that ran)",
         "",
         "| row | seeds | "
-        + " | ".join(f"{task} image AUROC" for task in tasks)
-        + " | hazelnut pixel AUROC | mean image AUROC | retained (mean over tasks) |",
-        "|---|---|" + "---:|" * (len(tasks) + 3),
+        + " | ".join(f"{task} {_metric_name(report, task)}" for task in tasks)
+        + "".join(f" | {task} pixel AUROC" for task in pixel_tasks)
+        + f" | {mean_name} | retained (mean over tasks) |",
+        "|---|---|" + "---:|" * (len(tasks) + len(pixel_tasks) + 2),
     ]
     teacher_mean = statistics.fmean(teachers[task]["metrics"]["image_AUROC"] for task in tasks)
-    teacher_pixel = teachers.get("hazelnut", {}).get("metrics", {}).get("pixel_AUROC", float("nan"))
     lines.append(
         "| teachers (one per task) | - | "
         + " | ".join(f"{teachers[task]['metrics']['image_AUROC']:.4f}" for task in tasks)
-        + f" | {teacher_pixel:.4f} | {teacher_mean:.4f} | 100 % |"
+        + "".join(f" | {teachers[task]['metrics']['pixel_AUROC']:.4f}" for task in pixel_tasks)
+        + f" | {teacher_mean:.4f} | 100 % |"
     )
     for row, values in summary.items():
         seeds = len(values["seeds"])
         cells = [_cell(values["tasks"].get(task, {}).get("image_AUROC"), seeds) for task in tasks]
-        pixel = _cell(values["tasks"].get("hazelnut", {}).get("pixel_AUROC"), seeds)
+        cells += [_cell(values["tasks"].get(task, {}).get("pixel_AUROC"), seeds) for task in pixel_tasks]
         retained = "-"
         if values["mean_image_AUROC"] is not None:
             retained = f"{100 * values['mean_image_AUROC'][0] / teacher_mean:.1f} %"
         lines.append(
-            f"| {row} | {','.join(map(str, values['seeds']))} | {' | '.join(cells)} | {pixel} | "
+            f"| {row} | {','.join(map(str, values['seeds']))} | {' | '.join(cells)} | "
             f"{_cell(values['mean_image_AUROC'], seeds)} | {retained} |"
         )
-    lines += ["", *claims(summary), "", *compute_lines(report), "", *not_run_lines(report)]
+    lines += [
+        "",
+        *comparison_lines(summary, teacher_mean, mean_name),
+        "",
+        *claims(summary),
+        "",
+        *compute_lines(report),
+        "",
+        *not_run_lines(report),
+    ]
     return "\n".join(lines) + "\n"
 
 
+def _verdict(margin: float, spread: float, seeds: int, shown: str = "effect") -> str:
+    if seeds < 2:
+        return "one seed only: no claim"
+    if abs(margin) > spread:
+        return "beyond the spread" + (" (better)" if margin > 0 else " (worse)")
+    return f"within the spread: no {shown} shown"
+
+
+def comparison_lines(summary: dict, teacher_mean: float, mean_name: str) -> list[str]:
+    """The distilled students' mean over the tasks against the teachers' (deterministic) and the undistilled trunk's.
+
+    A difference counts only beyond the spread: the student's standard deviation over its seeds against the teachers,
+    the larger of the two rows' standard deviations against the undistilled trunk.
+    """
+    lines = ["## The student against the teachers and the undistilled trunk", ""]
+    direct = summary.get(DIRECT, {}).get("mean_image_AUROC")
+    rows = [
+        row for row in ("DWA + adaptive tau", "fixed w + fixed tau") if summary.get(row, {}).get("mean_image_AUROC")
+    ]
+    if not rows:
+        return [*lines, "No distilled student row over every task ran yet."]
+    for row in rows:
+        mean, std = summary[row]["mean_image_AUROC"]
+        seeds = len(summary[row]["seeds"])
+        margin = mean - teacher_mean
+        text = (
+            f"- {row}: {mean_name} {mean:.4f} ± {std:.4f} ({seeds} seed{'s' if seeds > 1 else ''}). Against the "
+            f"teachers ({teacher_mean:.4f}): "
+            f"{margin:+.4f}, {_verdict(margin, std, seeds, 'difference')}."
+        )
+        if direct is None:
+            text += f" Against {DIRECT}: not run."
+        else:
+            margin = mean - direct[0]
+            spread = max(std, direct[1])
+            verdict = _verdict(margin, spread, min(seeds, len(summary[DIRECT]["seeds"])), "difference")
+            text += (
+                f" Against {DIRECT} ({direct[0]:.4f} ± {direct[1]:.4f}): {margin:+.4f} (spread {spread:.4f}), "
+                f"{verdict}."
+            )
+        lines.append(text)
+    return lines
+
+
 def claims(summary: dict) -> list[str]:
-    """Whether each mechanism helps beyond the spread of the seeds (mean image AUROC over tasks)."""
+    """Whether each mechanism helps beyond the spread of the seeds (mean AUROC over the tasks)."""
     base = summary.get("fixed w + fixed tau", {}).get("mean_image_AUROC")
     lines = ["## Do DWA and the adaptive temperature help?", ""]
     if base is None:
@@ -280,18 +456,15 @@ def claims(summary: dict) -> list[str]:
         values = summary.get(row, {}).get("mean_image_AUROC")
         if values is None:
             continue
-        seeds = len(summary[row]["seeds"])
+        seeds = min(len(summary[row]["seeds"]), len(summary["fixed w + fixed tau"]["seeds"]))
         margin = values[0] - base[0]
         spread = max(values[1], base[1])
-        if seeds < 2:
-            verdict = "one seed only: no claim"
-        elif abs(margin) > spread:
-            verdict = "beyond the spread" + (" (better)" if margin > 0 else " (worse)")
-        else:
-            verdict = "within the spread: no effect shown"
         lines.append(
-            f"- {row} vs fixed w + fixed tau: {margin:+.4f} mean image AUROC (spread {spread:.4f}): {verdict}."
+            f"- {row} vs fixed w + fixed tau: {margin:+.4f} mean AUROC over the tasks (spread {spread:.4f}): "
+            f"{_verdict(margin, spread, seeds)}."
         )
+    if len(lines) == 2:
+        lines.append("No ablation row ran beside the reference.")
     return lines
 
 
@@ -357,13 +530,13 @@ def not_run_lines(report: dict) -> list[str]:
     missing_rows = [row for row in ROWS if row not in report["rows"]]
     lines = ["## Not run here", ""]
     for name in missing_tasks:
-        folder, category, *_ = TASKS[name]
+        spec = TASKS[name]
         reason = (
             "its teacher checkpoint is missing"
-            if teacher_checkpoint(folder, category) is None
-            else "left out for time (2 shared CPU cores)"
+            if teacher_checkpoint(spec.run, spec.category) is None
+            else "an extra task, not in this run"
         )
-        lines.append(f"- Task {name} ({category}): not in this run, {reason}.")
+        lines.append(f"- Task {name} ({spec.category}, teacher {spec.teacher}): not in this run, {reason}.")
     if missing_rows:
         lines.append(f"- Rows not run: {', '.join(missing_rows)}.")
     short = [row for row, runs in report["rows"].items() if len(runs) < 3]
@@ -375,7 +548,7 @@ def not_run_lines(report: dict) -> list[str]:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Mean image AUROC over the tasks against GFLOPs for serving every task on one image."""
+    """Mean AUROC over the tasks against GFLOPs for serving every task on one image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,7 +576,7 @@ def plot(report: dict, path: Path) -> None:
         axis.errorbar([flops / 1e9], [mean], yerr=[std], fmt="o", capsize=3, label=row)
     axis.set_xscale("log")
     axis.set_xlabel("GFLOPs per image, every task served")
-    axis.set_ylabel("mean image AUROC over the tasks")
+    axis.set_ylabel(f"{_mean_name(report)} over the tasks")
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -467,7 +640,8 @@ def run_seeds(report: dict, tasks: list[PreparedTask], training: TrainingConfig,
             log(f"seed {seed}: {row}")
             record, student = run_row(row, tasks, targets, training, seed, log)
             report["rows"].setdefault(row, {})[str(seed)] = record
-            log(json.dumps({row: record["tasks"], "seed": seed, "seconds": round(record["train_seconds"])}))
+            seconds = {"train_seconds": round(record["train_seconds"]), "test_seconds": round(record["test_seconds"])}
+            log(json.dumps({row: record["tasks"], "seed": seed, **seconds}))
             if row == "DWA + adaptive tau":
                 students["small-trunk student (all heads)"] = student
                 report["adapter_parameters"] = record["adapter_parameters"]
@@ -488,14 +662,22 @@ def run_seeds(report: dict, tasks: list[PreparedTask], training: TrainingConfig,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["hazelnut", "brain"], choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=ROWS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--synthetic-per-image", type=int, default=1)
     parser.add_argument("--crop-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--frame-stride", type=int, default=40, help="Ped2 training frame stride")
+    parser.add_argument(
+        "--frame-stride", type=int, default=20, help="video tasks train on every n-th frame of each training clip"
+    )
+    parser.add_argument(
+        "--test-frame-stride",
+        type=int,
+        default=1,
+        help="video tasks test on every n-th frame of each test clip (default 1: every test frame)",
+    )
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep finished rows of cross_task.json")
     parser.add_argument("--render-only", action="store_true")
@@ -516,12 +698,19 @@ def main() -> None:
         synthetic_per_image=args.synthetic_per_image,
         crop_size=args.crop_size,
     )
-    tasks = prepare_tasks(task_configs(args.tasks, args.frame_stride))
+    started = time.perf_counter()
+    tasks = prepare_tasks(task_configs(args.tasks, args.frame_stride, args.test_frame_stride))
+    log(f"tasks prepared (teachers loaded, priors fitted where pending) in {time.perf_counter() - started:.0f} s")
     if args.compute_only:
         args.results.mkdir(parents=True, exist_ok=True)
         measure_compute(tasks, args)
         return
     report = json.loads(path.read_text()) if args.resume and path.is_file() else {}
+    strides = {"frame_stride": args.frame_stride, "test_frame_stride": args.test_frame_stride}
+    settings = {"tasks": [task.name for task in tasks], **strides}
+    changed = [key for key, value in settings.items() if report.get(key, value) != value]
+    if changed:
+        sys.exit(f"--resume: {path} was run with other {', '.join(changed)}; give the same or another --results.")
     command = shlex.join(["python", "benchmarks/cross_task.py", *sys.argv[1:]])
     commands = report.get("commands", [report["command"]] if "command" in report else [])
     report.update(
@@ -531,17 +720,29 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU only",
             "tasks": [task.name for task in tasks],
             "task_sets": {task.name: task.config.category for task in tasks},
+            "task_layouts": {task.name: task.config.layout.value for task in tasks},
+            **strides,
             "image_size": "x".join(map(str, tasks[0].image_size)),
             "training": {key: str(value) if isinstance(value, str) else value for key, value in vars(training).items()},
         }
     )
     report.setdefault("rows", {})
     if "teachers" not in report:
+        started = time.perf_counter()
         report["teachers"] = {
-            task.name: {"model": type(task.teacher).__name__, "metrics": test_metrics(task.teacher, task)}
+            task.name: {
+                "model": type(task.teacher).__name__,
+                "label": TASKS[task.name].teacher,
+                "checkpoint": str(task.config.checkpoint.relative_to(REPO)),
+                "checkpoint_written": datetime.fromtimestamp(task.config.checkpoint.stat().st_mtime, UTC).isoformat(
+                    timespec="seconds"
+                ),
+                "metrics": test_metrics(task.teacher, task),
+            }
             for task in tasks
         }
-        log(json.dumps({"teachers": report["teachers"]}))
+        report["teacher_test_seconds"] = round(time.perf_counter() - started, 1)
+        log(json.dumps({"teachers": report["teachers"], "seconds": report["teacher_test_seconds"]}))
     run_seeds(report, tasks, training, args)
     write(report, args.results)
     print((args.results / "cross_task.md").read_text())

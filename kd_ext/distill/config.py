@@ -85,6 +85,8 @@ class TaskConfig:
         model: Teacher class name; required for anomalib checkpoints.
         layout: How the images are stored: ``mvtec``, ``folder`` or ``video``.
         frame_stride: For ``video``: train on every ``frame_stride``-th training frame.
+        test_frame_stride: For ``video``: test on the frames whose number in their clip is a multiple of it
+            (1: every test frame, the standard frame-level metric).
     """
 
     name: str
@@ -94,6 +96,7 @@ class TaskConfig:
     model: str | None = None
     layout: DataLayout = DataLayout.mvtec
     frame_stride: int = 10
+    test_frame_stride: int = 1
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)

@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812
 from kd_ext.models.cross_task.torch_model import check_task_names
 
 from .config import DataLayout, TaskConfig
-from .teachers import image_size_of, load_anomaly_model, model_class
+from .teachers import calibrate_teacher, calibration_pending, image_size_of, load_anomaly_model, model_class
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -64,10 +64,32 @@ def task_datamodule(task: TaskConfig, batch_size: int = 8) -> AnomalibDataModule
             **loading,
         )
     if task.layout == DataLayout.video:
-        from kd_ext.data import VideoFrames  # noqa: PLC0415
-
-        return VideoFrames(root=task.data_dir, frame_stride=task.frame_stride, **loading)
+        return _video_frames(task, loading)
     return MVTecAD(root=task.root, category=task.category, **loading)
+
+
+def _video_frames(task: TaskConfig, loading: dict) -> AnomalibDataModule:
+    """``kd_ext.data.VideoFrames`` training on every ``frame_stride``-th frame, testing on ``test_frame_stride``.
+
+    The test frames kept are those whose number in their clip (from 0) is a multiple of ``task.test_frame_stride``,
+    as in the accuracy benchmark's ``screen`` protocol; 1 keeps every test frame.
+    """
+    from kd_ext.data import VideoFrames  # noqa: PLC0415
+    from kd_ext.data.video_frames import check_frame_stride  # noqa: PLC0415
+
+    stride = task.test_frame_stride
+    check_frame_stride(stride)
+
+    class StridedTestFrames(VideoFrames):
+        """VideoFrames whose test set keeps every ``stride``-th frame of each test clip."""
+
+        def _setup(self, _stage: str | None = None) -> None:
+            super()._setup(_stage)
+            samples = self.test_data.samples
+            self.test_data.samples = samples[samples["frame"] % stride == 0].reset_index(drop=True)
+
+    frames = StridedTestFrames if stride > 1 else VideoFrames
+    return frames(root=task.data_dir, frame_stride=task.frame_stride, **loading)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -88,7 +110,11 @@ def data_problems(task: TaskConfig) -> list[str]:
     if not task.data_dir.is_dir():
         return [f"task '{task.name}': data folder {task.data_dir} does not exist"]
     if task.layout == DataLayout.video:
-        problems = []
+        problems = [
+            f"task '{task.name}': {key} must be a positive integer (1 keeps every frame), got {value!r}"
+            for key, value in (("frame_stride", task.frame_stride), ("test_frame_stride", task.test_frame_stride))
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ]
         if not _images_in(task.data_dir / "training" / "frames"):
             problems.append(f"task '{task.name}': no training frames in {task.data_dir / 'training' / 'frames'}")
         if not (task.data_dir / "testing" / "frame_labels.csv").is_file():
@@ -133,7 +159,9 @@ def prepare_tasks(tasks: list[TaskConfig]) -> list[PreparedTask]:
         list[PreparedTask]: The tasks with loaded teachers.
 
     Every check that needs no checkpoint (names, data folders, checkpoint files, model names) runs first; only
-    when all pass are the checkpoints opened, each with ``weights_only=True``.
+    when all pass are the checkpoints opened, each with ``weights_only=True``. A teacher whose checkpoint holds an
+    unfitted normal-feature prior (written before its first test) then fits it on the task's normal training images
+    (:func:`~.teachers.calibrate_teacher`).
 
     Raises:
         ValueError: Naming every problem found: duplicate or invalid task names, missing data, unreadable or
@@ -160,6 +188,9 @@ def prepare_tasks(tasks: list[TaskConfig]) -> list[PreparedTask]:
         )
     if problems:
         _refuse(problems)
+    for task in prepared:  # a teacher restored with an unfitted prior fits it, as its trainer would before a test
+        if calibration_pending(task.teacher):
+            calibrate_teacher(task.teacher, training_images(task))
     return prepared
 
 

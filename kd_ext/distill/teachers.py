@@ -6,9 +6,15 @@ on scales of their own, so :class:`TeacherCalibration` turns them into logits on
 task's *normal training images only* (no test image is used): the median maps to logit ``-sharpness`` and the
 high quantile of normal values (99.5 % of pixels, the largest normal image score) to logit 0, i.e. probability
 0.5 — the student's threshold.
+
+A teacher that fits statistics on normal training images after training (a normal-feature prior, ``prior=True``)
+may come from a checkpoint written before that fit, holding an unfitted prior; its trainer would fit it before the
+first test. :func:`calibrate_teacher` does the same on the task's training images, so that the teacher scores with
+its prior here too rather than falling back to its distillation map alone.
 """
 
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +187,39 @@ def image_size_of(model: AnomalibModule) -> tuple[int, int]:
         msg = f"{type(model).__name__}'s pre-processor has no fixed Resize: the teacher's image size is unknown."
         raise ValueError(msg)
     return size
+
+
+def calibration_pending(model: AnomalibModule) -> bool:
+    """Whether a teacher must fit statistics on normal training images before it scores (e.g. an unfitted prior)."""
+    return bool(getattr(model.model, "calibration_pending", False))
+
+
+@torch.no_grad()
+def calibrate_teacher(model: AnomalibModule, images: torch.Tensor, batch_size: int = 8) -> bool:
+    """Fit what a restored teacher fits on normal training images (its prior and map statistics), as its trainer would.
+
+    Does nothing for a teacher with nothing pending (:func:`calibration_pending`). The images go through the
+    teacher's pre-processor, as Lightning's calibration before a test does with the training loader's images.
+
+    Args:
+        model: Teacher in eval mode.
+        images: The task's normal training images, RGB ``[N, 3, H, W]`` in ``[0, 1]`` at the teacher's image size.
+        batch_size: Batch size of the passes over the images.
+
+    Returns:
+        bool: Whether the teacher was calibrated.
+    """
+    if not calibration_pending(model):
+        return False
+    transform = model.pre_processor.transform if model.pre_processor is not None else None
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, images.shape[0], batch_size):
+            chunk = images[start : start + batch_size]
+            yield transform(chunk) if transform is not None else chunk
+
+    model.model.calibrate(batches)
+    return True
 
 
 @torch.no_grad()
