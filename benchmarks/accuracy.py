@@ -363,6 +363,33 @@ def patchcore() -> Any:
     return model
 
 
+def stfpm_optimizer(model: Any) -> Any:
+    """``model`` trained with anomalib Stfpm's optimizer (SGD, lr 0.4, momentum 0.9, weight decay 0.001)."""
+    import torch
+
+    def configure_optimizers() -> Any:
+        parameters = [parameter for parameter in model.model.parameters() if parameter.requires_grad]
+        return torch.optim.SGD(parameters, lr=0.4, momentum=0.9, dampening=0, weight_decay=0.001)
+
+    model.configure_optimizers = configure_optimizers
+    return model
+
+
+def in_sample(model: Any) -> Any:
+    """``model`` with its prior's map standardised in-sample, as before held-out statistics (earlier screen rows)."""
+    model.model.prior_fusion.held_out = False
+    return model
+
+
+def held_out(module: Any) -> Callable[[], None]:
+    return recalibrated(module, swap(module.model.prior_fusion, "held_out", True))
+
+
+def forward_only(**options: Any) -> Any:
+    """BiDirMSKD with the forward student alone (no reverse student, no fusion module) and the score prior."""
+    return BiDirMSKD(backbone=TEACHER, reverse_student=False, fusion=False, prior=True, **options, **common())
+
+
 LITE_TEACHERS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 ROWS: dict[str, Callable[[], Any]] = {
     "BiDirMSKD default": lambda: BiDirMSKD(backbone=TEACHER, **common()),
@@ -373,9 +400,12 @@ ROWS: dict[str, Callable[[], Any]] = {
     "BiDirMSKD reverse-only": lambda: BiDirMSKD(
         backbone=TEACHER, forward_student=False, attention=False, fusion=False, prior=False, **common()
     ),
+    "BiDirMSKD forward-only +prior": forward_only,
+    "BiDirMSKD forward-only no-attention +prior": lambda: forward_only(attention=False),
+    "BiDirMSKD forward-only +prior SGD": lambda: in_sample(stfpm_optimizer(forward_only())),
     "BiDirMSKD no-attention": lambda: BiDirMSKD(backbone=TEACHER, attention=False, prior=False, **common()),
     "BiDirMSKD no-fusion": lambda: BiDirMSKD(backbone=TEACHER, fusion=False, prior=False, **common()),
-    "BiDirMSKD +prior": lambda: BiDirMSKD(backbone=TEACHER, prior=True, prior_scope="map", **common()),
+    "BiDirMSKD +prior": lambda: in_sample(BiDirMSKD(backbone=TEACHER, prior=True, prior_scope="map", **common())),
     "BiDirMSKD reverse-only +prior": lambda: BiDirMSKD(
         backbone=TEACHER,
         forward_student=False,
@@ -458,6 +488,25 @@ def forward_maps_only(module: Any) -> Callable[[], None]:
     return recalibrated(module, swap(module.model, "decoder", None))
 
 
+def combined(*changes: Callable[[Any], Callable[[], None]]) -> Callable[[Any], Callable[[], None]]:
+    """One re-test change made of several, undone in reverse order."""
+
+    def change(module: Any) -> Callable[[], None]:
+        undos = [apply(module) for apply in changes]
+
+        def undo() -> None:
+            for restore in reversed(undos):
+                restore()
+
+        return undo
+
+    return change
+
+
+def unsmoothed(module: Any) -> Callable[[], None]:
+    return recalibrated(module, swap(module.model.anomaly_map_generator, "sigma", 0.0))
+
+
 def product_fusion(module: Any) -> Callable[[], None]:
     return recalibrated(module, swap(module.model.anomaly_map_generator, "fusion", "product"))
 
@@ -473,6 +522,18 @@ RETESTS: dict[str, Retest] = {
     "BiDirMSKD +prior score-only": Retest("BiDirMSKD +prior", prior_score_only),
     "BiDirMSKD +prior forward-maps": Retest("BiDirMSKD +prior", forward_maps_only),
     "BiDirMSKD +prior product": Retest("BiDirMSKD +prior", product_fusion),
+    "BiDirMSKD forward-only": Retest("BiDirMSKD forward-only +prior", without_prior),
+    "BiDirMSKD forward-only no-attention": Retest("BiDirMSKD forward-only no-attention +prior", without_prior),
+    "BiDirMSKD forward-only SGD": Retest("BiDirMSKD forward-only +prior SGD", without_prior),
+    "BiDirMSKD +prior score-only held-out": Retest("BiDirMSKD +prior", combined(prior_score_only, held_out)),
+    "BiDirMSKD forward-only +prior SGD held-out": Retest("BiDirMSKD forward-only +prior SGD", held_out),
+    "BiDirMSKD forward-maps": Retest("BiDirMSKD +prior", combined(without_prior, forward_maps_only)),
+    "BiDirMSKD Stfpm-tail": Retest(
+        "BiDirMSKD +prior", combined(without_prior, forward_maps_only, product_fusion, unsmoothed)
+    ),
+    "BiDirMSKD +prior forward-product": Retest(
+        "BiDirMSKD +prior", combined(prior_score_only, forward_maps_only, product_fusion)
+    ),
     "BiDirMSKD reverse-only": Retest("BiDirMSKD reverse-only +prior", without_prior),
     "BiDirMSKD reverse-only +prior max": Retest("BiDirMSKD reverse-only +prior", prior_rule_max),
     "MTHF": Retest("MTHF +prior", without_prior),
@@ -628,11 +689,14 @@ def run(
     accelerator: str,
     workdir: Path,
     retests: Sequence[str] = (),
+    stored: dict | None = None,
 ) -> list[dict]:
     """Train and test one row on one set with one seed, then re-test it as each of ``retests`` (see ``RETESTS``).
 
     Every row gets the set's evaluator and a post-processor that neither normalises nor thresholds; no validation
     loop runs. The checkpoint is kept under ``workdir/<protocol>/<row>/<set>/seed<seed>`` (replaced by a rerun).
+    When the row's run is ``stored`` and its checkpoint is there, the re-tests start from that checkpoint instead
+    of training again: it is tested first and must reproduce the stored metrics (else RuntimeError).
 
     Returns:
         list: The trained row's record, then one per re-test (without command and invocation).
@@ -651,9 +715,23 @@ def run(
         model.epochs = epochs
     check_epochs(row, model, epochs)
     directory = run_dir(workdir, protocol, row, set_name, seed)
+    recorder = score_recorder(SETS[set_name].folder)
+    checkpoints = sorted(directory.glob("**/model.ckpt")) if stored is not None else []
+    if stored is not None and checkpoints:
+        engine = quiet_engine(directory / "retest", accelerator, callbacks=[recorder])
+        metrics = engine.test(model, datamodule=datamodule, ckpt_path=checkpoints[-1], verbose=False)[0]
+        differing = {
+            name: (value, float(metrics.get(name, float("nan"))))
+            for name, value in stored["metrics"].items()
+            if not abs(value - float(metrics.get(name, float("nan")))) <= RESCORE_TOLERANCE
+        }
+        if differing:
+            msg = f"The checkpoint {checkpoints[-1]} does not reproduce the stored run (stored, re-test): {differing}"
+            raise RuntimeError(msg)
+        base = {key: value for key, value in stored.items() if key not in {"command", "invocation", "finished"}}
+        return retest(engine, model, datamodule, recorder, base, retests)
     shutil.rmtree(directory, ignore_errors=True)
     timer = epoch_timer()
-    recorder = score_recorder(SETS[set_name].folder)
     engine = quiet_engine(directory, accelerator, epochs, callbacks=[timer, recorder])
     fit_seconds = timed_fit(engine, model, datamodule)
     if len(timer.seconds) != epochs:
@@ -678,7 +756,12 @@ def run(
         "machine": machine(engine.trainer.strategy.root_device.type),
         "image_scores": recorder.records,
     } | finetune_record(model)
-    records = [record]
+    return [record, *retest(engine, model, datamodule, recorder, record, retests)]
+
+
+def retest(engine: Any, model: Any, datamodule: Any, recorder: Any, record: dict, retests: Sequence[str]) -> list[dict]:
+    """Test the trained ``model`` of ``record`` again as each of ``retests``; one record per re-test."""
+    records = []
     for name in retests:
         undo = RETESTS[name].change(model)
         recorder.records = {key: [] for key in recorder.records}
@@ -689,7 +772,7 @@ def run(
             record
             | {
                 "row": name,
-                "retest_of": row,
+                "retest_of": record["row"],
                 "metrics": {key: float(metrics[key]) for key in report.METRICS if key in metrics},
                 "test_seconds": round(time.perf_counter() - start, 2),
                 "image_scores": recorder.records,
@@ -843,14 +926,15 @@ def trainings(jobs: list[tuple[str, str, int]]) -> list[tuple[str, str, int, lis
     return [(base, set_name, seed, retests) for (base, set_name, seed), retests in grouped.items()]
 
 
+def run_key(protocol: Protocol, row: str, set_name: str, seed: int) -> tuple:
+    """The key under which ``report`` stores the run of ``row`` on ``set_name`` with ``seed`` under ``protocol``."""
+    return (protocol.id, row, set_name, seed, 1 if row in ONE_PASS_ROWS else protocol.epochs)
+
+
 def pending(jobs: list[tuple[str, str, int]], runs: list[dict], protocol: Protocol) -> list[tuple[str, str, int]]:
     """The jobs whose run of ``protocol`` is not stored yet (``--resume``)."""
     done = {report.run_key(run) for run in runs}
-    return [
-        (row, name, seed)
-        for row, name, seed in jobs
-        if (protocol.id, row, name, seed, 1 if row in ONE_PASS_ROWS else protocol.epochs) not in done
-    ]
+    return [(row, name, seed) for row, name, seed in jobs if run_key(protocol, row, name, seed) not in done]
 
 
 def render(results: Path) -> None:
@@ -919,13 +1003,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume:
         jobs = pending(jobs, report.load(json_path)["runs"], args.protocol)
     groups = trainings(jobs)
+    stored_runs = {report.run_key(run_): run_ for run_ in report.load(json_path)["runs"]}
     print(f"{len(jobs)} runs in {len(groups)} trainings, results in {args.results}", flush=True)
     failed = 0
     try:
         for number, (row, set_name, seed, retests) in enumerate(groups, start=1):
             head = f"[{number}/{len(groups)}] {row} | {set_name} | seed {seed}"
             try:
-                records = run(args.protocol, row, set_name, seed, args.accelerator, args.workdir, retests)
+                stored = stored_runs.get(run_key(args.protocol, row, set_name, seed)) if args.resume else None
+                records = run(args.protocol, row, set_name, seed, args.accelerator, args.workdir, retests, stored)
             except Exception as error:  # one broken run must not lose the others
                 failed += 1
                 print(f"{head}: FAILED {type(error).__name__}: {error}", flush=True)

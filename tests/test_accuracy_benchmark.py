@@ -3,6 +3,7 @@
 No training here: the runs are synthetic records. ``benchmarks/accuracy.py`` itself runs the models.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -282,6 +283,45 @@ def test_resume_skips_stored_runs():
         make_run("BiDirMSKD", "bottle", 1, {}, epochs=2),  # other epochs: not done
     ]
     assert accuracy.pending(accuracy.plan(args), stored, CONFIRM) == [("BiDirMSKD", "bottle", 1)]
+
+
+def test_combined_change_applies_in_order_and_undoes_in_reverse():
+    log = []
+
+    def change(name):
+        def apply(module):
+            log.append(f"+{name}")
+            return lambda: log.append(f"-{name}")
+
+        return apply
+
+    undo = accuracy.combined(change("a"), change("b"))(object())
+    assert log == ["+a", "+b"]
+    undo()
+    assert log == ["+a", "+b", "-b", "-a"]
+
+
+def test_resume_retests_a_stored_base_run_from_its_checkpoint_instead_of_training(tmp_path, monkeypatch):
+    """With --resume, a re-test whose base run is stored gets that record (run() then loads the checkpoint)."""
+    monkeypatch.setitem(accuracy.SETS, "brain_mri", dataclasses.replace(accuracy.SETS["brain_mri"], folder=tmp_path))
+    base = make_run("BiDirMSKD +prior", "brain_mri", 0, {"image_AUROC": 0.88})
+    report.merge_run(tmp_path / "accuracy.json", base)
+    calls = []
+
+    def fake_run(protocol, row, set_name, seed, accelerator, workdir, retests, stored):
+        calls.append((row, list(retests), stored))
+        return []
+
+    monkeypatch.setattr(accuracy, "run", fake_run)
+    monkeypatch.setattr(accuracy, "quiet", lambda: None)
+    argv = ["--protocol", "confirm", "--sets", "brain_mri", "--rows", "BiDirMSKD", "anomalib Stfpm", "--seeds", "0"]
+    accuracy.main([*argv, "--resume", "--results", str(tmp_path)])
+    [(row, retests, stored), (anchor, _, anchor_stored)] = calls
+    assert (row, retests, stored["metrics"]) == ("BiDirMSKD +prior", ["BiDirMSKD"], {"image_AUROC": 0.88})
+    assert anchor == "anomalib Stfpm" and anchor_stored is None
+    calls.clear()
+    accuracy.main([*argv, "--results", str(tmp_path)])  # without --resume everything is trained again
+    assert [stored for _, _, stored in calls] == [None, None]
 
 
 # --- metrics ------------------------------------------------------------------------------------------------

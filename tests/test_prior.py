@@ -1,5 +1,6 @@
 """The normal-feature prior and its fusion into BiDirMSKD's map."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from kd_ext.models.bidirmskd.torch_model import BiDirMSKDModel
-from kd_ext.models.components import MapStandardiser, NormalFeaturePrior, PriorScope
+from kd_ext.models.components import MapStandardiser, NormalFeaturePrior, PriorFusion, PriorScope
 
 
 def _features(batch: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -236,3 +237,45 @@ def test_checkpoint_with_the_former_calibrated_flag_loads(tmp_path: Path, calibr
     assert restored.model.calibration_pending is not calibrated
     if calibrated:
         torch.testing.assert_close(restored.model.prior_fusion.prior.mean, model.model.prior_fusion.prior.mean)
+
+
+def _calibrated_fusion(train: torch.Tensor, held_out: bool) -> tuple[PriorFusion, Callable]:
+    """A prior fusion calibrated on ``train`` (feature grids ``[N, 16, 8, 8]`` standing for images), batches of 8."""
+
+    def teacher(images: torch.Tensor) -> list[torch.Tensor]:
+        return [images[:, :6], torch.nn.functional.avg_pool2d(images[:, 6:], 2)]
+
+    def outputs(images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return teacher(images), images[:, :1].abs()  # any distillation map: its statistics are not under test
+
+    fusion = PriorFusion(held_out=held_out)
+    fusion.calibrate(lambda: train.split(8), teacher, outputs)
+    return fusion, teacher
+
+
+def test_held_out_statistics_standardise_new_normal_images_and_in_sample_ones_inflate_them() -> None:
+    """A Gaussian fitted on few images scores them closer than new normal images; held-out statistics see that."""
+    generator = torch.Generator().manual_seed(3)
+    train, new = torch.randn(48, 16, 8, 8, generator=generator), torch.randn(48, 16, 8, 8, generator=generator)
+    standardised = {}
+    for held_out in (True, False):
+        fusion, teacher = _calibrated_fusion(train, held_out)
+        prior_map = fusion.prior(teacher(new), (8, 8))
+        mean, std = fusion.standardiser.map_mean[1], fusion.standardiser.map_std[1]
+        standardised[held_out] = float(((prior_map - mean) / std).mean())
+    assert abs(standardised[True]) < 0.5  # new normal images look like the held-out ones
+    assert standardised[False] > standardised[True] + 1.0  # in-sample: every new normal image looks anomalous
+
+
+def test_held_out_prior_that_scores_is_fitted_on_every_image_and_tiny_sets_fall_back_to_in_sample() -> None:
+    generator = torch.Generator().manual_seed(4)
+    train = torch.randn(40, 16, 8, 8, generator=generator)
+    held_out, _ = _calibrated_fusion(train, held_out=True)
+    in_sample, _ = _calibrated_fusion(train, held_out=False)
+    torch.testing.assert_close(held_out.prior.precision, in_sample.prior.precision)
+    assert held_out.standardiser.map_mean[1] > in_sample.standardiser.map_mean[1]
+    tiny = train[:8]  # one block of images: nothing can be held out
+    fallback, _ = _calibrated_fusion(tiny, held_out=True)
+    reference, _ = _calibrated_fusion(tiny, held_out=False)
+    torch.testing.assert_close(fallback.standardiser.map_mean, reference.standardiser.map_mean)
+    torch.testing.assert_close(fallback.standardiser.map_std, reference.standardiser.map_std)

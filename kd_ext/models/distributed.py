@@ -40,7 +40,7 @@ from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from timm.layers import BatchNormAct2d
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 logger = logging.getLogger(__name__)
 
@@ -334,12 +334,15 @@ def evaluate_each_image_once(trainer: Trainer) -> None:
 
 
 def undistributed_loader(loader: DataLoader) -> DataLoader:
-    """``loader`` over its whole dataset when it carries a distributed sampler (one process's share), else itself.
+    """``loader`` over its whole dataset in dataset order (unless it already reads it so, then itself).
 
-    Calibration reads every normal training image on every process, so that all processes fit the same statistics.
+    Calibration reads every normal training image on every process, so that all processes fit the same statistics,
+    and in the same order on every pass (a shuffled or distributed sampler is replaced by a sequential one).
     """
-    if not isinstance(loader, DataLoader) or not isinstance(loader.sampler, DistributedSampler):
+    if not isinstance(loader, DataLoader) or isinstance(loader.sampler, SequentialSampler):
         return loader
+    if not isinstance(loader.sampler, DistributedSampler | RandomSampler):
+        return loader  # a custom sampler: its order is the user's
     return _update_dataloader(loader, SequentialSampler(loader.dataset))
 
 

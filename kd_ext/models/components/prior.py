@@ -12,7 +12,7 @@ distance) on a common one, with statistics of the maps on normal training images
 equal weights: no weight is chosen on test images.
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
 from typing import Any
 
@@ -24,6 +24,10 @@ PRIOR_POOL = 3
 """Side of the neighbourhood averaged into each location's feature (locally aware patches, as PatchCore)."""
 COVARIANCE_EPSILON = 0.01
 """Ridge added to every covariance (PaDiM's regulariser)."""
+HELD_OUT_FOLDS = 4
+"""Parts of the training images for the held-out standardisation of the prior's map (see :class:`PriorFusion`)."""
+HELD_OUT_BLOCK = 8
+"""Consecutive training images that go to the same part: neighbouring video frames are held out together."""
 
 
 class NormalFeaturePrior(nn.Module):
@@ -105,6 +109,31 @@ class NormalFeaturePrior(nn.Module):
         self._count += batch
         self._sum += flat.sum(dim=1)
         self._outer += flat.transpose(1, 2) @ flat
+
+    def without(self, part: "NormalFeaturePrior") -> "NormalFeaturePrior":
+        """A prior fitted on the images accumulated here but not in ``part`` (a subset accumulated alongside).
+
+        Args:
+            part: A prior that accumulated some of this prior's images (not finalised).
+
+        Returns:
+            NormalFeaturePrior: Finalised on the remaining images.
+
+        Raises:
+            RuntimeError: If either prior has no accumulated sums, or no image remains.
+        """
+        if self._sum is None or self._outer is None or part._sum is None or part._outer is None:
+            msg = "Both priors need accumulated, not finalised, sums to leave a part out."
+            raise RuntimeError(msg)
+        if self._count <= part._count:
+            msg = f"Leaving {part._count} of {self._count} images out leaves none to fit on."
+            raise RuntimeError(msg)
+        rest = NormalFeaturePrior(self.levels).to(self.mean.device)
+        rest._count = self._count - part._count
+        rest._sum = self._sum - part._sum
+        rest._outer = self._outer - part._outer
+        rest.finalize()
+        return rest
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -265,11 +294,21 @@ class PriorFusion(nn.Module):
     deviation over the normal training images (:meth:`calibrate`). Until calibrated, :attr:`ready` is ``False`` and
     models fall back to the distillation map alone; a calibration that fails leaves it uncalibrated.
 
+    The prior's map statistics are *held out*: the training images are dealt, in blocks of ``HELD_OUT_BLOCK``
+    consecutive images, into ``HELD_OUT_FOLDS`` parts, and each image's prior map for the statistics comes from a
+    prior fitted without its part. A Gaussian scores the images it was fitted on as closer than any new normal
+    image, so in-sample statistics would give every new image a large standardised prior distance and let the
+    prior outweigh the distillation map; held-out statistics measure the spread a new normal image has. The prior
+    that scores is fitted on all training images. With ``HELD_OUT_BLOCK`` or fewer training images nothing can be
+    held out and the statistics are in-sample.
+
     Args:
         levels: Teacher levels of the prior (see :class:`NormalFeaturePrior`).
         rule: How the standardised maps are combined (see :class:`PriorRule`).
         scope: Whether the fused map is also the anomaly map or decides the image score only (see
             :class:`PriorScope`); models read it.
+        held_out: Standardise the prior's map with held-out statistics (see above); ``False`` takes them from the
+            images the prior was fitted on.
     """
 
     def __init__(
@@ -277,11 +316,13 @@ class PriorFusion(nn.Module):
         levels: Sequence[int] = (-2, -1),
         rule: PriorRule | str = PriorRule.MEAN,
         scope: PriorScope | str = PriorScope.MAP,
+        held_out: bool = True,
     ) -> None:
         super().__init__()
         self.prior = NormalFeaturePrior(levels)
         self.standardiser = MapStandardiser(num_maps=2, rule=rule)
         self.scope = PriorScope(scope)
+        self.held_out = held_out
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args, **kwargs) -> None:
         """Also read early checkpoints that still carry the former ``calibrated`` flag.
@@ -315,23 +356,60 @@ class PriorFusion(nn.Module):
         teacher: Callable[[torch.Tensor], Sequence[torch.Tensor]],
         outputs: Callable[[torch.Tensor], tuple[Sequence[torch.Tensor], torch.Tensor]],
     ) -> None:
-        """Fit the prior (once: the teacher is frozen), then the statistics of both maps.
+        """Fit the prior and the held-out priors, then the statistics of both maps (see the class).
 
         Args:
-            batches: Returns a fresh iterable of normalised normal training images each call.
+            batches: Returns a fresh iterable of normalised normal training images each call, the same images in
+                the same order every call (iterated twice).
             teacher: Teacher features of images.
             outputs: Teacher features and the distillation map (at the images' size) of images.
+
+        Raises:
+            RuntimeError: If the second pass reads other images than the first (their count or order).
         """
         try:
-            if not self.prior.fitted:
-                for images in batches():
-                    self.prior.accumulate(teacher(images))
+            self.prior.reset()
+            parts = [NormalFeaturePrior(self.prior.levels).to(self.prior.mean.device) for _ in range(HELD_OUT_FOLDS)]
+            for start, images in _numbered(batches()):
+                features = teacher(images)
+                self.prior.accumulate(features)
+                for part, rows in _parts(start, images.shape[0]):
+                    parts[part].accumulate([feature[rows] for feature in features])
+            if self.held_out and sum(part._count > 0 for part in parts) > 1:
+                held_out = [self.prior.without(part) if part._count > 0 else None for part in parts]
                 self.prior.finalize()
-            for images in batches():
+            else:  # too few images to hold any out: the statistics are in-sample
+                self.prior.finalize()
+                held_out = [self.prior] * HELD_OUT_FOLDS
+            for start, images in _numbered(batches()):
                 features, distillation_map = outputs(images)
-                self.standardiser.accumulate([distillation_map, self.prior(features, tuple(images.shape[-2:]))])
+                size = tuple(images.shape[-2:])
+                prior_map = torch.empty_like(distillation_map)
+                for part, rows in _parts(start, images.shape[0]):
+                    fitted = held_out[part]
+                    if fitted is None:
+                        msg = "The training images changed between the calibration's passes (their count or order)."
+                        raise RuntimeError(msg)
+                    prior_map[rows] = fitted([feature[rows] for feature in features], size)
+                self.standardiser.accumulate([distillation_map, prior_map])
             self.standardiser.finalize()
         except BaseException:
             self.prior.reset()  # never half-calibrated: a prior without its map statistics is not used
             self.standardiser.reset()
             raise
+
+
+def _numbered(batches: Iterable[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each batch with the index of its first image among all images."""
+    start = 0
+    for images in batches:
+        yield start, images
+        start += images.shape[0]
+
+
+def _parts(start: int, count: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """For a batch whose first image has index ``start``: each held-out part it touches and the rows in it."""
+    indices = torch.arange(start, start + count)
+    owners = (indices // HELD_OUT_BLOCK) % HELD_OUT_FOLDS
+    for part in owners.unique().tolist():
+        yield part, (owners == part).nonzero().flatten()
