@@ -42,6 +42,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from kd_ext.edge.series_preprocessing import METADATA_KEY, SeriesPreprocessing
+from kd_ext.models.distributed import undistributed_loader
 from kd_ext.options import check_epochs, check_fraction, check_learning_rate, check_name, literal_of
 
 from .loss import SignalKDLoss
@@ -211,6 +212,7 @@ class SignalKD(AnomalibModule):
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         loader = datamodule.train_dataloader() if datamodule is not None else self.trainer.train_dataloader
+        loader = undistributed_loader(loader)  # all series, in the same order on every pass
         if loader is None:
             msg = (
                 "SignalKD needs its normal training series to fit its prior, but the trainer has none: train and score "
