@@ -31,17 +31,30 @@ from kd_ext.edge.contract import (
     TAIL_KEY,
     AnomalyTail,
     ExportMode,
+    MapTail,
     Normalization,
     TailGroup,
     TailPrior,
+    feature_output,
+    top_k_count,
 )
-from kd_ext.edge.tail import bilinear_resize, fuse_prior, gaussian_blur, raw_map_and_score, run_tail, two_stage_numpy
+from kd_ext.edge.tail import (
+    bilinear_resize,
+    fuse_prior,
+    fuse_standardised,
+    gaussian_blur,
+    raw_map_and_score,
+    run_tail,
+    two_stage_numpy,
+)
 from kd_ext.export import export_openvino
-from kd_ext.export.features import anomaly_tail, features_map_function
+from kd_ext.export.features import anomaly_tail, feature_layout, features_map_function, supports_features
 from kd_ext.models import MTHF, BiDirMSKD
+from kd_ext.models.bidirmskd.torch_model import BiDirMSKDModel
 from kd_ext.models.components import PriorFusion
 from kd_ext.models.components.prior import PriorRule, PriorScope
 from kd_ext.models.mthf.anomaly_map import MTHFAnomalyMap
+from kd_ext.models.mthf.torch_model import MTHFModel
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 SIZE = (64, 64)
@@ -428,6 +441,95 @@ def test_two_stage_tail_matches_mthf_fusion(group_fusion: str) -> None:
     np.testing.assert_allclose(scores, expected.reshape(2, -1).max(axis=1), rtol=1e-5, atol=1e-5)
     numpy_maps, _ = two_stage_numpy(tail, features)
     assert np.abs(numpy_maps - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+# ---------------------------------------------------------------- the model's own tail description, without OpenVINO
+
+
+def _tail_model(name: str, score_mode: str, prior: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "BiDirMSKD":
+        model = BiDirMSKDModel(pre_trained=False, score_mode=score_mode, prior=prior)
+    else:
+        model = MTHFModel(
+            pre_trained=False, score_mode=score_mode, prior=prior, fusion_stages=2 if name == "MTHF" else 1
+        )
+        model.anomaly_map_generator.map_mean.copy_(torch.tensor([0.2, 0.5, 0.1]))
+        model.anomaly_map_generator.map_std.copy_(torch.tensor([0.05, 0.3, 0.02]))
+    model.eval()
+    if prior:
+        normal = torch.rand(8, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+        model.calibrate(lambda: [normal[:4], normal[4:]])
+    return model
+
+
+@pytest.mark.parametrize("name", ["BiDirMSKD", "MTHF", "MTHF one stage"])
+@pytest.mark.parametrize("score_mode", ["max", "topk"])
+@pytest.mark.parametrize("prior", [False, True])
+def test_model_tail_on_the_edge_is_the_torch_forward(name: str, score_mode: str, prior: bool) -> None:
+    """``model.tail()`` bound to the model's features and run by the numpy tail gives the torch forward's outputs."""
+    model = _tail_model(name, score_mode, prior)
+    images = torch.rand(2, 3, *SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(images)
+        (tensors, groups), distances = feature_layout(model, images)
+    assert supports_features(model)
+    features = {feature_output(index): tensor.numpy() for index, tensor in enumerate(tensors)}
+    if distances is not None:
+        features[PRIOR_OUTPUT] = distances.numpy()
+    description = model.tail()
+    assert (description.prior is not None) == prior
+    tail = description.bind(SIZE, tuple(tuple((feature_output(t), feature_output(s)) for t, s in g) for g in groups))
+    assert tail.top_k == (None if score_mode == "max" else top_k_count(SIZE[0] * SIZE[1], model.top_k_ratio))
+    maps, scores = raw_map_and_score(tail, features)
+    assert _close(maps, expected.anomaly_map.numpy())
+    assert _close(scores, expected.pred_score.numpy())
+
+
+def test_top_k_count_is_one_rule_for_every_model() -> None:
+    assert [top_k_count(size, 0.01) for size in (1, 99, 100, 199, 4096)] == [1, 1, 1, 1, 40]
+    assert top_k_count(96, 0.1) == 9  # int(), not round(): SignalKD counts as the image models do
+    description = MapTail(score="topk", top_k_ratio=0.05)
+    assert description.top_k((10, 10)) == 5
+    assert MapTail(score="max").top_k((10, 10)) is None
+    model = _tail_model("BiDirMSKD", "topk", prior=False)
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 40, 48))
+    k = top_k_count(40 * 48, model.top_k_ratio)
+    expected = out.anomaly_map.flatten(1).topk(k, dim=1).values.mean(dim=1)
+    torch.testing.assert_close(out.pred_score, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_map_tail_refuses_what_it_cannot_bind() -> None:
+    with pytest.raises(ValueError, match="statistics=False"):
+        MapTail(statistics=False).bind(SIZE, ((("feature/0", "feature/1"),),))
+    with pytest.raises(ValueError, match="1 group"):
+        MapTail().bind(SIZE, ((("feature/0", "feature/1"),), (("feature/0", "feature/2"),)))
+    with pytest.raises(ValueError, match="one group"):
+        MapTail(fusions=("mean", "mean"))
+    with pytest.raises(ValueError, match="top_k_ratio"):
+        MapTail(top_k_ratio=0.0)
+    model = _tail_model("MTHF", "max", prior=False)
+    assert model.tail(statistics=False).group_mean == ()
+    assert model.tail().group_std == pytest.approx([0.05, 0.3, 0.02])
+
+
+@pytest.mark.parametrize("rule", ["mean", "max"])
+def test_fuse_standardised_is_one_rule_in_numpy_and_torch(rule: str) -> None:
+    rng = np.random.default_rng(0)
+    maps = [rng.random((2, 1, 8, 8), dtype=np.float32) * scale for scale in (1.0, 5.0, 20.0)]
+    means, stds = [0.5, 2.0, 9.0], [0.25, 1.5, 4.0]
+    numpy_fused = fuse_standardised(maps, [np.float32(m) for m in means], [np.float32(s) for s in stds], rule)
+    tensor_fused = fuse_standardised(
+        [torch.from_numpy(m) for m in maps], torch.tensor(means).unbind(), torch.tensor(stds).unbind(), rule
+    )
+    stacked = np.concatenate([(m - mean) / std for m, mean, std in zip(maps, means, stds, strict=True)], axis=1)
+    expected = stacked.mean(axis=1, keepdims=True) if rule == "mean" else stacked.max(axis=1, keepdims=True)
+    assert numpy_fused.dtype == np.float32
+    np.testing.assert_allclose(numpy_fused, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(tensor_fused.numpy(), numpy_fused, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="fusion rule"):
+        fuse_standardised(maps, means, stds, "median")
 
 
 @pytest.mark.parametrize(

@@ -249,3 +249,16 @@ def test_concurrent_calls_from_python_threads_agree() -> None:
         exp_maps, exp_scores = expected[index % len(cases)]
         assert torch.equal(maps, exp_maps)
         assert torch.equal(scores, exp_scores)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.5, 1.0, 1.124, 2.5, 3.875, 4.0, 8.0, 17.3])
+def test_gaussian_taps_are_the_native_taps(sigma: float) -> None:
+    """The one Python copy of the blur's taps (numpy, for the reference and the edge) is the compiled kernels' rule."""
+    from kd_ext import _native
+
+    taps = kernels.gaussian_taps(sigma)
+    native = _native.gaussian_kernel_1d(sigma)
+    assert taps.dtype == np.float32
+    assert taps.shape == native.shape == (2 * reference.gaussian_radius(sigma) + 1,)
+    np.testing.assert_array_max_ulp(taps, native, maxulp=1)
+    np.testing.assert_array_equal(reference.gaussian_taps(sigma).numpy(), taps)

@@ -2,7 +2,8 @@
 
 Both sides import their names from here: the ``rt_info`` section and keys kd_ext writes into an IR, the output
 field names (anomalib's ``InferenceBatch`` fields), how a multi-task IR names a task's outputs, the weights'
-checksum, and the description of an anomaly-map tail that runs *outside* the IR (:class:`AnomalyTail`).
+checksum, a model's description of its anomaly-map tail (:class:`MapTail`, with the one top-k count rule
+:func:`top_k_count`), and that tail bound to a features IR's outputs, run *outside* the IR (:class:`AnomalyTail`).
 
 Two kinds of image IR exist:
 
@@ -189,9 +190,148 @@ class TailPrior:
             raise ValueError(msg)
 
 
+def top_k_count(size: int, ratio: float) -> int:
+    """Values a ``"topk"`` score averages on a map of ``size`` values: ``max(1, int(size * ratio))``.
+
+    The one top-k rule of kd_ext's models: the torch forward, the exporter (:meth:`MapTail.bind` writes the count
+    into the :class:`AnomalyTail`, which the edge runtime uses as is) and SignalKD's series score all take the count
+    from here.
+
+    Args:
+        size: Values per map (``H * W``, or a series' length).
+        ratio: Share of them averaged, in ``(0, 1]``.
+
+    Returns:
+        int: The count, at least 1.
+    """
+    return max(1, int(size * ratio))
+
+
+@dataclass(frozen=True)
+class MapTail:
+    """How a model turns teacher/student features into its anomaly map and image score, described once.
+
+    The model's own description of its tail (``model.tail()``), independent of the image size and of any IR's
+    output names: the torch forward reads its score rule and prior scope from it, the exporter binds it to an IR
+    (:meth:`bind`, giving the :class:`AnomalyTail` the edge runtime runs), so the three cannot disagree. Stage 1:
+    the teacher/student pairs of each group give one map through the fused kernel (``distance``, bilinear
+    upsampling with ``align_corners``, the group's entry of ``fusions``). One group with ``group_fusion``
+    ``"none"`` is blurred (``sigma``) and scored as it is; otherwise (MTHF's stage 2) the group maps are
+    standardised with ``group_mean`` / ``group_std``, combined by ``group_fusion`` and blurred. A ``prior``
+    (:class:`TailPrior`) is fused after that. The image score is ``score``: ``"max"``, or ``"topk"``, the mean of the
+    :func:`top_k_count` largest values for ``top_k_ratio``.
+
+    Statistics (``group_mean``, ``group_std``, the prior's map statistics) are the model's fitted buffers, read as
+    numbers. A tail built without them (``statistics=False``: the torch forward, which keeps them as tensors so that
+    they stay constants of a traced graph) has empty group statistics and the prior's default ones, and cannot be
+    bound.
+
+    Attributes:
+        fusions: :class:`kd_ext.kernels.Fusion` value of each group's pairs (stage 1), one entry per group.
+        distance: :class:`kd_ext.kernels.Distance` value.
+        align_corners: Bilinear ``align_corners``.
+        sigma: Gaussian sigma of the final map (0: none).
+        score: :class:`kd_ext.kernels.ScoreMode` value.
+        top_k_ratio: Share of the map's values averaged by ``"topk"``.
+        group_fusion: ``"none"`` (one group), ``"mean"`` or ``"max"``.
+        group_mean: Per-group map means on normal training images (stage 2).
+        group_std: Per-group map standard deviations (stage 2).
+        prior: The fitted normal-feature prior fused into the map, or ``None``.
+        statistics: Whether the statistics were read (see above).
+    """
+
+    fusions: tuple[str, ...] = ("mean",)
+    distance: str = "cosine"
+    align_corners: bool = False
+    sigma: float = 4.0
+    score: str = "max"
+    top_k_ratio: float = 0.01
+    group_fusion: str = "none"
+    group_mean: tuple[float, ...] = field(default_factory=tuple)
+    group_std: tuple[float, ...] = field(default_factory=tuple)
+    prior: TailPrior | None = None
+    statistics: bool = True
+
+    def __post_init__(self) -> None:
+        """Check the layout.
+
+        Raises:
+            ValueError: If it is inconsistent (named in the message).
+        """
+        if not self.fusions:
+            msg = "A map tail needs at least one group."
+            raise ValueError(msg)
+        if self.group_fusion not in {"none", "mean", "max"}:
+            msg = f"Unknown group_fusion '{self.group_fusion}'; choose 'none', 'mean' or 'max'."
+            raise ValueError(msg)
+        if self.group_fusion == "none" and len(self.fusions) != 1:
+            msg = f"group_fusion='none' takes one group, got {len(self.fusions)}; use 'mean' or 'max'."
+            raise ValueError(msg)
+        if not 0 < self.top_k_ratio <= 1:
+            msg = f"top_k_ratio must be in (0, 1], got {self.top_k_ratio}."
+            raise ValueError(msg)
+
+    def top_k(self, output_size: tuple[int, int]) -> int | None:
+        """Values the ``"topk"`` score averages on maps of ``output_size`` (:func:`top_k_count`), ``None`` for max."""
+        if self.score == "max":
+            return None
+        return top_k_count(int(output_size[0]) * int(output_size[1]), self.top_k_ratio)
+
+    def bind(
+        self,
+        output_size: tuple[int, int],
+        pairs: tuple[tuple[tuple[str, str], ...], ...],
+        normalization: Normalization | None = None,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+    ) -> AnomalyTail:
+        """The :class:`AnomalyTail` of an IR whose outputs hold this tail's features, for maps of ``output_size``.
+
+        Args:
+            output_size: ``(H, W)`` of the maps (the IR's input size).
+            pairs: ``(teacher output, student output)`` names of each group, in the order of :attr:`fusions`.
+            normalization: The post-processor's statistics, or ``None``.
+            image_threshold: Threshold of the (normalised) score, or ``None``.
+            pixel_threshold: Threshold of the (normalised) map, or ``None``.
+
+        Returns:
+            AnomalyTail: The tail the edge runtime runs.
+
+        Raises:
+            ValueError: If the tail was built without statistics, or ``pairs`` has another number of groups.
+        """
+        if not self.statistics:
+            msg = "A map tail built with statistics=False cannot be bound to an IR; build it with statistics."
+            raise ValueError(msg)
+        if len(pairs) != len(self.fusions):
+            msg = f"The map tail has {len(self.fusions)} group(s), got feature pairs of {len(pairs)}."
+            raise ValueError(msg)
+        return AnomalyTail(
+            output_size=(int(output_size[0]), int(output_size[1])),
+            groups=tuple(
+                TailGroup(pairs=tuple(group), fusion=fusion) for group, fusion in zip(pairs, self.fusions, strict=True)
+            ),
+            distance=self.distance,
+            align_corners=self.align_corners,
+            sigma=float(self.sigma),
+            score=self.score,
+            top_k=self.top_k(output_size),
+            group_fusion=self.group_fusion,
+            group_mean=self.group_mean if self.group_fusion != "none" else (),
+            group_std=self.group_std if self.group_fusion != "none" else (),
+            normalization=normalization,
+            image_threshold=image_threshold,
+            pixel_threshold=pixel_threshold,
+            prior=self.prior,
+        )
+
+
 @dataclass(frozen=True)
 class AnomalyTail:
     """Everything a features IR's anomaly-map tail needs, recorded at export in the IR's ``rt_info``.
+
+    The exporter writes the model's :class:`MapTail` bound to the IR (:meth:`MapTail.bind`): the same rules, with
+    the IR's output names, the map size, the top-k count for that size and the post-processor's statistics.
 
     Stage 1: each group's pairs give a map through the fused kernel (``distance``, bilinear upsampling to
     ``output_size`` with ``align_corners``, the group's ``fusion``). With one group and ``group_fusion`` ``"none"``
@@ -377,6 +517,7 @@ __all__ = [
     "TASK_SEPARATOR",
     "AnomalyTail",
     "ExportMode",
+    "MapTail",
     "Normalization",
     "TailGroup",
     "TailPrior",
@@ -384,4 +525,5 @@ __all__ = [
     "file_sha256",
     "task_output",
     "tasks_of",
+    "top_k_count",
 ]

@@ -5,15 +5,20 @@
 post-processor would (see :class:`~kd_ext.edge.contract.AnomalyTail` for the steps). The per-scale distances,
 upsampling, fusion, blur and score run in one call of the fused native kernel (``backend="native"``: the compiled
 ``kd_ext._native``, never torch). MTHF's two-stage fusion runs one unsmoothed kernel call per group, then a
-numpy step: standardise each group map with its training statistics, combine the groups (mean or maximum), blur
-with :func:`gaussian_blur` and score. Folding the mean of standardised groups into one weighted kernel call is
-faster but subtracts a large constant afterwards, which loses float32 precision beyond the tail's parity budget
-(``benchmarks/results/edge.md``), so it is not used. A normal-feature prior (:class:`~kd_ext.edge.contract.TailPrior`)
-is a numpy step after that map: the IR's prior distances are upsampled (:func:`bilinear_resize`), both maps are
-standardised and fused (:func:`fuse_prior`), and the image score is taken from the fused map.
+numpy step: standardise each group map with its training statistics and combine the groups (mean or maximum) by
+:func:`fuse_standardised` (the one rule, which MTHF's torch fusion and the prior's run too), blur with
+:func:`gaussian_blur` (the kernels' taps) and score. Folding the mean of standardised groups into one weighted
+kernel call is faster but subtracts a large constant afterwards, which loses float32 precision beyond the tail's
+parity budget (``benchmarks/results/edge.md``), so it is not used. A normal-feature prior
+(:class:`~kd_ext.edge.contract.TailPrior`) is a numpy step after that map: the IR's prior distances are upsampled
+(:func:`bilinear_resize`), both maps are standardised and fused (:func:`fuse_prior`, by :func:`fuse_standardised`),
+and the image score is taken from the fused map.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,18 +28,52 @@ from kd_ext.kernels._options import gaussian_radius
 from .contract import AnomalyTail, Normalization, TailGroup, TailPrior
 
 Features = dict[str, np.ndarray]
+Array = Any
+"""A ``numpy.ndarray`` or a ``torch.Tensor``: :func:`fuse_standardised` serves both."""
 
 
-def gaussian_taps(sigma: float) -> np.ndarray:
-    """Normalised 1-D Gaussian taps (float32, computed in float64), the kernels' rule."""
-    radius = gaussian_radius(sigma)
-    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
-    taps = np.exp(-0.5 * offsets * offsets / (sigma * sigma))
-    return (taps / taps.sum()).astype(np.float32)
+def _maximum(first: Array, second: Array) -> Array:
+    return np.maximum(first, second) if isinstance(first, np.ndarray) else first.maximum(second)
+
+
+def fuse_standardised(maps: Sequence[Array], means: Sequence[Any], stds: Sequence[Any], rule: str) -> Array:
+    """Standardise maps with their normal-image statistics and combine them: the one rule of every such fusion.
+
+    ``z_i = (maps[i] - means[i]) / stds[i]``, then the mean (``rule`` ``"mean"``) or the pixel-wise maximum
+    (``"max"``) of the ``z_i``. MTHF's stage 2 (the group maps) and the normal-feature prior's fusion (the
+    distillation and the prior map) use it, in torch (the model's forward, with its statistics buffers, so that they
+    stay constants of a traced graph) and in numpy (the edge tail, with the tail's statistics as ``float32``). Only
+    elementwise arithmetic, so either array type works.
+
+    Args:
+        maps: Maps ``[B, 1, H, W]``, all numpy arrays or all torch tensors.
+        means: One mean per map (numbers or 0-d arrays/tensors).
+        stds: One standard deviation per map.
+        rule: ``"mean"`` or ``"max"``.
+
+    Returns:
+        The fused maps ``[B, 1, H, W]``, of the inputs' type.
+
+    Raises:
+        ValueError: If ``rule`` is unknown or no map is given.
+    """
+    if rule not in {"mean", "max"}:
+        msg = f"Unknown fusion rule '{rule}'; choose 'mean' or 'max'."
+        raise ValueError(msg)
+    standardised = [(values - mean) / std for values, mean, std in zip(maps, means, stds, strict=True)]
+    if not standardised:
+        msg = "fuse_standardised needs at least one map."
+        raise ValueError(msg)
+    fused = standardised[0]
+    for values in standardised[1:]:
+        fused = _maximum(fused, values) if rule == "max" else fused + values
+    return fused if rule == "max" else fused / len(standardised)
 
 
 def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of ``[B, 1, H, W]`` maps with reflect padding (the kernels' blur), in numpy.
+
+    The taps are :func:`kd_ext.kernels.gaussian_taps`, the native kernels' own.
 
     Args:
         maps: ``float32`` maps; ``H`` and ``W`` must exceed the radius.
@@ -46,7 +85,7 @@ def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
     if sigma <= 0:
         return maps
     radius = gaussian_radius(sigma)
-    taps = gaussian_taps(sigma)
+    taps = kernels.gaussian_taps(sigma)
     padded = np.pad(maps, ((0, 0), (0, 0), (radius, radius), (radius, radius)), mode="reflect")
     height, width = maps.shape[-2:]
     rows = np.zeros((*maps.shape[:2], height + 2 * radius, width), dtype=np.float32)
@@ -103,9 +142,9 @@ def fuse_prior(prior: TailPrior, distillation: np.ndarray, distances: np.ndarray
         np.ndarray: Fused ``float32`` maps ``[B, 1, H, W]``: the mean or maximum of the standardised maps.
     """
     prior_map = bilinear_resize(distances, distillation.shape[-2:])
-    first = (distillation - np.float32(prior.map_mean[0])) / np.float32(prior.map_std[0])
-    second = (prior_map - np.float32(prior.map_mean[1])) / np.float32(prior.map_std[1])
-    fused = np.maximum(first, second) if prior.rule == "max" else (first + second) / np.float32(2)
+    means = [np.float32(value) for value in prior.map_mean]
+    stds = [np.float32(value) for value in prior.map_std]
+    fused = fuse_standardised([distillation, prior_map], means, stds, prior.rule)
     return np.ascontiguousarray(fused, dtype=np.float32)
 
 
@@ -124,22 +163,24 @@ def two_stage_numpy(tail: AnomalyTail, features: Features) -> tuple[np.ndarray, 
     Returns:
         tuple: Raw maps ``[B, 1, H, W]`` and scores ``[B]``.
     """
-    standardised = []
-    for group, mean, std in zip(tail.groups, tail.group_mean, tail.group_std, strict=True):
+    group_maps = []
+    for group in tail.groups:
         teachers, students = group_features(group, features)
-        group_map = kernels.anomaly_map(
-            teachers,
-            students,
-            tail.output_size,
-            distance=tail.distance,
-            fusion=group.fusion,
-            align_corners=tail.align_corners,
-            sigma=0.0,
-            backend="native",
+        group_maps.append(
+            kernels.anomaly_map(
+                teachers,
+                students,
+                tail.output_size,
+                distance=tail.distance,
+                fusion=group.fusion,
+                align_corners=tail.align_corners,
+                sigma=0.0,
+                backend="native",
+            )
         )
-        standardised.append((group_map - np.float32(mean)) / np.float32(std))
-    stacked = np.concatenate(standardised, axis=1)
-    fused = stacked.mean(axis=1, keepdims=True) if tail.group_fusion == "mean" else stacked.max(axis=1, keepdims=True)
+    means = [np.float32(value) for value in tail.group_mean]
+    stds = [np.float32(value) for value in tail.group_std]
+    fused = fuse_standardised(group_maps, means, stds, tail.group_fusion)
     maps = np.ascontiguousarray(gaussian_blur(fused.astype(np.float32), tail.sigma))
     return maps, kernels.image_score(maps, tail.score, tail.top_k, backend="native")
 
@@ -272,6 +313,7 @@ __all__ = [
     "bilinear_resize",
     "distillation_map_and_score",
     "fuse_prior",
+    "fuse_standardised",
     "gaussian_blur",
     "group_features",
     "normalize",

@@ -5,11 +5,12 @@ tail and the post-processor). Its outputs are the distinct feature tensors the t
 ``feature/<index>`` (a teacher level shared by several students or groups is output once), and, for a model with
 a fitted normal-feature prior, the prior's Mahalanobis distances on its own grid (``prior/distance``, computed in
 the graph by :meth:`~kd_ext.models.components.prior.NormalFeaturePrior.distance_grid` with the fitted mean and
-precision as constants). The :class:`~kd_ext.edge.contract.AnomalyTail` built here from the model's settings
-(distance, fusion, sigma, score mode and top-k, output size, MTHF's two-stage fusion statistics, the prior's rule,
-scope and map statistics, the post-processor's normalisation statistics and thresholds) goes into
-``rt_info[kd_ext][tail]``, and :class:`kd_ext.edge.EdgeModel` runs that tail with :mod:`kd_ext.kernels` and numpy
-(:mod:`kd_ext.edge.tail`).
+precision as constants). The model describes its tail itself (``model.tail()``, a
+:class:`~kd_ext.edge.contract.MapTail`: distance, fusion, sigma, score rule, MTHF's two-stage fusion statistics, the
+prior's rule, scope and map statistics) and names the features it reads (``model.tail_features``); bound here to
+the IR's outputs, the map size and the post-processor's normalisation statistics and thresholds, it goes as the
+:class:`~kd_ext.edge.contract.AnomalyTail` into ``rt_info[kd_ext][tail]``, and :class:`kd_ext.edge.EdgeModel` runs
+that tail with :mod:`kd_ext.kernels` and numpy (:mod:`kd_ext.edge.tail`).
 
 Supported: BiDirMSKD and MTHF, with or without a fitted prior.
 """
@@ -18,20 +19,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from kd_ext.edge.contract import PRIOR_OUTPUT, AnomalyTail, Normalization, TailGroup, TailPrior, feature_output
+from kd_ext.edge.contract import PRIOR_OUTPUT, AnomalyTail, MapTail, Normalization, feature_output
 
 if TYPE_CHECKING:
     from anomalib.models import AnomalibModule
 
     from kd_ext.models.components.prior import PriorFusion
 
-Layout = tuple[list[torch.Tensor], list[tuple[list[tuple[int, int]], str]]]
-"""Distinct feature tensors and, per group, ``([(teacher index, student index)], fusion)``."""
+Layout = tuple[list[torch.Tensor], list[list[tuple[int, int]]]]
+"""Distinct feature tensors and, per group of the model's tail, its ``(teacher index, student index)`` pairs."""
+
+
+@runtime_checkable
+class TailModel(Protocol):
+    """A torch model with a features export: it describes its tail and names the features the tail reads."""
+
+    def tail(self, statistics: bool = True) -> MapTail:
+        """The model's :class:`~kd_ext.edge.contract.MapTail`."""
+        ...
+
+    def tail_features(
+        self, images: torch.Tensor
+    ) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[torch.Tensor]]:
+        """The ``(teacher, student)`` pairs of each group of the tail, and the teacher features the prior reads."""
+        ...
 
 
 def _unique(tensors: list[torch.Tensor], seen: dict[int, int], value: torch.Tensor) -> int:
@@ -42,36 +58,14 @@ def _unique(tensors: list[torch.Tensor], seen: dict[int, int], value: torch.Tens
     return seen[key]
 
 
-Groups = list[tuple[list[tuple[torch.Tensor, torch.Tensor]], str]]
-"""Per group: ``(teacher, student)`` feature pairs and the group's kernel fusion."""
-
-
-def _groups_of(model: nn.Module, images: torch.Tensor) -> tuple[Groups, list[torch.Tensor]]:
-    """The groups of ``images`` (see :data:`Groups`) and the teacher features the model's prior reads."""
-    from kd_ext.models.bidirmskd.torch_model import BiDirMSKDModel  # noqa: PLC0415
-    from kd_ext.models.mthf.torch_model import MTHFModel  # noqa: PLC0415
-
-    if isinstance(model, BiDirMSKDModel):
-        teacher, forward, reverse = model.distill(images)
-        pairs = [
-            (t, s)
-            for student in (forward, reverse)
-            if student is not None
-            for t, s in zip(teacher, student, strict=True)
-        ]
-        return [(pairs, model.anomaly_map_generator.fusion)], teacher
-    if isinstance(model, MTHFModel):
-        teachers = model.teacher_features(images)
-        groups = model.distill(images, teachers)
-        pairs_of = [list(zip(teacher, student, strict=True)) for teacher, student in groups.values()]
-        if model.anomaly_map_generator.fusion_stages == 1:
-            return [([pair for pairs in pairs_of for pair in pairs], "mean")], teachers[model.teacher_name]
-        return [(pairs, "mean") for pairs in pairs_of], teachers[model.teacher_name]
-    msg = (
-        f"export mode 'features' supports BiDirMSKD and MTHF, not {type(model).__name__}; export it with "
-        "mode='standard' (anomalib's whole forward)."
-    )
-    raise ValueError(msg)
+def _tail_model(model: nn.Module) -> TailModel:
+    if not supports_features(model):
+        msg = (
+            f"export mode 'features' supports BiDirMSKD and MTHF, not {type(model).__name__}; export it with "
+            "mode='standard' (anomalib's whole forward)."
+        )
+        raise ValueError(msg)
+    return model  # type: ignore[return-value]
 
 
 def fitted_prior(model: nn.Module) -> PriorFusion | None:
@@ -84,23 +78,20 @@ def feature_layout(model: nn.Module, images: torch.Tensor) -> tuple[Layout, torc
     """The distinct feature tensors of ``images``, how the tail pairs them, and the prior's distances.
 
     Args:
-        model: A BiDirMSKD or MTHF torch model (eval mode).
+        model: A torch model with a tail (:class:`TailModel`: BiDirMSKD or MTHF), in eval mode.
         images: Pre-processed images.
 
     Returns:
-        tuple: The :data:`Layout` (tensors in output order, per group the index pairs and fusion), and the fitted
-        prior's distances ``[B, 1, h, w]`` on its own grid (``None`` without a fitted prior).
+        tuple: The :data:`Layout` (tensors in output order, per group of the model's tail the index pairs), and the
+        fitted prior's distances ``[B, 1, h, w]`` on its own grid (``None`` without a fitted prior).
 
     Raises:
         ValueError: If the model has no features export.
     """
     tensors: list[torch.Tensor] = []
     seen: dict[int, int] = {}
-    groups_of, prior_features = _groups_of(model, images)
-    groups = [
-        ([(_unique(tensors, seen, t), _unique(tensors, seen, s)) for t, s in pairs], fusion)
-        for pairs, fusion in groups_of
-    ]
+    groups_of, prior_features = _tail_model(model).tail_features(images)
+    groups = [[(_unique(tensors, seen, t), _unique(tensors, seen, s)) for t, s in pairs] for pairs in groups_of]
     fusion = fitted_prior(model)
     distances = None if fusion is None else fusion.prior.distance_grid(prior_features)
     return (tensors, groups), distances
@@ -129,34 +120,15 @@ class FeatureGraph(nn.Module):
 
 
 def supports_features(model: nn.Module) -> bool:
-    """Whether a torch model can be exported with ``mode="features"`` (BiDirMSKD or MTHF, prior or not).
+    """Whether a torch model can be exported with ``mode="features"``: it describes its tail (:class:`TailModel`).
 
     Args:
         model: The anomalib module's ``model``.
 
     Returns:
-        bool: ``True`` when :func:`anomaly_tail` accepts it.
+        bool: ``True`` when :func:`anomaly_tail` accepts it (BiDirMSKD and MTHF, prior or not).
     """
-    from kd_ext.models.bidirmskd.torch_model import BiDirMSKDModel  # noqa: PLC0415
-    from kd_ext.models.mthf.torch_model import MTHFModel  # noqa: PLC0415
-
-    return isinstance(model, (BiDirMSKDModel, MTHFModel))
-
-
-def _tail_prior(model: nn.Module) -> TailPrior | None:
-    fusion = fitted_prior(model)
-    if fusion is None:
-        return None
-    standardiser = fusion.standardiser
-    mean = tuple(float(value) for value in standardiser.map_mean)
-    std = tuple(float(value) for value in standardiser.map_std)
-    return TailPrior(
-        output=PRIOR_OUTPUT,
-        rule=standardiser.rule.value,
-        scope=fusion.scope.value,
-        map_mean=(mean[0], mean[1]),
-        map_std=(std[0], std[1]),
-    )
+    return isinstance(model, TailModel)
 
 
 def _post_processing(module: AnomalibModule) -> tuple[Normalization | None, float | None, float | None]:
@@ -181,6 +153,9 @@ def _post_processing(module: AnomalibModule) -> tuple[Normalization | None, floa
 def anomaly_tail(module: AnomalibModule, input_size: tuple[int, int]) -> tuple[AnomalyTail, int]:
     """The tail of ``module``'s features IR for images of ``input_size``, and the number of feature outputs.
 
+    The model's own :class:`~kd_ext.edge.contract.MapTail` (``model.tail()``) bound to the IR's feature outputs,
+    the map size and the post-processor's statistics and thresholds.
+
     Args:
         module: Trained BiDirMSKD or MTHF.
         input_size: ``(H, W)`` of the IR's input.
@@ -191,41 +166,18 @@ def anomaly_tail(module: AnomalibModule, input_size: tuple[int, int]) -> tuple[A
     Raises:
         ValueError: If the model cannot be exported this way (named, with the fix).
     """
-    from kd_ext.models.mthf.torch_model import MTHFModel  # noqa: PLC0415
-
-    model = module.model
+    model = _tail_model(module.model)
     graph = FeatureGraph(module).eval()
     with torch.no_grad():
         images = graph.preprocess(torch.zeros(1, 3, *input_size))
-        (tensors, groups), _ = feature_layout(model, images)
-    height, width = int(images.shape[-2]), int(images.shape[-1])
-    top_k = None if model.score_mode == "max" else max(1, int(height * width * model.top_k_ratio))
+        (tensors, groups), _ = feature_layout(module.model, images)
     normalization, image_threshold, pixel_threshold = _post_processing(module)
-    tail_groups = tuple(
-        TailGroup(pairs=tuple((feature_output(t), feature_output(s)) for t, s in pairs), fusion=fusion)
-        for pairs, fusion in groups
-    )
-    stage2: dict[str, object] = {}
-    generator = model.anomaly_map_generator
-    if isinstance(model, MTHFModel) and generator.fusion_stages == 2:
-        stage2 = {
-            "group_fusion": generator.group_fusion,
-            "group_mean": tuple(float(value) for value in generator.map_mean),
-            "group_std": tuple(float(value) for value in generator.map_std),
-        }
-    tail = AnomalyTail(
-        output_size=(height, width),
-        groups=tail_groups,
-        distance="cosine",
-        align_corners=False,
-        sigma=float(generator.sigma),
-        score=model.score_mode,
-        top_k=top_k,
+    tail = model.tail().bind(
+        output_size=(int(images.shape[-2]), int(images.shape[-1])),
+        pairs=tuple(tuple((feature_output(t), feature_output(s)) for t, s in pairs) for pairs in groups),
         normalization=normalization,
         image_threshold=image_threshold,
         pixel_threshold=pixel_threshold,
-        prior=_tail_prior(model),
-        **stage2,
     )
     return tail, len(tensors)
 
@@ -293,6 +245,7 @@ def features_map_function(tail: AnomalyTail) -> Callable[[dict[str, object]], ob
 
 __all__ = [
     "FeatureGraph",
+    "TailModel",
     "anomaly_tail",
     "export_features_onnx",
     "feature_layout",

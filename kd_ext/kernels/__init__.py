@@ -30,6 +30,7 @@ from kd_ext.kernels._api import (
     anomaly_map,
     anomaly_map_and_score,
     cuda_available,
+    gaussian_taps,
     image_score,
     native_available,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "anomaly_map_and_score",
     "build_info",
     "cuda_available",
+    "gaussian_taps",
     "image_score",
     "native_available",
     "validate_sigma",

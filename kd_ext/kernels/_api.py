@@ -16,6 +16,7 @@ from kd_ext.kernels._options import (
     KernelOptions,
     ScoreMode,
     _choice,
+    gaussian_radius,
     validate_top_k,
 )
 
@@ -47,6 +48,28 @@ def cuda_available() -> bool:
         ``True`` when CUDA tensors can use the native kernels.
     """
     return native.cuda_available()
+
+
+def gaussian_taps(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps of the kernels' blur, in numpy: the one Python copy of the native rule.
+
+    ``2 * floor(4 * sigma + 0.5) + 1`` taps ``exp(-x^2 / (2 sigma^2))``, computed in float64, summed in order and
+    divided by their sum, then rounded once to float32, as the compiled kernels build them
+    (``kd_ext._native.gaussian_kernel_1d``). The torch reference (:func:`kd_ext.kernels.reference.gaussian_taps`)
+    and the edge's numpy blur (:func:`kd_ext.edge.tail.gaussian_blur`) use these taps; needs no torch and no
+    compiled extension.
+
+    Args:
+        sigma: Standard deviation, ``> 0``.
+
+    Returns:
+        np.ndarray: ``float32`` taps of shape ``[2 * radius + 1]``, summing to 1.
+    """
+    radius = gaussian_radius(sigma)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (offsets * offsets) / (sigma * sigma))
+    total = np.add.accumulate(taps)[-1]  # the native kernels' left-to-right sum
+    return (taps / total).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- validation

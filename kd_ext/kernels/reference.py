@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+from kd_ext.kernels._api import gaussian_taps as numpy_gaussian_taps
 from kd_ext.kernels._options import Distance, Fusion, KernelOptions, ScoreMode, gaussian_radius
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
 def gaussian_taps(sigma: float, device: torch.device | None = None) -> torch.Tensor:
     """Return normalised 1-D Gaussian taps (float32) of size ``2 * floor(4 * sigma + 0.5) + 1``.
 
-    Computed in float64 and rounded once, like the native kernels.
+    The taps of :func:`kd_ext.kernels.gaussian_taps` (the native kernels' rule) as a tensor.
 
     Args:
         sigma: Standard deviation, ``> 0``.
@@ -40,10 +41,7 @@ def gaussian_taps(sigma: float, device: torch.device | None = None) -> torch.Ten
     Returns:
         Tensor of shape ``[2 * radius + 1]`` summing to 1.
     """
-    radius = gaussian_radius(sigma)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    taps = torch.exp(-0.5 * offsets * offsets / (sigma * sigma))
-    return (taps / taps.sum()).to(device=device, dtype=torch.float32)
+    return torch.from_numpy(numpy_gaussian_taps(sigma)).to(device=device)
 
 
 def distance_map(

@@ -20,6 +20,7 @@ from anomalib.data import InferenceBatch
 
 from kd_ext.backbones import get_backbone_spec
 from kd_ext.backbones.registry import resolve_layers
+from kd_ext.edge.contract import MapTail
 from kd_ext.kernels import SCORE_MODES
 from kd_ext.kernels.reference import image_score
 from kd_ext.models.components import (
@@ -40,6 +41,8 @@ from kd_ext.models.components import (
 from .anomaly_map import AnomalyMapGenerator
 
 MIN_IMAGE_SIZE = 32
+FeaturePair = tuple[torch.Tensor, torch.Tensor]
+"""A teacher level and the matching student level."""
 
 
 def check_images(images: torch.Tensor) -> None:
@@ -192,18 +195,64 @@ class BiDirMSKDModel(FrozenTeacherModel):
         if self.training:
             self.needs_calibration = self.prior_fusion is not None
             return teacher, forward, reverse
-        height, width = int(images.shape[-2]), int(images.shape[-1])
-        top_k = None if self.score_mode == "max" else max(1, int(height * width * self.top_k_ratio))
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        tail = self.tail(statistics=False)
+        top_k = tail.top_k(size)
         students = self._students(forward, reverse)
-        if self.prior_fusion is None or not self.prior_fusion.ready:
+        if tail.prior is None:
             anomaly_map, pred_score = self.anomaly_map_generator.map_and_score(
-                teacher, students, (height, width), self.score_mode, top_k
+                teacher, students, size, tail.score, top_k
             )
             return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
-        distillation_map = self.anomaly_map_generator(teacher, students, (height, width))
-        fused = self.prior_fusion(distillation_map, teacher, (height, width))
-        anomaly_map = distillation_map if self.prior_fusion.scope is PriorScope.SCORE else fused
-        return InferenceBatch(pred_score=image_score(fused, self.score_mode, top_k), anomaly_map=anomaly_map)
+        distillation_map = self.anomaly_map_generator(teacher, students, size)
+        fused = self.prior_fusion(distillation_map, teacher, size)
+        anomaly_map = fused if tail.prior.scope == PriorScope.MAP.value else distillation_map
+        return InferenceBatch(pred_score=image_score(fused, tail.score, top_k), anomaly_map=anomaly_map)
+
+    def tail(self, statistics: bool = True) -> MapTail:
+        """The model's anomaly-map tail, described once: the forward, the exporter and the edge runtime read it.
+
+        One group (every teacher level paired with each student's, forward student first) fused by ``map_fusion``,
+        blurred by ``sigma`` and scored by ``score_mode`` / ``top_k_ratio``; with a fitted prior, its rule, scope
+        and map statistics.
+
+        Args:
+            statistics: Read the fitted statistics (the prior's) as numbers; ``False`` for the forward, which uses
+                its buffers.
+
+        Returns:
+            MapTail: The description, from the model's current settings.
+        """
+        generator = self.anomaly_map_generator
+        fusion = self.prior_fusion
+        return MapTail(
+            fusions=(generator.fusion,),
+            distance=generator.distance,
+            align_corners=generator.align_corners,
+            sigma=float(generator.sigma),
+            score=self.score_mode,
+            top_k_ratio=self.top_k_ratio,
+            prior=fusion.tail_prior(statistics) if fusion is not None and fusion.ready else None,
+            statistics=statistics,
+        )
+
+    def tail_features(self, images: torch.Tensor) -> tuple[list[list[FeaturePair]], list[torch.Tensor]]:
+        """The teacher/student feature pairs of each group of :meth:`tail`, and the teacher features the prior reads.
+
+        Args:
+            images: Normalised images ``[B, 3, H, W]``.
+
+        Returns:
+            tuple: One list of ``(teacher, student)`` pairs per group (in :attr:`MapTail.fusions` order), and the
+            teacher features.
+        """
+        teacher, forward, reverse = self.distill(images)
+        pairs = [
+            (level, student_level)
+            for student in self._students(forward, reverse)
+            for level, student_level in zip(teacher, student, strict=True)
+        ]
+        return [pairs], teacher
 
     @staticmethod
     def _students(forward: list[torch.Tensor] | None, reverse: list[torch.Tensor] | None) -> list[list[torch.Tensor]]:

@@ -5,32 +5,23 @@ while exporting (tracing) and when the extension is missing or ``backend="refere
 """
 
 from collections.abc import Sequence
-from enum import Enum
 
 import torch
 from torch import nn
 
 from kd_ext import kernels
 from kd_ext.kernels.reference import gaussian_blur
-from kd_ext.options import check_choice, choice_values
 
+MAP_FUSIONS = ("mean", "sum", "product")
 
-class MapFusion(str, Enum):
-    """How the upsampled per-level maps are combined (the kernels' :class:`~kd_ext.kernels.Fusion` without weights)."""
-
-    MEAN = "mean"
-    SUM = "sum"
-    PRODUCT = "product"
-
-
-MAP_FUSIONS = choice_values(MapFusion)
-"""Values of :class:`MapFusion`."""
-
-__all__ = ["MAP_FUSIONS", "AnomalyMapGenerator", "MapFusion", "gaussian_blur"]
+__all__ = ["MAP_FUSIONS", "AnomalyMapGenerator", "gaussian_blur"]
 
 
 class AnomalyMapGenerator(nn.Module):
     """Fuse per-level ``1 - cos`` teacher-student discrepancies of one or more students.
+
+    Its settings (``distance``, ``fusion``, ``align_corners``, ``sigma``) are what a model's
+    :class:`~kd_ext.edge.contract.MapTail` reports for its groups.
 
     Args:
         fusion: How the upsampled maps of all levels and students are combined.
@@ -38,14 +29,20 @@ class AnomalyMapGenerator(nn.Module):
         backend: ``"auto"`` (native kernel when possible), ``"native"`` or ``"reference"``.
     """
 
-    def __init__(
-        self, fusion: MapFusion | str = "mean", sigma: float = 4.0, backend: kernels.Backend | str = "auto"
-    ) -> None:
+    def __init__(self, fusion: str = "mean", sigma: float = 4.0, backend: str = "auto") -> None:
         super().__init__()
-        self.fusion = check_choice(fusion, MapFusion, "map fusion").value
+        if fusion not in MAP_FUSIONS:
+            msg = f"Unknown map fusion '{fusion}'; choose one of {MAP_FUSIONS}."
+            raise ValueError(msg)
         kernels.validate_sigma(sigma)
+        if backend not in kernels.BACKENDS:
+            msg = f"Unknown kernel backend '{backend}'; choose one of {kernels.BACKENDS}."
+            raise ValueError(msg)
+        self.fusion = fusion
         self.sigma = sigma
-        self.backend = check_choice(backend, kernels.Backend, "kernel backend").value
+        self.backend = backend
+        self.distance = "cosine"
+        self.align_corners = False
 
     @staticmethod
     def _pairs(
@@ -56,9 +53,9 @@ class AnomalyMapGenerator(nn.Module):
 
     def _kernel_options(self) -> dict[str, object]:
         return {
-            "distance": "cosine",
+            "distance": self.distance,
             "fusion": self.fusion,
-            "align_corners": False,
+            "align_corners": self.align_corners,
             "sigma": self.sigma,
             "backend": self.backend,
         }

@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from kd_ext.edge.contract import PRIOR_OUTPUT, TailPrior
+from kd_ext.edge.tail import fuse_standardised
+
 PRIOR_POOL = 3
 """Side of the neighbourhood averaged into each location's feature (locally aware patches, as PatchCore)."""
 COVARIANCE_EPSILON = 0.01
@@ -279,12 +282,11 @@ class MapStandardiser(nn.Module):
         self._moments = None
 
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Mean or maximum (see ``rule``) of the standardised maps ``[B, 1, H, W]``."""
-        stacked = torch.cat(list(maps), dim=1)
-        standardised = (stacked - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
-        if self.rule is PriorRule.MAX:
-            return standardised.amax(dim=1, keepdim=True)
-        return standardised.mean(dim=1, keepdim=True)
+        """Mean or maximum (see ``rule``) of the standardised maps ``[B, 1, H, W]``.
+
+        The rule is :func:`kd_ext.edge.tail.fuse_standardised`, which the edge tail runs in numpy.
+        """
+        return fuse_standardised(list(maps), self.map_mean.unbind(), self.map_std.unbind(), self.rule.value)
 
 
 class PriorFusion(nn.Module):
@@ -342,6 +344,28 @@ class PriorFusion(nn.Module):
     def ready(self) -> bool:
         """Whether the prior and the map statistics are fitted (decided by buffer shapes: static when exporting)."""
         return self.prior.fitted
+
+    def tail_prior(self, statistics: bool = True) -> TailPrior:
+        """This fusion as its part of a model's :class:`~kd_ext.edge.contract.MapTail`.
+
+        Args:
+            statistics: Read the map statistics into the description; ``False`` leaves
+                :class:`~kd_ext.edge.contract.TailPrior`'s defaults (for a forward that reads its buffers).
+
+        Returns:
+            TailPrior: The rule, the scope and (with ``statistics``) the map means and standard deviations.
+        """
+        if not statistics:
+            return TailPrior(output=PRIOR_OUTPUT, rule=self.standardiser.rule.value, scope=self.scope.value)
+        mean = [float(value) for value in self.standardiser.map_mean]
+        std = [float(value) for value in self.standardiser.map_std]
+        return TailPrior(
+            output=PRIOR_OUTPUT,
+            rule=self.standardiser.rule.value,
+            scope=self.scope.value,
+            map_mean=(mean[0], mean[1]),
+            map_std=(std[0], std[1]),
+        )
 
     def forward(
         self, distillation_map: torch.Tensor, teacher_features: Sequence[torch.Tensor], size: tuple[int, int]

@@ -16,6 +16,10 @@ shallow groups is not blurred twice and boundaries stay sharp.
 
 One-stage fusion (ablation) averages all per-level maps of all groups at once, unnormalised, then
 smooths.
+
+The standardise-and-combine step is :func:`kd_ext.edge.tail.fuse_standardised`, the rule the edge tail runs in
+numpy on a features IR's outputs; the model reports these settings and statistics in its
+:class:`~kd_ext.edge.contract.MapTail` (``MTHFModel.tail``).
 """
 
 from collections.abc import Sequence
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from kd_ext import kernels
+from kd_ext.edge.tail import fuse_standardised
 from kd_ext.models.components.multiscale_map import AnomalyMapGenerator, gaussian_blur
 
 GROUP_FUSIONS = ("mean", "max")
@@ -140,12 +145,8 @@ class MTHFAnomalyMap(nn.Module):
             total = sum(self.level_maps(teacher, [student], size) for teacher, student in pairs)
             fused = total / sum(len(teacher) for teacher, _ in pairs)
         else:
-            maps = torch.cat(self.group_maps(pairs, size), dim=1)
-            standardised = (maps - self.map_mean.view(1, -1, 1, 1)) / self.map_std.view(1, -1, 1, 1)
-            if self.group_fusion == "mean":
-                fused = standardised.mean(dim=1, keepdim=True)
-            else:
-                fused = standardised.amax(dim=1, keepdim=True)
+            maps = self.group_maps(pairs, size)
+            fused = fuse_standardised(maps, self.map_mean.unbind(), self.map_std.unbind(), self.group_fusion)
         return gaussian_blur(fused, self.sigma) if self.sigma > 0 else fused
 
 

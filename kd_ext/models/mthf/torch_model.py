@@ -33,7 +33,8 @@ from torch import nn
 
 from kd_ext.backbones import create_backbone, get_backbone_spec
 from kd_ext.backbones.registry import resolve_layers
-from kd_ext.kernels import SCORE_MODES
+from kd_ext.edge.contract import MapTail
+from kd_ext.kernels import SCORE_MODES, reference
 from kd_ext.models.components import (
     FrozenTeacherModel,
     OneClassBottleneck,
@@ -66,6 +67,8 @@ DEEP_LAYERS = {
     "wide_resnet50_2": ("layer2", "layer3", "layer4"),
 }
 GroupPairs = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]
+FeaturePair = tuple[torch.Tensor, torch.Tensor]
+"""A teacher level and the matching student level."""
 
 
 class ReverseStudent(nn.Module):
@@ -342,12 +345,61 @@ class MTHFModel(FrozenTeacherModel):
         return pairs
 
     def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
-        """Reduce anomaly maps ``[B, 1, H, W]`` to image scores ``[B]``."""
-        flat = anomaly_map.flatten(1)
-        if self.score_mode == "max":
-            return flat.amax(dim=1)
-        k = max(1, int(flat.shape[1] * self.top_k_ratio))
-        return flat.topk(k, dim=1).values.mean(dim=1)
+        """Reduce anomaly maps ``[B, 1, H, W]`` to image scores ``[B]`` by the score rule of :meth:`tail`."""
+        tail = self.tail(statistics=False)
+        size = (int(anomaly_map.shape[-2]), int(anomaly_map.shape[-1]))
+        return reference.image_score(anomaly_map, tail.score, tail.top_k(size))
+
+    def tail(self, statistics: bool = True) -> MapTail:
+        """The model's anomaly-map tail, described once: the forward, the exporter and the edge runtime read it.
+
+        Two-stage fusion: one group per teacher-student group (its levels averaged), the groups standardised with
+        the moving statistics and combined by ``group_fusion``. One-stage fusion: one group of every level of every
+        group, averaged. Then the blur (``sigma``), the score (``score_mode`` / ``top_k_ratio``) and, with a fitted
+        prior, its rule, scope and map statistics.
+
+        Args:
+            statistics: Read the fitted statistics (the group maps' and the prior's) as numbers; ``False`` for the
+                forward, which uses its buffers.
+
+        Returns:
+            MapTail: The description, from the model's current settings.
+        """
+        generator = self.anomaly_map_generator
+        two_stage = generator.fusion_stages == 2
+        group_statistics = two_stage and statistics
+        fusion = self.prior_fusion
+        return MapTail(
+            fusions=(generator.group_map.fusion,) * (len(self.groups) if two_stage else 1),
+            distance=generator.group_map.distance,
+            align_corners=generator.group_map.align_corners,
+            sigma=float(generator.sigma),
+            score=self.score_mode,
+            top_k_ratio=self.top_k_ratio,
+            group_fusion=generator.group_fusion if two_stage else "none",
+            group_mean=tuple(float(value) for value in generator.map_mean) if group_statistics else (),
+            group_std=tuple(float(value) for value in generator.map_std) if group_statistics else (),
+            prior=fusion.tail_prior(statistics) if fusion is not None and fusion.ready else None,
+            statistics=statistics,
+        )
+
+    def tail_features(self, images: torch.Tensor) -> tuple[list[list[FeaturePair]], list[torch.Tensor]]:
+        """The teacher/student feature pairs of each group of :meth:`tail`, and the teacher features the prior reads.
+
+        Args:
+            images: Normalised images ``[B, 3, H, W]``.
+
+        Returns:
+            tuple: One list of ``(teacher, student)`` pairs per group (in :attr:`MapTail.fusions` order; one group of
+            all pairs for one-stage fusion), and the main teacher's features.
+        """
+        teachers = self.teacher_features(images)
+        groups = [
+            list(zip(teacher, student, strict=True)) for teacher, student in self.distill(images, teachers).values()
+        ]
+        if self.anomaly_map_generator.fusion_stages == 1:
+            groups = [[pair for group in groups for pair in group]]
+        return groups, teachers[self.teacher_name]
 
     def forward(self, images: torch.Tensor) -> GroupPairs | InferenceBatch:
         """Distillation outputs in training mode; anomaly map and score in eval mode.
@@ -372,10 +424,11 @@ class MTHFModel(FrozenTeacherModel):
             self.needs_calibration = self.prior_fusion is not None
             return pairs
         anomaly_map = self.anomaly_map_generator(list(pairs.values()), size)
-        if self.prior_fusion is None or not self.prior_fusion.ready:
+        tail = self.tail(statistics=False)
+        if tail.prior is None:
             return InferenceBatch(pred_score=self.image_score(anomaly_map), anomaly_map=anomaly_map)
         fused = self.prior_fusion(anomaly_map, teachers[self.teacher_name], size)
-        if self.prior_fusion.scope is not PriorScope.SCORE:
+        if tail.prior.scope == PriorScope.MAP.value:
             anomaly_map = fused
         return InferenceBatch(pred_score=self.image_score(fused), anomaly_map=anomaly_map)
 

@@ -40,6 +40,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from kd_ext.edge.contract import top_k_count
 from kd_ext.kernels.reference import image_score
 from kd_ext.models.components import FrozenTeacherModel, check_score_options
 from kd_ext.models.components.prior import PriorFusion
@@ -244,7 +245,8 @@ class SignalKDModel(FrozenTeacherModel):
         sigma: Gaussian smoothing of the map along time, in time steps (0 disables it).
         score_mode: Series score from the map: ``"mean"``, ``"max"`` or ``"topk"`` (mean of the largest
             ``top_k_ratio``).
-        top_k_ratio: Share of time steps averaged by ``"topk"``.
+        top_k_ratio: Share of time steps averaged by ``"topk"`` (counted by
+            :func:`~kd_ext.edge.contract.top_k_count`, the image models' rule).
         map_levels: Levels (0, 1, 2: shallow to deep) whose discrepancies make the map.
         normalize_input: Z-normalise each series first (idempotent: series the datamodule normalised are unchanged),
             so that the model, and its exported IR, can take raw series.
@@ -446,7 +448,7 @@ class SignalKDModel(FrozenTeacherModel):
             anomaly_map = anomaly_map.flatten(1)
         if self.score_mode == "mean":
             return InferenceBatch(pred_score=anomaly_map.mean(dim=-1), anomaly_map=anomaly_map)
-        top_k = None if self.score_mode == "max" else max(1, round(length * self.top_k_ratio))
+        top_k = None if self.score_mode == "max" else top_k_count(length, self.top_k_ratio)
         return InferenceBatch(pred_score=image_score(anomaly_map, self.score_mode, top_k), anomaly_map=anomaly_map)
 
     def distillation_map(
