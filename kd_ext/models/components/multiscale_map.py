@@ -5,16 +5,28 @@ while exporting (tracing) and when the extension is missing or ``backend="refere
 """
 
 from collections.abc import Sequence
+from enum import Enum
 
 import torch
 from torch import nn
 
 from kd_ext import kernels
 from kd_ext.kernels.reference import gaussian_blur
+from kd_ext.options import check_choice, choice_values
 
-MAP_FUSIONS = ("mean", "sum", "product")
 
-__all__ = ["MAP_FUSIONS", "AnomalyMapGenerator", "gaussian_blur"]
+class MapFusion(str, Enum):
+    """How the upsampled per-level maps are combined (the kernels' :class:`~kd_ext.kernels.Fusion` without weights)."""
+
+    MEAN = "mean"
+    SUM = "sum"
+    PRODUCT = "product"
+
+
+MAP_FUSIONS = choice_values(MapFusion)
+"""Values of :class:`MapFusion`."""
+
+__all__ = ["MAP_FUSIONS", "AnomalyMapGenerator", "MapFusion", "gaussian_blur"]
 
 
 class AnomalyMapGenerator(nn.Module):
@@ -29,18 +41,14 @@ class AnomalyMapGenerator(nn.Module):
         backend: ``"auto"`` (native kernel when possible), ``"native"`` or ``"reference"``.
     """
 
-    def __init__(self, fusion: str = "mean", sigma: float = 4.0, backend: str = "auto") -> None:
+    def __init__(
+        self, fusion: MapFusion | str = "mean", sigma: float = 4.0, backend: kernels.Backend | str = "auto"
+    ) -> None:
         super().__init__()
-        if fusion not in MAP_FUSIONS:
-            msg = f"Unknown map fusion '{fusion}'; choose one of {MAP_FUSIONS}."
-            raise ValueError(msg)
+        self.fusion = check_choice(fusion, MapFusion, "map fusion").value
         kernels.validate_sigma(sigma)
-        if backend not in kernels.BACKENDS:
-            msg = f"Unknown kernel backend '{backend}'; choose one of {kernels.BACKENDS}."
-            raise ValueError(msg)
-        self.fusion = fusion
         self.sigma = sigma
-        self.backend = backend
+        self.backend = check_choice(backend, kernels.Backend, "kernel backend").value
         self.distance = "cosine"
         self.align_corners = False
 
