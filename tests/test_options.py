@@ -5,11 +5,13 @@ import re
 from enum import Enum
 
 import pytest
+import torch
 from jsonargparse import ArgumentParser
 
 from kd_ext.distill.config import TrainingConfig
 from kd_ext.models import MTHF, BiDirMSKD, CrossTaskStudent
 from kd_ext.models.components.multiscale_map import MapFusion
+from kd_ext.models.components.optimizer import resolve_optimizer
 from kd_ext.models.cross_task.lightning_model import CrossTaskDistillation
 from kd_ext.models.signal_kd import SignalKD
 from kd_ext.options import (
@@ -185,3 +187,29 @@ def test_cli_parser_checks_option_values(model: type, argument: str, good: str, 
     assert parser.parse_args([f"--model.{argument}", good]).model[argument] == good
     with pytest.raises(Exception, match=bad):
         parser.parse_args([f"--model.{argument}", bad])
+
+
+def test_optimizer_choice_and_its_default_learning_rate() -> None:
+    assert resolve_optimizer("adam", None) == ("adam", 0.005)
+    assert resolve_optimizer("sgd", None) == ("sgd", 0.4)
+    assert resolve_optimizer("sgd", 0.01) == ("sgd", 0.01)
+    with pytest.raises(ValueError, match=r"optimizer.*rmsprop.*'adam', 'sgd'"):
+        resolve_optimizer("rmsprop", None)
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        resolve_optimizer("sgd", 0)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kind", "rate"), [("adam", torch.optim.Adam, 0.005), ("sgd", torch.optim.SGD, 0.4)]
+)
+def test_models_train_with_the_chosen_optimizer(optimizer: str, kind: type, rate: float) -> None:
+    for model_class in (BiDirMSKD, MTHF):
+        model = model_class(pre_trained=False, optimizer=optimizer, visualizer=False)
+        built = model.configure_optimizers()
+        assert isinstance(built, kind)
+        assert built.param_groups[0]["lr"] == rate
+        assert model.hparams["optimizer"] == optimizer  # a plain str: checkpoints load with weights_only
+        trainable = {id(p) for p in model.model.parameters() if p.requires_grad}
+        assert {id(p) for group in built.param_groups for p in group["params"]} == trainable
+    if optimizer == "sgd":
+        assert built.param_groups[0]["momentum"] == 0.9

@@ -23,6 +23,7 @@ from kd_ext.export.mixin import KDExtExportMixin
 from kd_ext.models.checkpoint import KDExtCheckpointMixin, pre_processor_image_size, teacher_pre_processor
 from kd_ext.models.components.clips import ClipVisualizer, clip_frames, loaders_target_frame, target_frames
 from kd_ext.models.components.finetune import FinetuneReport, batches_at_size
+from kd_ext.models.components.optimizer import Optimizer, build_optimizer
 from kd_ext.models.distributed import (
     average_moving_statistics,
     broadcast_from_rank_zero,
@@ -63,6 +64,7 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
     """
 
     learning_rate: float
+    optimizer: str = Optimizer.ADAM.value
     clip_target: int | None = None
     """Index of the frame that scores each clip in the running evaluation (``None``: images, not clips)."""
     epochs: int | None = None
@@ -293,9 +295,9 @@ class KDExtModelMixin(KDExtCheckpointMixin, KDExtExportMixin):
         return self.validation_step(batch, *args, **kwargs)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over the trainable parameters (the frozen teacher has none)."""
+        """The model's optimiser over the trainable parameters (the frozen teacher has none)."""
         parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        return torch.optim.Adam(parameters, lr=self.learning_rate, betas=(0.5, 0.999))
+        return build_optimizer(self.optimizer, parameters, self.learning_rate)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

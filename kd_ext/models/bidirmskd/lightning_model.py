@@ -23,7 +23,8 @@ from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin
 from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, pre_processor_image_size, teacher_pre_processor
 from kd_ext.models.components import PriorScope, TeacherFinetune, resolve_teacher_finetune
 from kd_ext.models.components.multiscale_map import MapFusion
-from kd_ext.options import check_choice, check_epochs, check_learning_rate, literal_of
+from kd_ext.models.components.optimizer import Optimizer, resolve_optimizer
+from kd_ext.options import check_choice, check_epochs, literal_of
 
 from .loss import BiDirMSKDLoss
 from .torch_model import BiDirMSKDModel
@@ -58,7 +59,9 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         map_fusion: Fusion of per-level, per-direction anomaly maps: ``"mean"``, ``"sum"``, ``"product"``.
         sigma: Gaussian smoothing of the anomaly map (0 disables).
         score_mode: Image score: ``"max"`` or ``"topk"`` (mean of the top 1 % of pixels).
-        learning_rate: Adam learning rate.
+        optimizer: ``"adam"`` (default) or ``"sgd"`` (anomalib Stfpm's SGD with momentum); see
+            :class:`~kd_ext.models.components.optimizer.Optimizer`.
+        learning_rate: The optimiser's learning rate; ``None`` for its default (Adam 0.005, SGD 0.4).
         epochs: Training epochs. They become the trainer's ``max_epochs`` through :attr:`trainer_arguments`,
             which anomalib applies over the trainer's own settings: change them with ``--model.epochs``.
         kernel_backend: Anomaly-map kernel at inference: ``"auto"`` (fused native kernel when available),
@@ -92,7 +95,8 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         map_fusion: literal_of(MapFusion) = MapFusion.MEAN.value,
         sigma: float = 4.0,
         score_mode: literal_of(ScoreMode) = ScoreMode.MAX.value,
-        learning_rate: float = 0.005,
+        optimizer: literal_of(Optimizer) = Optimizer.ADAM.value,
+        learning_rate: float | None = None,
         epochs: int = DEFAULT_EPOCHS,
         kernel_backend: literal_of(Backend) = Backend.AUTO.value,
         prior: bool = True,
@@ -109,7 +113,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         map_fusion = check_choice(map_fusion, MapFusion, "map fusion").value
         score_mode = check_choice(score_mode, ScoreMode, "score_mode").value
         kernel_backend = check_choice(kernel_backend, Backend, "kernel backend").value
-        learning_rate = check_learning_rate(learning_rate)
+        optimizer, learning_rate = resolve_optimizer(optimizer, learning_rate)
         epochs = check_epochs(epochs)
         if pre_processor is True:
             pre_processor = teacher_pre_processor(backbone)
@@ -121,6 +125,7 @@ class BiDirMSKD(KDExtModelMixin, AnomalibModule):
         )
         validate_sigma(sigma, pre_processor_image_size(self.pre_processor))
         self.learning_rate = learning_rate
+        self.optimizer = optimizer
         self.epochs = epochs
         self.model = BiDirMSKDModel(
             backbone=backbone,

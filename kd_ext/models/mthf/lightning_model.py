@@ -22,7 +22,8 @@ from kd_ext.kernels import Backend, ScoreMode, validate_sigma
 from kd_ext.models.base import DEFAULT_EPOCHS, KDExtModelMixin
 from kd_ext.models.checkpoint import ARCHITECTURE_KEYS, pre_processor_image_size, teacher_pre_processor
 from kd_ext.models.components import PriorScope, TeacherFinetune, resolve_teacher_finetune
-from kd_ext.options import check_choice, check_epochs, check_learning_rate, check_name, literal_of
+from kd_ext.models.components.optimizer import Optimizer, resolve_optimizer
+from kd_ext.options import check_choice, check_epochs, check_name, literal_of
 
 from .anomaly_map import GROUP_FUSIONS
 from .loss import MTHFLoss
@@ -64,7 +65,9 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         group_fusion: Stage-2 combination of standardised group maps: ``"mean"`` or ``"max"``.
         sigma: Gaussian smoothing of the anomaly map (0 disables).
         score_mode: Image score: ``"max"`` or ``"topk"`` (mean of the top 1 % of the map).
-        learning_rate: Adam learning rate.
+        optimizer: ``"adam"`` (default) or ``"sgd"`` (anomalib Stfpm's SGD with momentum); see
+            :class:`~kd_ext.models.components.optimizer.Optimizer`.
+        learning_rate: The optimiser's learning rate; ``None`` for its default (Adam 0.005, SGD 0.4).
         epochs: Training epochs. They become the trainer's ``max_epochs`` through :attr:`trainer_arguments`,
             which anomalib applies over the trainer's own settings: change them with ``--model.epochs``.
         kernel_backend: Anomaly-map kernel: ``"auto"`` (fused native kernel at inference when the extension is
@@ -107,7 +110,8 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         group_fusion: literal_of(GROUP_FUSIONS) = "mean",
         sigma: float = 4.0,
         score_mode: literal_of(ScoreMode) = ScoreMode.MAX.value,
-        learning_rate: float = 0.005,
+        optimizer: literal_of(Optimizer) = Optimizer.ADAM.value,
+        learning_rate: float | None = None,
         epochs: int = DEFAULT_EPOCHS,
         kernel_backend: literal_of(Backend) = Backend.AUTO.value,
         group_backbones: Sequence[str] | None = None,
@@ -125,7 +129,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         group_fusion = check_name(group_fusion, GROUP_FUSIONS, "group_fusion")
         score_mode = check_choice(score_mode, ScoreMode, "score_mode").value
         kernel_backend = check_choice(kernel_backend, Backend, "kernel backend").value
-        learning_rate = check_learning_rate(learning_rate)
+        optimizer, learning_rate = resolve_optimizer(optimizer, learning_rate)
         epochs = check_epochs(epochs)
         if pre_processor is True:
             pre_processor = teacher_pre_processor(backbone)
@@ -137,6 +141,7 @@ class MTHF(KDExtModelMixin, AnomalibModule):
         )
         validate_sigma(sigma, pre_processor_image_size(self.pre_processor))
         self.learning_rate = learning_rate
+        self.optimizer = optimizer
         self.epochs = epochs
         self.model = MTHFModel(
             backbone=backbone,
