@@ -363,18 +363,6 @@ def patchcore() -> Any:
     return model
 
 
-def stfpm_optimizer(model: Any) -> Any:
-    """``model`` trained with anomalib Stfpm's optimizer (SGD, lr 0.4, momentum 0.9, weight decay 0.001)."""
-    import torch
-
-    def configure_optimizers() -> Any:
-        parameters = [parameter for parameter in model.model.parameters() if parameter.requires_grad]
-        return torch.optim.SGD(parameters, lr=0.4, momentum=0.9, dampening=0, weight_decay=0.001)
-
-    model.configure_optimizers = configure_optimizers
-    return model
-
-
 def in_sample(model: Any) -> Any:
     """``model`` with its prior's map standardised in-sample, as before held-out statistics (earlier screen rows)."""
     model.model.prior_fusion.held_out = False
@@ -402,7 +390,9 @@ ROWS: dict[str, Callable[[], Any]] = {
     ),
     "BiDirMSKD forward-only +prior": forward_only,
     "BiDirMSKD forward-only no-attention +prior": lambda: forward_only(attention=False),
-    "BiDirMSKD forward-only +prior SGD": lambda: in_sample(stfpm_optimizer(forward_only())),
+    "BiDirMSKD forward-only +prior SGD": lambda: in_sample(forward_only(optimizer="sgd")),
+    "BiDirMSKD +prior SGD": lambda: BiDirMSKD(backbone=TEACHER, optimizer="sgd", **common()),
+    "BiDirMSKD no-fusion +prior SGD": lambda: BiDirMSKD(backbone=TEACHER, fusion=False, optimizer="sgd", **common()),
     "BiDirMSKD no-attention": lambda: BiDirMSKD(backbone=TEACHER, attention=False, prior=False, **common()),
     "BiDirMSKD no-fusion": lambda: BiDirMSKD(backbone=TEACHER, fusion=False, prior=False, **common()),
     "BiDirMSKD +prior": lambda: in_sample(BiDirMSKD(backbone=TEACHER, prior=True, prior_scope="map", **common())),
@@ -527,6 +517,12 @@ RETESTS: dict[str, Retest] = {
     "BiDirMSKD forward-only SGD": Retest("BiDirMSKD forward-only +prior SGD", without_prior),
     "BiDirMSKD +prior score-only held-out": Retest("BiDirMSKD +prior", combined(prior_score_only, held_out)),
     "BiDirMSKD forward-only +prior SGD held-out": Retest("BiDirMSKD forward-only +prior SGD", held_out),
+    "BiDirMSKD SGD": Retest("BiDirMSKD +prior SGD", without_prior),
+    "BiDirMSKD SGD forward-maps": Retest("BiDirMSKD +prior SGD", combined(without_prior, forward_maps_only)),
+    "BiDirMSKD no-fusion SGD": Retest("BiDirMSKD no-fusion +prior SGD", without_prior),
+    "BiDirMSKD no-fusion SGD forward-maps": Retest(
+        "BiDirMSKD no-fusion +prior SGD", combined(without_prior, forward_maps_only)
+    ),
     "BiDirMSKD forward-maps": Retest("BiDirMSKD +prior", combined(without_prior, forward_maps_only)),
     "BiDirMSKD Stfpm-tail": Retest(
         "BiDirMSKD +prior", combined(without_prior, forward_maps_only, product_fusion, unsmoothed)

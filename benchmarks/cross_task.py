@@ -614,11 +614,14 @@ def measure_compute(tasks: list[PreparedTask], args: argparse.Namespace) -> dict
 
 
 def write(report: dict, results: Path) -> None:
-    """Save JSON, markdown and plot (size and compute from ``cross_task_compute.json`` when measured apart)."""
+    """Save JSON, markdown and plot (size and compute from ``cross_task_compute.json`` when measured apart for the
+    same tasks)."""
     results.mkdir(parents=True, exist_ok=True)
     separate = results / "cross_task_compute.json"
     if "compute" not in report and separate.is_file():
-        report.update(json.loads(separate.read_text()))
+        measured = json.loads(separate.read_text())
+        if set(measured["compute"]["small"]["teachers"]) == set(report["tasks"]):
+            report.update(measured)
     (results / "cross_task.json").write_text(json.dumps(report, indent=2) + "\n")
     (results / "cross_task.md").write_text(render(report))
     plot(report, results / "cross_task.png")
@@ -705,6 +708,8 @@ def main() -> None:
         args.results.mkdir(parents=True, exist_ok=True)
         measure_compute(tasks, args)
         return
+    if path.is_file() and not args.resume:
+        sys.exit(f"{path} holds earlier runs: add to them with --resume, or write elsewhere with --results DIR.")
     report = json.loads(path.read_text()) if args.resume and path.is_file() else {}
     strides = {"frame_stride": args.frame_stride, "test_frame_stride": args.test_frame_stride}
     settings = {"tasks": [task.name for task in tasks], **strides}

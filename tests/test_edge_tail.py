@@ -315,10 +315,15 @@ def _ir_outputs(xml: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
     return {port.get_any_name(): np.ascontiguousarray(value) for port, value in result.items()}
 
 
-def _close(actual: np.ndarray, expected: np.ndarray) -> bool:
-    """Within the tail's parity budget: 1e-5 of the maps' scale (raw maps: the calibrated-only model has no
+PRIOR_BUDGET = 5e-5
+"""Parity budget where a whole prior model runs in one IR: its Mahalanobis distances (float32, far larger than the
+standardised map) are standardised inside the graph, which scales their rounding up by the mean over the spread."""
+
+
+def _close(actual: np.ndarray, expected: np.ndarray, budget: float = 1e-5) -> bool:
+    """Within the tail's parity budget: ``budget`` of the maps' scale (raw maps: the calibrated-only model has no
     post-processor statistics, so the maps are not normalised to [0, 1])."""
-    return bool(np.abs(actual - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max())))
+    return bool(np.abs(actual - expected).max() <= budget * max(1.0, float(np.abs(expected).max())))
 
 
 @pytest.mark.parametrize(("scope", "rule"), PRIOR_VARIANTS)
@@ -369,8 +374,9 @@ def test_prior_features_ir_equals_the_standard_ir_and_torch_on_the_edge(
         torch_maps = expected.anomaly_map[start : start + 4].reshape(prediction.anomaly_map.shape).numpy()
         assert _close(prediction.anomaly_map, torch_maps)
         assert _close(prediction.pred_score, expected.pred_score[start : start + 4].numpy())
-        assert _close(prediction.anomaly_map, baseline.anomaly_map)
-        assert _close(prediction.pred_score, baseline.pred_score)
+        assert _close(prediction.anomaly_map, baseline.anomaly_map, PRIOR_BUDGET)
+        assert _close(prediction.pred_score, baseline.pred_score, PRIOR_BUDGET)
+        assert _close(baseline.anomaly_map, torch_maps, PRIOR_BUDGET)
 
 
 def test_int8_keeps_the_prior_in_float(prior_exported: tuple) -> None:

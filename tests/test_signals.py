@@ -376,6 +376,7 @@ def test_the_reverse_student_rebuilds_the_levels_from_a_code_of_bottleneck_numbe
 def test_prior_fuses_the_standardised_distillation_and_prior_maps_fitted_on_normal_series() -> None:
     torch.manual_seed(0)
     model = small_model()
+    model.prior_fusion.held_out = False  # in-sample statistics: the formula below; held-out ones: tests/test_prior.py
     normal = torch.from_numpy(preprocess(beats(16, False, 0))).unsqueeze(1)
     series = torch.from_numpy(preprocess(np.concatenate([beats(4, False, 7), beats(4, True, 8)]))).unsqueeze(1)
     with pytest.raises(RuntimeError, match="pretrain the teacher first"):
