@@ -184,11 +184,14 @@ def test_channels_last_training_matches_the_default_layout(images: torch.Tensor)
     channels_last["loss"].backward()
     assert channels_last["loss"].item() == pytest.approx(default["loss"].item(), rel=1e-4)
     # Same math, different summation order in the convolution backward (float32 error grows through the
-    # layers to ~1e-3 relative): compare each gradient as a whole, 1 % of its norm.
+    # layers to ~1e-3 relative): compare each gradient as a whole, 1 % of its norm. A bias followed by batch norm
+    # has a zero gradient in exact arithmetic, so its computed one is rounding noise: the absolute floor is 1e-5 of
+    # the largest gradient's norm.
+    floor = 1e-5 * max(float(gradient.norm()) for gradient in gradients)
     for expected, parameter in zip(
         gradients, [p for p in module.model.parameters() if p.grad is not None], strict=True
     ):
-        assert (parameter.grad - expected).norm() <= 1e-2 * expected.norm() + 1e-7
+        assert (parameter.grad - expected).norm() <= 1e-2 * expected.norm() + floor
 
 
 def test_checkpoint_trained_with_another_evaluator_loads() -> None:
