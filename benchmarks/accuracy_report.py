@@ -146,10 +146,16 @@ def load(path: Path) -> dict:
 
 
 def save(path: Path, store: dict) -> None:
-    """Write the store atomically: an interrupted write never leaves a truncated file."""
+    """Write the store atomically: an interrupted write never leaves a truncated file.
+
+    Each run is one line (its per-image scores are thousands of values, one line each when indented), so a new run
+    adds one line to the file's history.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    runs = "[\n    " + ",\n    ".join(json.dumps(run) for run in store["runs"]) + "\n  ]"
+    placeholder = json.dumps({key: "\0runs" if key == "runs" else value for key, value in store.items()}, indent=2)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(store, indent=2) + "\n")
+    temporary.write_text(placeholder.replace(json.dumps("\0runs"), runs, 1) + "\n")
     os.replace(temporary, path)
 
 

@@ -710,7 +710,7 @@ def main() -> None:
         return
     if path.is_file() and not args.resume:
         sys.exit(f"{path} holds earlier runs: add to them with --resume, or write elsewhere with --results DIR.")
-    report = json.loads(path.read_text()) if args.resume and path.is_file() else {}
+    report = json.loads(path.read_text()) if path.is_file() else {}
     strides = {"frame_stride": args.frame_stride, "test_frame_stride": args.test_frame_stride}
     settings = {"tasks": [task.name for task in tasks], **strides}
     changed = [key for key, value in settings.items() if report.get(key, value) != value]
